@@ -1,0 +1,41 @@
+# The README's two commands: `make test` and `make bench`. Both set up .venv first.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+NATIVE_SOURCES := $(shell find csrc -type f) CMakeLists.txt setup.py
+PYTEST_WORKERS ?= 2
+
+.PHONY: setup build test bench lint format sanitize cuda-check clean
+
+setup: $(VENV)/.deps build
+
+# torch==2.13.0 is the CPU build on this machine's disk; pip's torch cap stays in place.
+$(VENV)/.deps: pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q "torch==2.13.0" triton numpy pybind11 cmake ninja \
+		pytest pytest-xdist pytest-benchmark ruff rich matplotlib
+	touch $@
+
+# The native extension is rebuilt whenever a C++/CUDA source or the build description changes.
+build: $(VENV)/.built
+$(VENV)/.built: $(VENV)/.deps $(NATIVE_SOURCES)
+	$(PIP) install -q --no-build-isolation --no-deps -e .
+	touch $@
+
+test: setup
+	$(PY) -m pytest -q -n $(PYTEST_WORKERS) tests
+
+bench: setup
+	$(PY) -m fusedattn bench
+
+lint: setup
+	$(VENV)/bin/ruff check python kernels tests benchmarks
+	$(VENV)/bin/ruff format --check python kernels tests benchmarks
+
+format: setup
+	$(VENV)/bin/ruff check --fix python kernels tests benchmarks
+	$(VENV)/bin/ruff format python kernels tests benchmarks
+
+clean:
+	rm -rf build python/fusedattn/_C*.so $(VENV)/.built

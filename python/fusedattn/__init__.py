@@ -1,0 +1,33 @@
+"""fusedattn: fused attention kernels for PyTorch behind one API.
+
+    import fusedattn
+    out = fusedattn.attention(q, k, v, causal=True)          # (B, H, S, D)
+    out = fusedattn.attention_varlen(q, k, v, cu_q, cu_k, max_q, max_k)
+    torch.nn.functional.scaled_dot_product_attention = fusedattn.scaled_dot_product_attention
+    print(fusedattn.explain(q, k, v, causal=True))
+
+docs/semantics.md defines the function every backend computes.
+"""
+
+from .api import attention, attention_varlen, explain, scaled_dot_product_attention
+from .dispatch import UnsupportedCallError, registry
+from .semantics import AttentionCall
+
+__version__ = "0.1.0"
+
+
+def backends() -> list[str]:
+    """Names of every backend module found (available or not)."""
+    return list(registry())
+
+
+__all__ = [
+    "AttentionCall",
+    "UnsupportedCallError",
+    "attention",
+    "attention_varlen",
+    "backends",
+    "explain",
+    "scaled_dot_product_attention",
+    "__version__",
+]

@@ -1,0 +1,87 @@
+"""What a backend is: a name, declared capabilities, and forward/backward functions.
+
+A backend module in this package defines one module-level ``BACKEND`` object of type
+:class:`Backend`. The dispatcher discovers it by scanning the package, compares the
+declared :class:`Capabilities` with the call, and knows nothing else about it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from ..semantics import FEATURES, AttentionCall
+
+ForwardFn = Callable[[AttentionCall], tuple[torch.Tensor, torch.Tensor]]
+"""(call) -> (out, lse): out (*q.shape[:-1], Dv) in q's dtype, lse float32 (see AttentionCall)."""
+
+BackwardFn = Callable[
+    [AttentionCall, torch.Tensor, torch.Tensor, torch.Tensor],
+    tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+]
+"""(call, grad_out, out, lse) -> (dq, dk, dv), shaped like q, k, v."""
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a backend can serve. Anything not listed is refused with a reason."""
+
+    devices: frozenset[str]
+    dtypes: frozenset[torch.dtype]
+    features: frozenset[str]
+    max_head_dim: int = 256
+    # Speed rank per device type for backend="auto": higher wins among eligible backends.
+    priority: dict[str, int] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        unknown = set(self.features) - set(FEATURES)
+        if unknown:
+            raise ValueError(f"unknown feature names {sorted(unknown)}; known: {FEATURES}")
+
+
+@dataclass(frozen=True)
+class Backend:
+    """One attention implementation.
+
+    availability() says whether it can run in this process at all (extension built,
+    triton importable, a GPU present) and why not. refuse(call) may add reasons the
+    capability table cannot express (for example a limit that depends on the device);
+    it returns None to accept.
+    """
+
+    name: str
+    capabilities: Capabilities
+    forward: ForwardFn
+    backward: BackwardFn | None
+    availability: Callable[[], tuple[bool, str]] = lambda: (True, "")
+    refuse: Callable[[AttentionCall], str | None] = lambda call: None
+    description: str = ""
+
+
+# ---- output allocation ------------------------------------------------------------
+# Backends allocate every output (out, lse, dq, dk, dv) through allocate_output, so a
+# test can fill fresh outputs with a poison value and catch elements no kernel wrote.
+_POISON: list[float] = []
+
+
+def allocate_output(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """torch.empty, or a tensor full of the poison value inside poisoned_outputs()."""
+    if _POISON:
+        return torch.full(shape, _POISON[-1], dtype=dtype, device=device)
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+class poisoned_outputs:  # noqa: N801  (used as a context manager, like torch.no_grad)
+    """Within this context, backend outputs start filled with value (NaN by default)."""
+
+    def __init__(self, value: float = float("nan")) -> None:
+        self.value = value
+
+    def __enter__(self) -> poisoned_outputs:
+        _POISON.append(self.value)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        _POISON.pop()

@@ -1,0 +1,187 @@
+"""The reference backend: docs/semantics.md written in plain PyTorch ops.
+
+It runs on any device and dtype, materializes the (Sq x Sk) score matrix, and is the
+oracle for every test and for the parity harness (which calls :func:`reference_attention`
+in float64). Its backward differentiates the same formula with autograd, so it shares
+no code path with the hand-written backward passes of the fast kernels.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .. import semantics
+from ..semantics import AttentionCall
+from .base import Backend, Capabilities
+
+
+def _attend_dense(
+    call: AttentionCall,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    attn_mask: torch.Tensor | None,
+    key_lengths: torch.Tensor | None,
+    alibi_slopes: torch.Tensor | None,
+    sequence_index: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """q (B, Hq, Sq, D), k (B, Hkv, Sk, D), v (B, Hkv, Sk, Dv), all in the compute dtype.
+
+    Returns out (B, Hq, Sq, Dv) and lse (B, Hq, Sq) in the compute dtype.
+    sequence_index (B,) is the batch (or varlen sequence) index the dropout hash uses.
+    """
+    batch, heads_q, seqlen_q, _ = q.shape
+    seqlen_k = k.shape[2]
+    if seqlen_k == 0:
+        # Every row is fully masked: output 0, lse -inf (docs/semantics.md, "Empty").
+        out = q.new_zeros(batch, heads_q, seqlen_q, v.shape[-1]) + 0 * q.sum() + 0 * v.sum()
+        return out, q.new_full((batch, heads_q, seqlen_q), float("-inf"))
+    group = heads_q // k.shape[1]
+    if group > 1:
+        # The oracle may expand K/V; the fast backends never do.
+        k = k.repeat_interleave(group, dim=1)
+        v = v.repeat_interleave(group, dim=1)
+    scores = torch.matmul(q, k.transpose(-1, -2)) * call.scale
+    scores = semantics.apply_softcap(scores, call.softcap)
+    if alibi_slopes is not None:
+        slopes = alibi_slopes.to(scores.dtype)
+        bias = semantics.alibi_bias(slopes, seqlen_q, seqlen_k, call.causal_alignment)
+        scores = scores + bias
+    allowed = None
+    if attn_mask is not None:
+        if attn_mask.dtype == torch.bool:
+            allowed = attn_mask
+        else:
+            scores = scores + attn_mask.to(scores.dtype)
+    visible = semantics.visible_keys(
+        seqlen_q,
+        seqlen_k,
+        causal=call.causal,
+        alignment=call.causal_alignment,
+        window_left=call.window_left,
+        window_right=call.window_right,
+        device=q.device,
+    )
+    if visible is not None:
+        allowed = visible if allowed is None else allowed & visible
+    if key_lengths is not None:
+        in_length = torch.arange(seqlen_k, device=q.device)[None, :] < key_lengths[:, None].to(q.device)
+        in_length = in_length[:, None, None, :]
+        allowed = in_length if allowed is None else allowed & in_length
+    if allowed is not None:
+        scores = scores.masked_fill(~allowed, float("-inf"))
+
+    # Softmax that gives 0 (not NaN) on fully masked rows. Subtracting the row max is
+    # exact for any constant, so the max is detached.
+    row_max = scores.detach().amax(dim=-1, keepdim=True)
+    row_max = torch.where(torch.isinf(row_max) & (row_max < 0), torch.zeros_like(row_max), row_max)
+    exp_scores = torch.exp(scores - row_max)
+    denominator = exp_scores.sum(dim=-1, keepdim=True)
+    probabilities = exp_scores / torch.where(denominator == 0, torch.ones_like(denominator), denominator)
+    lse = (row_max + torch.log(denominator)).squeeze(-1)
+
+    if call.dropout_p > 0.0:
+        keep = semantics.dropout_keep_mask(
+            int(call.dropout_seed), call.dropout_p, sequence_index, heads_q, seqlen_q, seqlen_k
+        )
+        probabilities = probabilities * keep.to(probabilities.dtype) * semantics.dropout_keep_scale(call.dropout_p)
+    return torch.matmul(probabilities, v), lse
+
+
+def _compute(call: AttentionCall, compute_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    q, k, v = (t.to(compute_dtype) for t in (call.q, call.k, call.v))
+    if not call.is_varlen:
+        return _attend_dense(
+            call,
+            q,
+            k,
+            v,
+            attn_mask=call.attn_mask,
+            key_lengths=call.key_lengths,
+            alibi_slopes=call.alibi_slopes,
+            sequence_index=torch.arange(q.shape[0], device=q.device),
+        )
+    # Varlen: each packed sequence is a batch of one, with its own Sq and Sk for the
+    # causal alignment, and its sequence number in the dropout hash.
+    offsets_q = call.cu_seqlens_q.tolist()
+    offsets_k = call.cu_seqlens_k.tolist()
+    outs, lses = [], []
+    for index in range(len(offsets_q) - 1):
+        q_i = q[offsets_q[index] : offsets_q[index + 1]].transpose(0, 1)[None]
+        k_i = k[offsets_k[index] : offsets_k[index + 1]].transpose(0, 1)[None]
+        v_i = v[offsets_k[index] : offsets_k[index + 1]].transpose(0, 1)[None]
+        slopes = call.alibi_slopes
+        if slopes is not None and slopes.dim() == 2:
+            slopes = slopes[index]
+        out_i, lse_i = _attend_dense(
+            call,
+            q_i,
+            k_i,
+            v_i,
+            attn_mask=None,
+            key_lengths=None,
+            alibi_slopes=slopes,
+            sequence_index=torch.tensor([index], device=q.device),
+        )
+        outs.append(out_i[0].transpose(0, 1))
+        lses.append(lse_i[0])
+    out = torch.cat(outs, dim=0) if outs else q.new_zeros(0, q.shape[1], v.shape[-1])
+    lse = torch.cat(lses, dim=1) if lses else q.new_zeros(q.shape[1], 0)
+    return out, lse
+
+
+def default_compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float64 stays float64; everything else is computed in float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def reference_attention(
+    call: AttentionCall,
+    compute_dtype: torch.dtype | None = None,
+    grad_out: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None]:
+    """Attention per docs/semantics.md, computed entirely in compute_dtype.
+
+    Returns (out, lse, grads) in compute_dtype; grads is (dq, dk, dv) for grad_out, or
+    None without grad_out. With compute_dtype=q.dtype this is the "same low precision"
+    run of the parity rule; with float64 it is the oracle.
+    """
+    compute_dtype = compute_dtype or default_compute_dtype(call.dtype)
+    if grad_out is None:
+        with torch.no_grad():
+            out, lse = _compute(call, compute_dtype)
+        return out, lse, None
+    with torch.enable_grad():
+        inputs = [t.detach().to(compute_dtype).requires_grad_(True) for t in (call.q, call.k, call.v)]
+        out, lse = _compute(call.with_tensors(q=inputs[0], k=inputs[1], v=inputs[2]), compute_dtype)
+        grads = torch.autograd.grad(out, inputs, grad_out.to(compute_dtype), allow_unused=True)
+    grads = tuple(torch.zeros_like(x) if g is None else g for g, x in zip(grads, inputs))
+    return out.detach(), lse.detach(), grads
+
+
+def forward(call: AttentionCall) -> tuple[torch.Tensor, torch.Tensor]:
+    out, lse, _ = reference_attention(call)
+    return out.to(call.dtype), lse.to(semantics.lse_dtype(call.dtype))
+
+
+def backward(
+    call: AttentionCall, grad_out: torch.Tensor, out: torch.Tensor, lse: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    _, _, (dq, dk, dv) = reference_attention(call, grad_out=grad_out)
+    return dq.to(call.dtype), dk.to(call.dtype), dv.to(call.dtype)
+
+
+BACKEND = Backend(
+    name="reference",
+    description="plain PyTorch ops; any device and dtype; materializes the score matrix",
+    capabilities=Capabilities(
+        devices=frozenset({"cpu", "cuda", "mps", "xpu", "meta"}),
+        dtypes=frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64}),
+        features=frozenset(semantics.FEATURES),
+        max_head_dim=semantics.MAX_HEAD_DIM,
+        priority={"cpu": 0, "cuda": 0},
+    ),
+    forward=forward,
+    backward=backward,
+)

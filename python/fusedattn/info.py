@@ -1,0 +1,72 @@
+"""`fusedattn info`: versions, devices, compiled build facts, and every backend's state."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+
+import torch
+
+from . import __version__
+from ._native import build_info, native_error
+from .dispatch import import_errors, registry
+
+
+def collect() -> dict[str, object]:
+    """Everything `fusedattn info` prints, as a dict (also used by reports)."""
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    devices = ["cpu"]
+    if torch.cuda.is_available():
+        devices += [f"cuda:{i} {torch.cuda.get_device_name(i)}" for i in range(torch.cuda.device_count())]
+    backends = {}
+    for name, backend in registry().items():
+        available, reason = backend.availability()
+        backends[name] = {
+            "available": available,
+            "reason": reason,
+            "devices": sorted(backend.capabilities.devices),
+            "description": backend.description,
+        }
+    for name, error in import_errors().items():
+        backends[name] = {"available": False, "reason": f"failed to import: {error}"}
+    return {
+        "fusedattn": __version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "triton": triton_version,
+        "platform": platform.platform(),
+        "cpu_threads": torch.get_num_threads(),
+        "devices": devices,
+        "build": build_info() or {"error": native_error()},
+        "backends": backends,
+    }
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", action="store_true", help="print JSON instead of text")
+
+
+def main(args: argparse.Namespace) -> int:
+    facts = collect()
+    if args.json:
+        print(json.dumps(facts, indent=2, default=str))
+        return 0
+    for key, value in facts.items():
+        if key in ("build", "backends"):
+            continue
+        print(f"{key:12} {value}")
+    print("build")
+    for key, value in facts["build"].items():
+        print(f"  {key:18} {value}")
+    print("backends")
+    for name, state in facts["backends"].items():
+        mark = "available" if state["available"] else f"unavailable: {state['reason']}"
+        print(f"  {name:10} {mark}")
+    return 0

@@ -1,0 +1,175 @@
+"""torch.library custom ops and autograd, generated once for every backend.
+
+Each backend NAME gets two ops, ``fusedattn::NAME_forward`` and ``fusedattn::NAME_backward``,
+with one shared schema, a fake (meta) implementation for torch.compile, and autograd
+that routes the forward's gradient to the backend's backward op. Backends only write
+plain forward/backward functions on an AttentionCall; this module turns the op's flat
+arguments back into that call.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .backends.base import Backend
+from .semantics import AttentionCall, lse_dtype
+
+_UNBOUNDED = -1  # window side encoding in the op schema: -1 = unbounded
+
+
+def _seed_tensor(seed: int | torch.Tensor | None) -> torch.Tensor | None:
+    if seed is None or isinstance(seed, torch.Tensor):
+        return seed
+    return torch.tensor(seed, dtype=torch.int64)
+
+
+def op_arguments(call: AttentionCall) -> tuple[Any, ...]:
+    """The flat argument tuple of a forward op (and the tail of a backward op)."""
+    return (
+        call.q,
+        call.k,
+        call.v,
+        call.attn_mask,
+        call.key_lengths,
+        call.cu_seqlens_q,
+        call.cu_seqlens_k,
+        call.alibi_slopes,
+        call.max_seqlen_q,
+        call.max_seqlen_k,
+        call.scale,
+        call.causal,
+        call.causal_alignment == "bottom_right",
+        _UNBOUNDED if call.window_left is None else call.window_left,
+        _UNBOUNDED if call.window_right is None else call.window_right,
+        0.0 if call.softcap is None else call.softcap,
+        call.dropout_p,
+        _seed_tensor(call.dropout_seed),
+    )
+
+
+def _call_from_arguments(arguments: tuple[Any, ...]) -> AttentionCall:
+    (q, k, v, attn_mask, key_lengths, cu_q, cu_k, alibi, max_q, max_k, scale, causal,
+     bottom_right, window_left, window_right, softcap, dropout_p, seed) = arguments  # fmt: skip
+    return AttentionCall(
+        q=q,
+        k=k,
+        v=v,
+        scale=scale,
+        causal=causal,
+        causal_alignment="bottom_right" if bottom_right else "top_left",
+        attn_mask=attn_mask,
+        key_lengths=key_lengths,
+        cu_seqlens_q=cu_q,
+        cu_seqlens_k=cu_k,
+        max_seqlen_q=max_q,
+        max_seqlen_k=max_k,
+        window_left=None if window_left == _UNBOUNDED else window_left,
+        window_right=None if window_right == _UNBOUNDED else window_right,
+        alibi_slopes=alibi,
+        softcap=None if softcap == 0.0 else softcap,
+        dropout_p=dropout_p,
+        dropout_seed=None if seed is None else int(seed.item()),
+    )
+
+
+def _fake_outputs(call: AttentionCall) -> tuple[torch.Tensor, torch.Tensor]:
+    out = call.q.new_empty(call.out_shape)
+    lse = call.q.new_empty(call.lse_shape, dtype=lse_dtype(call.dtype))
+    return out, lse
+
+
+_OPS: dict[str, tuple[Any, Any]] = {}
+
+
+def _define(backend: Backend) -> tuple[Any, Any]:
+    name = backend.name
+    options = (
+        "Tensor? attn_mask, Tensor? key_lengths, Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, "
+        "Tensor? alibi_slopes, SymInt max_seqlen_q, SymInt max_seqlen_k, float scale, bool causal, "
+        "bool bottom_right, int window_left, int window_right, float softcap, float dropout_p, "
+        "Tensor? dropout_seed"
+    )
+    library = torch.library.Library("fusedattn", "FRAGMENT")
+    library.define(f"{name}_forward(Tensor q, Tensor k, Tensor v, {options}) -> (Tensor, Tensor)")
+    library.define(
+        f"{name}_backward(Tensor grad_out, Tensor out, Tensor lse, Tensor q, Tensor k, Tensor v, "
+        f"{options}) -> (Tensor, Tensor, Tensor)"
+    )
+    _LIBRARIES.append(library)
+
+    def forward_impl(*arguments: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        out, lse = backend.forward(_call_from_arguments(arguments))
+        # Fixed contiguous outputs, so the fake implementation's strides are exact.
+        return out.contiguous(), lse.contiguous()
+
+    def backward_impl(grad_out: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, *arguments: Any):
+        if backend.backward is None:
+            raise NotImplementedError(f"backend {name!r} has no backward")
+        grads = backend.backward(_call_from_arguments(arguments), grad_out, out, lse)
+        return tuple(g.contiguous() for g in grads)
+
+    def forward_fake(*arguments: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        return _fake_outputs(_call_from_arguments_fake(arguments))
+
+    def backward_fake(grad_out, out, lse, q, k, v, *rest):
+        return (
+            torch.empty(q.shape, dtype=q.dtype, device=q.device),
+            torch.empty(k.shape, dtype=k.dtype, device=k.device),
+            torch.empty(v.shape, dtype=v.dtype, device=v.device),
+        )
+
+    qualified_forward = f"fusedattn::{name}_forward"
+    qualified_backward = f"fusedattn::{name}_backward"
+    # One implementation for every device: backends route devices themselves.
+    torch.library.impl(qualified_forward, "CompositeExplicitAutograd", lib=library)(forward_impl)
+    torch.library.impl(qualified_backward, "CompositeExplicitAutograd", lib=library)(backward_impl)
+    torch.library.register_fake(qualified_forward, lib=library)(forward_fake)
+    torch.library.register_fake(qualified_backward, lib=library)(backward_fake)
+
+    forward_op = getattr(torch.ops.fusedattn, f"{name}_forward").default
+    backward_op = getattr(torch.ops.fusedattn, f"{name}_backward").default
+
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[torch.Tensor, torch.Tensor]) -> None:
+        out, lse = output
+        q, k, v, *tensors_and_options = inputs
+        tensor_positions = [i for i, x in enumerate(tensors_and_options) if isinstance(x, torch.Tensor)]
+        ctx.save_for_backward(q, k, v, out, lse, *(tensors_and_options[i] for i in tensor_positions))
+        ctx.tensor_positions = tensor_positions
+        ctx.options = [None if isinstance(x, torch.Tensor) else x for x in tensors_and_options]
+        ctx.mark_non_differentiable(lse)
+
+    def autograd_backward(ctx: Any, grad_out: torch.Tensor | None, _grad_lse: Any):
+        q, k, v, out, lse, *saved = ctx.saved_tensors
+        options = list(ctx.options)
+        for position, tensor in zip(ctx.tensor_positions, saved):
+            options[position] = tensor
+        if grad_out is None:
+            grad_out = torch.zeros_like(out)
+        dq, dk, dv = backward_op(grad_out, out, lse, q, k, v, *options)
+        return (dq, dk, dv) + (None,) * len(options)
+
+    torch.library.register_autograd(qualified_forward, autograd_backward, setup_context=setup_context, lib=library)
+    return forward_op, backward_op
+
+
+def _call_from_arguments_fake(arguments: tuple[Any, ...]) -> AttentionCall:
+    # Same as _call_from_arguments, without reading the seed's value.
+    return _call_from_arguments((*arguments[:-1], None))
+
+
+_LIBRARIES: list[torch.library.Library] = []
+
+
+def ops_for(backend: Backend) -> tuple[Any, Any]:
+    """(forward_op, backward_op) for a backend, defining them on first use."""
+    if backend.name not in _OPS:
+        _OPS[backend.name] = _define(backend)
+    return _OPS[backend.name]
+
+
+def run_forward(backend: Backend, call: AttentionCall) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run a backend through its custom op (autograd and torch.compile aware)."""
+    forward_op, _ = ops_for(backend)
+    return forward_op(*op_arguments(call))

@@ -10,13 +10,19 @@ docs/semantics.md defines the function every backend computes.
 """
 
 from .api import attention, attention_varlen, explain, scaled_dot_product_attention
-from .dispatch import UnsupportedCallError, registry
+from .dispatch import UnsupportedCallError, availability, registry
 from .semantics import AttentionCall
 
 __version__ = "0.1.0"
 
+# Discover the backends and probe their availability now, eagerly: doing it lazily inside
+# a torch.compile trace would break the graph.
+for _backend in registry().values():
+    availability(_backend)
+del _backend
 
-def backends() -> list[str]:
+
+def list_backends() -> list[str]:
     """Names of every backend module found (available or not)."""
     return list(registry())
 
@@ -26,7 +32,7 @@ __all__ = [
     "UnsupportedCallError",
     "attention",
     "attention_varlen",
-    "backends",
+    "list_backends",
     "explain",
     "scaled_dot_product_attention",
     "__version__",

@@ -13,7 +13,9 @@ import pkgutil
 from dataclasses import dataclass
 
 from . import backends as _backends_package
-from .backends.base import Backend
+import torch
+
+from .backends.base import Backend, CallProfile
 from .semantics import AttentionCall
 
 ENVIRONMENT_VARIABLE = "FUSEDATTN_BACKEND"
@@ -26,6 +28,7 @@ class UnsupportedCallError(ValueError):
 
 _REGISTRY: dict[str, Backend] | None = None
 _IMPORT_ERRORS: dict[str, str] = {}
+_AVAILABILITY: dict[str, tuple[bool, str]] = {}
 
 
 def registry() -> dict[str, Backend]:
@@ -45,6 +48,7 @@ def registry() -> dict[str, Backend]:
             if isinstance(backend, Backend):
                 found[backend.name] = backend
         _REGISTRY = dict(sorted(found.items()))
+        _AVAILABILITY.clear()
     return _REGISTRY
 
 
@@ -53,25 +57,34 @@ def import_errors() -> dict[str, str]:
     return dict(_IMPORT_ERRORS)
 
 
-def refusal(backend: Backend, call: AttentionCall) -> str | None:
+def availability(backend: Backend) -> tuple[bool, str]:
+    """backend.availability(), asked once per process: it may import modules or probe
+    devices, which must not happen while torch.compile traces a call."""
+    if backend.name not in _AVAILABILITY:
+        _AVAILABILITY[backend.name] = backend.availability()
+    return _AVAILABILITY[backend.name]
+
+
+def refusal(backend: Backend, call: AttentionCall | CallProfile) -> str | None:
     """Why backend cannot serve call, or None when it can."""
-    available, reason = backend.availability()
+    profile = call if isinstance(call, CallProfile) else CallProfile.of(call)
+    available, reason = availability(backend)
     if not available:
         return f"not available: {reason}"
     capabilities = backend.capabilities
-    device = call.device.type
-    if device not in capabilities.devices:
-        return f"device {device!r} is not supported (supported: {sorted(capabilities.devices)})"
-    if call.dtype not in capabilities.dtypes:
+    if profile.device not in capabilities.devices:
+        return f"device {profile.device!r} is not supported (supported: {sorted(capabilities.devices)})"
+    if profile.dtype not in capabilities.dtypes:
         supported = sorted(str(d).removeprefix("torch.") for d in capabilities.dtypes)
-        return f"dtype {str(call.dtype).removeprefix('torch.')} is not supported (supported: {supported})"
-    largest = max(call.head_dim, call.head_dim_v)
+        return f"dtype {str(profile.dtype).removeprefix('torch.')} is not supported (supported: {supported})"
+    largest = max(profile.head_dim, profile.head_dim_v)
     if largest > capabilities.max_head_dim:
         return f"head_dim {largest} is over this backend's limit of {capabilities.max_head_dim}"
-    missing = sorted(call.features() - capabilities.features)
+    missing = sorted(profile.features - capabilities.features)
     if missing:
-        return f"feature {', '.join(repr(m) for m in missing)} is not supported"
-    return backend.refuse(call)
+        names = ", ".join(repr(m) for m in missing)
+        return f"feature {names} is not supported" if len(missing) == 1 else f"features {names} are not supported"
+    return backend.refuse(profile)
 
 
 def requested_backend(backend: str) -> str:
@@ -83,31 +96,50 @@ def requested_backend(backend: str) -> str:
     return backend
 
 
-def _priority(backend: Backend, call: AttentionCall) -> int:
-    return backend.capabilities.priority.get(call.device.type, 0)
-
-
 def select_backend(call: AttentionCall, backend: str = AUTO) -> Backend:
     """The backend that runs call: the forced one, or the highest-priority eligible one."""
+    if not isinstance(backend, str):
+        raise TypeError(f"backend: expected a backend name or 'auto', got {type(backend).__name__}")
+    profile = CallProfile.of(call)
+    name = _select_name(
+        profile.device, profile.dtype, profile.head_dim, profile.head_dim_v,
+        tuple(sorted(profile.features)), bool(call.is_empty), backend,
+    )  # fmt: skip
+    return registry()[name]
+
+
+@torch.compiler.assume_constant_result
+def _select_name(
+    device: str,
+    dtype: torch.dtype,
+    head_dim: int,
+    head_dim_v: int,
+    features: tuple[str, ...],
+    empty: bool,
+    backend: str,
+) -> str:
+    # Plain values in, a name out: torch.compile runs this once while tracing and keeps
+    # the answer as a constant, instead of tracing through the registry.
+    profile = CallProfile(device, dtype, head_dim, head_dim_v, frozenset(features))
     name = requested_backend(backend)
     backends = registry()
-    if call.is_empty:
+    if empty:
         # No rows or no keys: the answer (zeros, lse -inf) needs no kernel, and the
         # reference gives it on every device.
-        return backends["reference"]
+        return "reference"
     if name != AUTO:
         if name not in backends:
             known = sorted(backends) + [AUTO]
             if name in _IMPORT_ERRORS:
                 raise UnsupportedCallError(f"backend: {name!r} failed to import ({_IMPORT_ERRORS[name]})")
             raise ValueError(f"backend: expected one of {known}, got {name!r}")
-        reason = refusal(backends[name], call)
+        reason = refusal(backends[name], profile)
         if reason is not None:
             raise UnsupportedCallError(f"backend {name!r} cannot serve this call: {reason}")
-        return backends[name]
-    eligible = [b for b in backends.values() if refusal(b, call) is None]
+        return name
+    eligible = [b for b in backends.values() if refusal(b, profile) is None]
     # The reference serves every valid call, so eligible is never empty.
-    return max(eligible, key=lambda b: _priority(b, call))
+    return max(eligible, key=lambda b: b.capabilities.priority.get(device, 0)).name
 
 
 @dataclass(frozen=True)

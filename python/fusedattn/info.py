@@ -10,7 +10,7 @@ import torch
 
 from . import __version__
 from ._native import build_info, native_error
-from .dispatch import import_errors, registry
+from .dispatch import availability, import_errors, registry
 
 
 def collect() -> dict[str, object]:
@@ -26,7 +26,7 @@ def collect() -> dict[str, object]:
         devices += [f"cuda:{i} {torch.cuda.get_device_name(i)}" for i in range(torch.cuda.device_count())]
     backends = {}
     for name, backend in registry().items():
-        available, reason = backend.availability()
+        available, reason = availability(backend)
         backends[name] = {
             "available": available,
             "reason": reason,

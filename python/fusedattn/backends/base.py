@@ -14,6 +14,22 @@ import torch
 
 from ..semantics import FEATURES, AttentionCall
 
+
+@dataclass(frozen=True)
+class CallProfile:
+    """What the dispatcher decides on: a call reduced to plain values (no tensors), so
+    that the decision is a constant while torch.compile traces."""
+
+    device: str
+    dtype: torch.dtype
+    head_dim: int
+    head_dim_v: int
+    features: frozenset[str]
+
+    @classmethod
+    def of(cls, call: AttentionCall) -> CallProfile:
+        return cls(call.device.type, call.dtype, int(call.head_dim), int(call.head_dim_v), call.features())
+
 ForwardFn = Callable[[AttentionCall], tuple[torch.Tensor, torch.Tensor]]
 """(call) -> (out, lse): out (*q.shape[:-1], Dv) in q's dtype, lse float32 (see AttentionCall)."""
 
@@ -46,9 +62,9 @@ class Backend:
     """One attention implementation.
 
     availability() says whether it can run in this process at all (extension built,
-    triton importable, a GPU present) and why not. refuse(call) may add reasons the
-    capability table cannot express (for example a limit that depends on the device);
-    it returns None to accept.
+    triton importable, a GPU present) and why not; it is asked once per process.
+    refuse(profile) may add reasons the capability table cannot express (for example
+    a limit that depends on the device); it returns None to accept.
     """
 
     name: str
@@ -56,7 +72,7 @@ class Backend:
     forward: ForwardFn
     backward: BackwardFn | None
     availability: Callable[[], tuple[bool, str]] = lambda: (True, "")
-    refuse: Callable[[AttentionCall], str | None] = lambda call: None
+    refuse: Callable[[CallProfile], str | None] = lambda profile: None
     description: str = ""
 
 

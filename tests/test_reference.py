@@ -1,0 +1,294 @@
+"""The reference backend against independent float64 formulations.
+
+Two independent oracles: torch SDPA's math path in float64 where its semantics apply,
+and a plain loop over query rows that spells out docs/semantics.md term by term. The
+dropout hash is checked against a scalar Python implementation of the same formula.
+Gradients are checked with torch.autograd.gradcheck in float64.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fusedattn
+from fusedattn import semantics
+
+F64 = torch.float64
+
+
+def _rand(*shape, dtype=F64):
+    return torch.randn(*shape, dtype=dtype)
+
+
+# ---- oracle 1: a loop over rows ---------------------------------------------------------
+def _mix32(x: int) -> int:
+    x &= 0xFFFFFFFF
+    x ^= x >> 16
+    x = (x * 0x7FEB352D) & 0xFFFFFFFF
+    x ^= x >> 15
+    x = (x * 0x846CA68B) & 0xFFFFFFFF
+    return x ^ (x >> 16)
+
+
+def _kept(seed: int, p: float, b: int, h: int, i: int, j: int) -> bool:
+    key = _mix32((seed & 0xFFFFFFFF) ^ _mix32(seed >> 32))
+    value = _mix32(_mix32(_mix32(_mix32(key ^ b) ^ h) ^ i) ^ j)
+    return value >= math.floor(p * 2**32)
+
+
+def loop_attention(q, k, v, *, causal=False, alignment="bottom_right", scale=None, mask=None,
+                   key_lengths=None, window=(None, None), alibi=None, softcap=None,
+                   dropout_p=0.0, seed=0, batch_index=None):  # fmt: skip
+    """Attention per docs/semantics.md, one query row at a time, in float64."""
+    B, Hq, Sq, D = q.shape
+    Hkv, Sk, Dv = k.shape[1], k.shape[2], v.shape[3]
+    scale = 1 / math.sqrt(D) if scale is None else scale
+    out = torch.zeros(B, Hq, Sq, Dv, dtype=F64)
+    lse = torch.full((B, Hq, Sq), -math.inf, dtype=F64)
+    left, right = window
+    for b in range(B):
+        for h in range(Hq):
+            kv = h // (Hq // Hkv)
+            for i in range(Sq):
+                position = i + (Sk - Sq if alignment == "bottom_right" else 0)
+                scores = []
+                for j in range(Sk):
+                    s = float(q[b, h, i].double() @ k[b, kv, j].double()) * scale
+                    if softcap:
+                        s = softcap * math.tanh(s / softcap)
+                    if alibi is not None:
+                        slope = float(alibi[h] if alibi.dim() == 1 else alibi[b, h])
+                        s += -slope * abs(position - j)
+                    if mask is not None and mask.dtype != torch.bool:
+                        s += float(mask[b, h, i, j])
+                    visible = True
+                    if mask is not None and mask.dtype == torch.bool:
+                        visible &= bool(mask[b, h, i, j])
+                    if key_lengths is not None:
+                        visible &= j < int(key_lengths[b])
+                    if causal:
+                        visible &= j <= position
+                    if left is not None:
+                        visible &= j >= position - left
+                    if right is not None:
+                        visible &= j <= position + right
+                    scores.append(s if visible else -math.inf)
+                finite = [s for s in scores if s != -math.inf]
+                if not finite:
+                    continue
+                top = max(finite)
+                weights = [math.exp(s - top) if s != -math.inf else 0.0 for s in scores]
+                total = sum(weights)
+                lse[b, h, i] = top + math.log(total)
+                row_batch = b if batch_index is None else batch_index
+                for j in range(Sk):
+                    p = weights[j] / total
+                    if dropout_p > 0:
+                        p = p / (1 - dropout_p) if _kept(seed, dropout_p, row_batch, h, i, j) else 0.0
+                    out[b, h, i] += p * v[b, kv, j].double()
+    return out, lse
+
+
+FEATURE_CASES = {
+    "plain": {},
+    "causal_bottom_right": {"causal": True},
+    "causal_top_left": {"causal": True, "causal_alignment": "top_left"},
+    "window": {"window": (3, 1)},
+    "window_left_only_causal": {"window": (2, None), "causal": True},
+    "softcap": {"softcap": 0.7},
+    "alibi": {"alibi": True},
+    "alibi_top_left": {"alibi": True, "causal_alignment": "top_left"},
+    "bool_mask": {"mask": "bool"},
+    "additive_mask": {"mask": "additive"},
+    "key_lengths": {"key_lengths": True},
+    "scale": {"scale": 0.3},
+    "dropout": {"dropout_p": 0.3},
+    "everything": {"causal": True, "window": (4, None), "softcap": 2.0, "alibi": True, "mask": "additive",
+                   "key_lengths": True, "dropout_p": 0.2},  # fmt: skip
+}
+
+
+def _materialize(case, B, Hq, Sq, Sk):
+    """(kwargs for fusedattn.attention, kwargs for loop_attention)."""
+    api, loop = {}, {}
+    for name in ("causal", "causal_alignment", "scale", "softcap", "window", "dropout_p"):
+        if name in case:
+            api[name] = case[name]
+    loop["causal"] = case.get("causal", False)
+    loop["alignment"] = case.get("causal_alignment", "bottom_right")
+    loop["scale"] = case.get("scale")
+    loop["softcap"] = case.get("softcap")
+    loop["window"] = case.get("window", (None, None))
+    if case.get("dropout_p"):
+        api["dropout_seed"] = loop["seed"] = 987654321987
+        loop["dropout_p"] = case["dropout_p"]
+    if case.get("alibi"):
+        api["alibi_slopes"] = loop["alibi"] = torch.rand(B, Hq, dtype=torch.float32)
+    if case.get("mask") == "bool":
+        mask = torch.rand(B, 1, Sq, Sk) > 0.3  # broadcast over heads
+        api["attn_mask"] = mask
+        loop["mask"] = mask.expand(B, Hq, Sq, Sk)
+    elif case.get("mask") == "additive":
+        mask = torch.randn(Sq, Sk, dtype=F64)  # broadcast over batch and heads
+        mask[0, :] = -math.inf  # one fully masked row
+        api["attn_mask"] = mask
+        loop["mask"] = mask.expand(B, Hq, Sq, Sk)
+    if case.get("key_lengths"):
+        lengths = torch.tensor([Sk, 0, 3][:B], dtype=torch.int32)
+        api["key_lengths"] = loop["key_lengths"] = lengths
+    return api, loop
+
+
+@pytest.mark.parametrize("name", list(FEATURE_CASES))
+@pytest.mark.parametrize("sizes", [(2, 4, 2, 5, 7, 6, 5), (3, 2, 2, 7, 4, 3, 8)], ids=["sq<sk", "sq>sk"])
+def test_reference_matches_row_loop(name, sizes):
+    B, Hq, Hkv, Sq, Sk, D, Dv = sizes
+    q, k, v = _rand(B, Hq, Sq, D), _rand(B, Hkv, Sk, D), _rand(B, Hkv, Sk, Dv)
+    api, loop = _materialize(FEATURE_CASES[name], B, Hq, Sq, Sk)
+    out, lse = fusedattn.attention(q, k, v, return_lse=True, backend="reference", **api)
+    expected_out, expected_lse = loop_attention(q, k, v, **loop)
+    torch.testing.assert_close(out, expected_out, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(lse, expected_lse, rtol=1e-10, atol=1e-10)
+    assert not torch.isnan(out).any()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_low_precision_inputs_match_float64(dtype):
+    q, k, v = (_rand(2, 3, 9, 16).to(dtype) for _ in range(3))
+    out = fusedattn.attention(q, k, v, causal=True, backend="reference")
+    expected, _ = loop_attention(q.double(), k.double(), v.double(), causal=True)
+    assert out.dtype == dtype
+    tolerance = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}[dtype]
+    torch.testing.assert_close(out.double(), expected, rtol=tolerance, atol=tolerance)
+
+
+def test_varlen_matches_each_sequence_alone():
+    lengths_q, lengths_k = [3, 0, 5, 1], [4, 2, 5, 6]
+    Hq, Hkv, D = 4, 2, 8
+    cu_q = torch.tensor([0, *torch.tensor(lengths_q).cumsum(0).tolist()], dtype=torch.int32)
+    cu_k = torch.tensor([0, *torch.tensor(lengths_k).cumsum(0).tolist()], dtype=torch.int32)
+    q, k, v = _rand(sum(lengths_q), Hq, D), _rand(sum(lengths_k), Hkv, D), _rand(sum(lengths_k), Hkv, D)
+    slopes = torch.rand(Hq)
+    out, lse = fusedattn.attention_varlen(
+        q, k, v, cu_q, cu_k, max(lengths_q), max(lengths_k), causal=True, alibi_slopes=slopes,
+        dropout_p=0.25, dropout_seed=7, return_lse=True, backend="reference",
+    )  # fmt: skip
+    assert out.shape == (sum(lengths_q), Hq, D) and lse.shape == (Hq, sum(lengths_q))
+    for index in range(len(lengths_q)):
+        rows = slice(int(cu_q[index]), int(cu_q[index + 1]))
+        keys = slice(int(cu_k[index]), int(cu_k[index + 1]))
+        expected, expected_lse = loop_attention(
+            q[rows].transpose(0, 1)[None], k[keys].transpose(0, 1)[None], v[keys].transpose(0, 1)[None],
+            causal=True, alibi=slopes, dropout_p=0.25, seed=7, batch_index=index,
+        )  # fmt: skip
+        torch.testing.assert_close(out[rows], expected[0].transpose(0, 1), rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(lse[:, rows], expected_lse[0], rtol=1e-10, atol=1e-10)
+
+
+# ---- oracle 2: torch SDPA's math path in float64 ---------------------------------------
+@pytest.mark.parametrize(
+    "kwargs, sdpa_kwargs",
+    [
+        ({}, {}),
+        ({"causal": True, "causal_alignment": "top_left"}, {"is_causal": True}),
+        ({"scale": 0.17}, {"scale": 0.17}),
+    ],
+)
+@pytest.mark.parametrize("gqa", [False, True])
+def test_reference_matches_torch_sdpa_math(kwargs, sdpa_kwargs, gqa):
+    Hkv = 2 if gqa else 4
+    q, k, v = _rand(2, 4, 6, 8), _rand(2, Hkv, 9, 8), _rand(2, Hkv, 9, 5)
+    out = fusedattn.attention(q, k, v, backend="reference", **kwargs)
+    with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):
+        expected = F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa, **sdpa_kwargs)
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("kind", ["bool", "additive"])
+def test_masks_match_torch_sdpa_math(kind):
+    q, k, v = _rand(2, 3, 5, 8), _rand(2, 3, 7, 8), _rand(2, 3, 7, 8)
+    mask = torch.rand(2, 1, 5, 7) > 0.2 if kind == "bool" else _rand(1, 3, 1, 7)
+    if kind == "bool":
+        mask[..., 0] = True  # torch SDPA gives NaN on fully masked rows; keep every row alive here
+    out = fusedattn.attention(q, k, v, attn_mask=mask, backend="reference")
+    with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):
+        expected = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+
+
+# ---- dropout definition -----------------------------------------------------------------
+def test_dropout_keep_mask_matches_scalar_formula():
+    seed, p = 2**40 + 12345, 0.37
+    keep = semantics.dropout_keep_mask(seed, p, torch.tensor([0, 5]), 3, 4, 6)
+    for b_index, b in enumerate((0, 5)):
+        for h in range(3):
+            for i in range(4):
+                for j in range(6):
+                    assert bool(keep[b_index, h, i, j]) == _kept(seed, p, b, h, i, j)
+
+
+def test_dropout_rate_and_seed_behaviour():
+    keep = semantics.dropout_keep_mask(11, 0.25, torch.arange(4), 8, 64, 64)
+    assert abs(1 - keep.double().mean().item() - 0.25) < 0.01
+    other = semantics.dropout_keep_mask(12, 0.25, torch.arange(4), 8, 64, 64)
+    assert (keep != other).double().mean() > 0.3  # another seed gives another mask
+    q, k, v = _rand(1, 2, 4, 8), _rand(1, 2, 4, 8), _rand(1, 2, 4, 8)
+    first = fusedattn.attention(q, k, v, dropout_p=0.5, dropout_seed=3)
+    again = fusedattn.attention(q, k, v, dropout_p=0.5, dropout_seed=3)
+    torch.testing.assert_close(first, again, rtol=0, atol=0)
+    torch.manual_seed(5)
+    drawn = fusedattn.attention(q, k, v, dropout_p=0.5)
+    torch.manual_seed(5)
+    redrawn = fusedattn.attention(q, k, v, dropout_p=0.5)
+    torch.testing.assert_close(drawn, redrawn, rtol=0, atol=0)
+    everything_dropped = fusedattn.attention(q, k, v, dropout_p=1.0, dropout_seed=1)
+    assert torch.equal(everything_dropped, torch.zeros_like(everything_dropped))
+
+
+# ---- gradients --------------------------------------------------------------------------
+GRAD_CASES = {
+    "plain": {},
+    "causal": {"causal": True},
+    "causal_top_left": {"causal": True, "causal_alignment": "top_left"},
+    "window": {"window": (2, 1)},
+    "softcap": {"softcap": 0.9},
+    "alibi": {"alibi": True},
+    "bool_mask": {"mask": "bool"},
+    "additive_mask_with_masked_row": {"mask": "additive"},
+    "key_lengths_with_empty_batch": {"key_lengths": True},
+    "dropout": {"dropout_p": 0.3},
+}
+
+
+@pytest.mark.parametrize("name", list(GRAD_CASES))
+def test_gradcheck(name):
+    B, Hq, Hkv, Sq, Sk, D, Dv = 2, 4, 2, 4, 5, 3, 2
+    api, _ = _materialize(GRAD_CASES[name], B, Hq, Sq, Sk)
+    inputs = [_rand(B, Hq, Sq, D), _rand(B, Hkv, Sk, D), _rand(B, Hkv, Sk, Dv)]
+    inputs = [t.requires_grad_() for t in inputs]
+    assert torch.autograd.gradcheck(lambda q, k, v: fusedattn.attention(q, k, v, **api), inputs)
+
+
+def test_gradcheck_varlen():
+    cu_q = torch.tensor([0, 2, 2, 5], dtype=torch.int32)
+    cu_k = torch.tensor([0, 3, 4, 8], dtype=torch.int32)
+    inputs = [_rand(5, 2, 3).requires_grad_(), _rand(8, 1, 3).requires_grad_(), _rand(8, 1, 4).requires_grad_()]
+    assert torch.autograd.gradcheck(
+        lambda q, k, v: fusedattn.attention_varlen(q, k, v, cu_q, cu_k, 3, 4, causal=True, window=(1, 0)), inputs
+    )
+
+
+def test_fully_masked_rows_give_zero_output_and_gradients():
+    q, k, v = (_rand(1, 2, 3, 4).requires_grad_() for _ in range(3))
+    mask = torch.ones(1, 1, 3, 3, dtype=torch.bool)
+    mask[..., 1, :] = False
+    out, lse = fusedattn.attention(q, k, v, attn_mask=mask, return_lse=True)
+    assert torch.equal(out[:, :, 1], torch.zeros_like(out[:, :, 1]))
+    assert torch.isinf(lse[:, :, 1]).all() and (lse[:, :, 1] < 0).all()
+    out.sum().backward()
+    assert torch.equal(q.grad[:, :, 1], torch.zeros_like(q.grad[:, :, 1]))
+    assert not any(torch.isnan(t.grad).any() for t in (q, k, v))

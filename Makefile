@@ -14,7 +14,7 @@ $(VENV)/.deps: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q "torch==2.13.0" triton numpy pybind11 cmake ninja \
-		pytest pytest-xdist pytest-benchmark ruff rich matplotlib
+		pytest pytest-xdist pytest-benchmark ruff rich matplotlib "transformers==5.23.0"
 	touch $@
 
 # The native extension is rebuilt whenever a C++/CUDA source or the build description changes.

@@ -11,14 +11,17 @@ docs/semantics.md defines the function every backend computes.
 
 from .api import attention, attention_varlen, explain, scaled_dot_product_attention
 from .dispatch import UnsupportedCallError, availability, registry
+from .ops import ops_for
 from .semantics import AttentionCall
 
 __version__ = "0.1.0"
 
-# Discover the backends and probe their availability now, eagerly: doing it lazily inside
-# a torch.compile trace would break the graph.
+# Discover the backends, probe their availability and define their custom ops now,
+# eagerly: doing it lazily inside a torch.compile trace would break the graph
+# (torch.library.Library() cannot be traced).
 for _backend in registry().values():
     availability(_backend)
+    ops_for(_backend)
 del _backend
 
 

@@ -1,0 +1,458 @@
+"""FlashAttention 2's Python API on top of fusedattn: change the import, keep the code.
+
+    # from flash_attn import flash_attn_func, flash_attn_varlen_func, flash_attn_with_kvcache
+    from fusedattn.compat import flash_attn_func, flash_attn_varlen_func, flash_attn_with_kvcache
+
+Same signatures, layouts and semantics as flash-attn 2.x: tensors are (batch, seqlen,
+heads, head_dim) (varlen: (total_tokens, heads, head_dim)); causal masks are aligned to
+the bottom-right corner; window_size=(-1, -1) is unbounded (a negative side is
+unbounded); softcap=0.0 is off; alibi_slopes (heads,) or (batch, heads) add
+-slope * |i + Sk - Sq - j|; lse is (batch, heads, Sq) (varlen: (heads, total_q)).
+Every call goes through :func:`fusedattn.attention` / :func:`fusedattn.attention_varlen`,
+which check the arguments and pick the backend.
+
+Differences, by design: the kernels run on any device and dtype fusedattn supports
+(float32 and CPU included); ``deterministic`` is accepted and has no effect (fusedattn's
+backward passes do not depend on it); the probabilities returned with
+``return_attn_probs=True`` are exact, shaped (batch, heads, Sq, Sk) without FlashAttention's
+rounding of the sizes, with dropped entries negated as FlashAttention encodes them; rotary
+embeddings in :func:`flash_attn_with_kvcache` are not implemented.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import semantics
+from .api import attention, attention_varlen
+from .nn.weights import attention_probabilities
+from .validation import validate_attention
+
+__all__ = [
+    "flash_attn_func",
+    "flash_attn_kvpacked_func",
+    "flash_attn_qkvpacked_func",
+    "flash_attn_varlen_func",
+    "flash_attn_varlen_kvpacked_func",
+    "flash_attn_varlen_qkvpacked_func",
+    "flash_attn_with_kvcache",
+]
+
+WindowSize = tuple[int, int]
+
+
+# ---- convention translation ---------------------------------------------------------
+def _window(window_size: WindowSize) -> tuple[int | None, int | None] | None:
+    """FlashAttention's (left, right) with -1 = unbounded -> fusedattn's (left, right) with None."""
+    left, right = window_size
+    if left < 0 and right < 0:
+        return None
+    return (None if left < 0 else left, None if right < 0 else right)
+
+
+def _options(
+    dropout_p: float,
+    softmax_scale: float | None,
+    causal: bool,
+    window_size: WindowSize,
+    softcap: float,
+    alibi_slopes: torch.Tensor | None,
+) -> dict:
+    """FlashAttention's options as fusedattn.attention keyword arguments."""
+    return dict(
+        causal=causal,
+        scale=softmax_scale,
+        window=_window(window_size),
+        alibi_slopes=alibi_slopes,
+        softcap=softcap,
+        dropout_p=dropout_p,
+    )
+
+
+def _drawn_seed(dropout_p: float) -> int | None:
+    # The probabilities returned with return_attn_probs must show the kernel's dropout
+    # pattern, so the seed is drawn here (from torch's generator, as fusedattn would).
+    if dropout_p <= 0.0:
+        return None
+    return int(torch.randint(0, 2**62, (), dtype=torch.int64).item())
+
+
+def _flash_probabilities(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, options: dict) -> torch.Tensor:
+    """FlashAttention's S_dmask: (B, H, Sq, Sk) probabilities, negative where dropped."""
+    with torch.no_grad():
+        probabilities, keep = attention_probabilities(validate_attention(q, k, v, **options))
+    if keep is not None:
+        probabilities = torch.where(keep, probabilities, -probabilities)
+    return probabilities
+
+
+def _dense(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    dropout_p: float,
+    softmax_scale: float | None,
+    causal: bool,
+    window_size: WindowSize,
+    softcap: float,
+    alibi_slopes: torch.Tensor | None,
+    return_attn_probs: bool,
+):
+    # (B, S, H, D) -> fusedattn's (B, H, S, D): a view, never a copy.
+    q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+    options = _options(dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes)
+    if not return_attn_probs:
+        return attention(q, k, v, **options).transpose(1, 2).contiguous()
+    options["dropout_seed"] = _drawn_seed(dropout_p)
+    out, lse = attention(q, k, v, return_lse=True, **options)
+    return out.transpose(1, 2).contiguous(), lse, _flash_probabilities(q, k, v, options)
+
+
+# ---- dense ---------------------------------------------------------------------------
+def flash_attn_func(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    dropout_p: float = 0.0,
+    softmax_scale: float | None = None,
+    causal: bool = False,
+    window_size: WindowSize = (-1, -1),
+    softcap: float = 0.0,
+    alibi_slopes: torch.Tensor | None = None,
+    deterministic: bool = False,
+    return_attn_probs: bool = False,
+):
+    """flash_attn.flash_attn_func.
+
+    Args:
+        q: (B, Sq, Hq, D); k: (B, Sk, Hkv, D); v: (B, Sk, Hkv, Dv), Hq a multiple of Hkv.
+        dropout_p: set it to 0.0 for evaluation, as with flash-attn.
+        softmax_scale: default 1 / sqrt(D).
+        causal: bottom-right aligned causal mask.
+        window_size: (left, right); query i sees keys i + Sk - Sq - left .. i + Sk - Sq + right.
+        softcap: > 0 applies softcap * tanh(s / softcap).
+        alibi_slopes: (Hq,) or (B, Hq) float32.
+        deterministic: accepted for compatibility; no effect.
+        return_attn_probs: also return lse (B, Hq, Sq) float32 and the probabilities.
+
+    Returns:
+        out (B, Sq, Hq, Dv), or (out, lse, probabilities) with return_attn_probs.
+    """
+    del deterministic  # fusedattn's backward does not depend on it
+    return _dense(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, return_attn_probs)
+
+
+def flash_attn_qkvpacked_func(
+    qkv: torch.Tensor,
+    dropout_p: float = 0.0,
+    softmax_scale: float | None = None,
+    causal: bool = False,
+    window_size: WindowSize = (-1, -1),
+    softcap: float = 0.0,
+    alibi_slopes: torch.Tensor | None = None,
+    deterministic: bool = False,
+    return_attn_probs: bool = False,
+):
+    """flash_attn.flash_attn_qkvpacked_func: qkv (B, S, 3, H, D); returns out (B, S, H, D)."""
+    del deterministic
+    q, k, v = qkv.unbind(dim=2)
+    return _dense(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, return_attn_probs)
+
+
+def flash_attn_kvpacked_func(
+    q: torch.Tensor,
+    kv: torch.Tensor,
+    dropout_p: float = 0.0,
+    softmax_scale: float | None = None,
+    causal: bool = False,
+    window_size: WindowSize = (-1, -1),
+    softcap: float = 0.0,
+    alibi_slopes: torch.Tensor | None = None,
+    deterministic: bool = False,
+    return_attn_probs: bool = False,
+):
+    """flash_attn.flash_attn_kvpacked_func: q (B, Sq, Hq, D), kv (B, Sk, 2, Hkv, D)."""
+    del deterministic
+    k, v = kv.unbind(dim=2)
+    return _dense(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, return_attn_probs)
+
+
+# ---- varlen --------------------------------------------------------------------------
+def _paged_keys(cache: torch.Tensor, block_table: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """Packed (sum(lengths), Hkv, D) keys of a paged cache (num_blocks, block_size, Hkv, D).
+
+    Sequence b's position p lives in block block_table[b, p // block_size], row p % block_size.
+    """
+    block_size = cache.shape[1]
+    batch_index = torch.repeat_interleave(torch.arange(lengths.shape[0], device=cache.device), lengths)
+    starts = torch.cumsum(lengths, 0) - lengths
+    position = torch.arange(batch_index.shape[0], device=cache.device) - starts[batch_index]
+    blocks = block_table.long()[batch_index, position // block_size]
+    return cache[blocks, position % block_size]
+
+
+def _varlen_probabilities(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: torch.Tensor, cu_k: torch.Tensor, options: dict
+) -> torch.Tensor:
+    """(N, H, max Sq, max Sk) probabilities, sequence by sequence, zero beyond each length.
+
+    The dropout pattern of sequence i is the varlen one: its hash uses sequence number i.
+    """
+    dropout_p, seed = options["dropout_p"], options["dropout_seed"]
+    offsets_q, offsets_k = cu_q.tolist(), cu_k.tolist()
+    count = len(offsets_q) - 1
+    longest_q = max((offsets_q[i + 1] - offsets_q[i] for i in range(count)), default=0)
+    longest_k = max((offsets_k[i + 1] - offsets_k[i] for i in range(count)), default=0)
+    result = q.new_zeros(count, q.shape[1], longest_q, longest_k)
+    slopes = options.get("alibi_slopes")
+    for index in range(count):
+        q_i = q[offsets_q[index] : offsets_q[index + 1]].transpose(0, 1)[None]
+        k_i = k[offsets_k[index] : offsets_k[index + 1]].transpose(0, 1)[None]
+        v_i = v[offsets_k[index] : offsets_k[index + 1]].transpose(0, 1)[None]
+        if q_i.shape[2] == 0 or k_i.shape[2] == 0:
+            continue
+        per_sequence = dict(
+            options,
+            alibi_slopes=slopes[index] if slopes is not None and slopes.dim() == 2 else slopes,
+            dropout_p=0.0,
+            dropout_seed=None,
+        )
+        probabilities = _flash_probabilities(q_i, k_i, v_i, per_sequence)[0]
+        if dropout_p > 0.0:
+            sequence = torch.tensor([index], device=q.device)
+            keep = semantics.dropout_keep_mask(seed, dropout_p, sequence, q.shape[1], q_i.shape[2], k_i.shape[2])[0]
+            probabilities = torch.where(keep, probabilities, -probabilities)
+        result[index, :, : q_i.shape[2], : k_i.shape[2]] = probabilities
+    return result
+
+
+def flash_attn_varlen_func(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    dropout_p: float = 0.0,
+    softmax_scale: float | None = None,
+    causal: bool = False,
+    window_size: WindowSize = (-1, -1),
+    softcap: float = 0.0,
+    alibi_slopes: torch.Tensor | None = None,
+    deterministic: bool = False,
+    return_attn_probs: bool = False,
+    block_table: torch.Tensor | None = None,
+):
+    """flash_attn.flash_attn_varlen_func.
+
+    Args:
+        q: (Tq, Hq, D); k: (Tk, Hkv, D); v: (Tk, Hkv, Dv), packed sequences.
+        cu_seqlens_q, cu_seqlens_k: (N + 1,) int32 offsets.
+        max_seqlen_q, max_seqlen_k: the longest query / key sequence.
+        block_table: (N, max_blocks) int32 with k, v a paged cache (num_blocks, block_size,
+            Hkv, D): sequence i's keys are its first cu_seqlens_k[i + 1] - cu_seqlens_k[i]
+            positions in its blocks (gathered into packed keys before the call).
+        Other options as in :func:`flash_attn_func`.
+
+    Returns:
+        out (Tq, Hq, Dv), or (out, lse (Hq, Tq), probabilities (N, Hq, max Sq, max Sk)).
+    """
+    del deterministic
+    if block_table is not None:
+        lengths = (cu_seqlens_k[1:] - cu_seqlens_k[:-1]).long()
+        k, v = _paged_keys(k, block_table, lengths), _paged_keys(v, block_table, lengths)
+    options = _options(dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes)
+    if not return_attn_probs:
+        return attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, **options)
+    options["dropout_seed"] = _drawn_seed(dropout_p)
+    out, lse = attention_varlen(
+        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, return_lse=True, **options
+    )
+    return out, lse, _varlen_probabilities(q, k, v, cu_seqlens_q, cu_seqlens_k, options)
+
+
+def flash_attn_varlen_qkvpacked_func(
+    qkv: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    max_seqlen: int,
+    dropout_p: float = 0.0,
+    softmax_scale: float | None = None,
+    causal: bool = False,
+    window_size: WindowSize = (-1, -1),
+    softcap: float = 0.0,
+    alibi_slopes: torch.Tensor | None = None,
+    deterministic: bool = False,
+    return_attn_probs: bool = False,
+):
+    """flash_attn.flash_attn_varlen_qkvpacked_func: qkv (T, 3, H, D)."""
+    q, k, v = qkv.unbind(dim=1)
+    return flash_attn_varlen_func(
+        q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, dropout_p, softmax_scale, causal,
+        window_size, softcap, alibi_slopes, deterministic, return_attn_probs,
+    )  # fmt: skip
+
+
+def flash_attn_varlen_kvpacked_func(
+    q: torch.Tensor,
+    kv: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    dropout_p: float = 0.0,
+    softmax_scale: float | None = None,
+    causal: bool = False,
+    window_size: WindowSize = (-1, -1),
+    softcap: float = 0.0,
+    alibi_slopes: torch.Tensor | None = None,
+    deterministic: bool = False,
+    return_attn_probs: bool = False,
+):
+    """flash_attn.flash_attn_varlen_kvpacked_func: q (Tq, Hq, D), kv (Tk, 2, Hkv, D)."""
+    k, v = kv.unbind(dim=1)
+    return flash_attn_varlen_func(
+        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, softmax_scale, causal,
+        window_size, softcap, alibi_slopes, deterministic, return_attn_probs,
+    )  # fmt: skip
+
+
+# ---- KV cache ------------------------------------------------------------------------
+def _write_new_keys(
+    cache: torch.Tensor,
+    new: torch.Tensor,
+    cache_rows: torch.Tensor,
+    start: torch.Tensor,
+    block_table: torch.Tensor | None,
+) -> None:
+    """cache[cache_rows[b], start[b] + t] = new[b, t], in place (through block_table if paged)."""
+    positions = start.long()[:, None] + torch.arange(new.shape[1], device=cache.device)[None, :]
+    if block_table is None:
+        cache[cache_rows.long()[:, None], positions] = new
+        return
+    block_size = cache.shape[1]
+    blocks = torch.gather(block_table.long(), 1, positions // block_size)
+    cache[blocks, positions % block_size] = new
+
+
+def flash_attn_with_kvcache(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    k: torch.Tensor | None = None,
+    v: torch.Tensor | None = None,
+    rotary_cos: torch.Tensor | None = None,
+    rotary_sin: torch.Tensor | None = None,
+    cache_seqlens: int | torch.Tensor | None = None,
+    cache_batch_idx: torch.Tensor | None = None,
+    cache_leftpad: torch.Tensor | None = None,
+    block_table: torch.Tensor | None = None,
+    softmax_scale: float | None = None,
+    causal: bool = False,
+    window_size: WindowSize = (-1, -1),
+    softcap: float = 0.0,
+    rotary_interleaved: bool = True,
+    alibi_slopes: torch.Tensor | None = None,
+    num_splits: int = 0,
+    return_softmax_lse: bool = False,
+):
+    """flash_attn.flash_attn_with_kvcache: attention over a KV cache, appending k, v in place.
+
+    Args:
+        q: (B, Sq, Hq, D).
+        k_cache, v_cache: (B_cache, S_cache, Hkv, D), or (num_blocks, block_size, Hkv, D)
+            with block_table (paged cache).
+        k, v: optional (B, S_new, Hkv, D) new keys and values, written into the caches at
+            positions cache_seqlens[b] .. cache_seqlens[b] + S_new - 1 before attending.
+        cache_seqlens: int or (B,) int32: tokens already in each cache row (all of S_cache
+            when None).
+        cache_batch_idx: (B,) which cache row each batch element uses (default 0..B-1).
+        cache_leftpad: (B,) first valid cache position of each row (default 0).
+        block_table: (B, max_blocks) int32 for a paged cache.
+        causal, window_size, softcap, alibi_slopes, softmax_scale: as in
+            :func:`flash_attn_func`, aligned to each row's own key count.
+        rotary_cos, rotary_sin, rotary_interleaved: not implemented.
+        num_splits: accepted; no effect.
+        return_softmax_lse: also return lse (B, Hq, Sq) float32.
+
+    Returns:
+        out (B, Sq, Hq, D), or (out, lse) with return_softmax_lse.
+    """
+    del num_splits, rotary_interleaved  # a kernel-scheduling hint / a rotary option
+    if rotary_cos is not None or rotary_sin is not None:
+        raise NotImplementedError(
+            "rotary_cos, rotary_sin: rotary embeddings are not implemented by fusedattn.compat; "
+            "apply them to q and k before the call"
+        )
+    batch, seqlen_q = q.shape[0], q.shape[1]
+    device = q.device
+    rows = cache_batch_idx if cache_batch_idx is not None else torch.arange(batch, device=device)
+    full_length = k_cache.shape[1] if block_table is None else block_table.shape[1] * k_cache.shape[1]
+    if cache_seqlens is None:
+        cache_seqlens = torch.full((batch,), full_length, dtype=torch.int32, device=device)
+    elif isinstance(cache_seqlens, int):
+        cache_seqlens = torch.full((batch,), cache_seqlens, dtype=torch.int32, device=device)
+    if k is not None or v is not None:
+        if k is None or v is None:
+            raise ValueError("k, v: expected both new keys and new values, or neither, got only one")
+        _write_new_keys(k_cache, k, rows, cache_seqlens, block_table)
+        _write_new_keys(v_cache, v, rows, cache_seqlens, block_table)
+        ends = cache_seqlens.long() + k.shape[1]
+    else:
+        ends = cache_seqlens.long()
+    starts = cache_leftpad.long() if cache_leftpad is not None else torch.zeros_like(ends)
+    options = _options(0.0, softmax_scale, False, window_size, softcap, alibi_slopes)
+    del options["causal"], options["dropout_p"]  # causal depends on the path below; no dropout here
+    position_dependent = options["window"] is not None or alibi_slopes is not None or (causal and seqlen_q > 1)
+    if block_table is None and cache_leftpad is None and not position_dependent:
+        # Keys 0 .. end - 1 of each row: a dense call with key lengths. The only query (or
+        # every query, without causal) sees all of them, so no position is involved.
+        if cache_batch_idx is None:
+            keys, values = k_cache[:batch], v_cache[:batch]  # views: the cache is not copied
+        else:
+            keys, values = k_cache[rows.long()], v_cache[rows.long()]
+        out, lse = attention(
+            q.transpose(1, 2),
+            keys.transpose(1, 2),
+            values.transpose(1, 2),
+            key_lengths=ends,
+            return_lse=True,
+            **options,
+        )
+        out = out.transpose(1, 2).contiguous()
+    else:
+        # Positions are counted from each row's own first valid key: pack the valid keys of
+        # every row and run the varlen call, which aligns each sequence separately.
+        lengths = ends - starts
+        if block_table is None:
+            batch_index = torch.repeat_interleave(torch.arange(batch, device=device), lengths)
+            offsets = torch.cumsum(lengths, 0) - lengths
+            position = torch.arange(batch_index.shape[0], device=device) - offsets[batch_index] + starts[batch_index]
+            keys = k_cache[rows.long()[batch_index], position]
+            values = v_cache[rows.long()[batch_index], position]
+        else:
+            keys = _paged_keys(k_cache, block_table, ends)
+            values = _paged_keys(v_cache, block_table, ends)
+            if cache_leftpad is not None:
+                keep = torch.arange(keys.shape[0], device=device) >= torch.repeat_interleave(
+                    torch.cumsum(ends, 0) - ends + starts, ends
+                )
+                keys, values = keys[keep], values[keep]
+        zero = torch.zeros(1, dtype=torch.int32, device=device)
+        cu_k = torch.cat([zero, torch.cumsum(lengths, 0).to(torch.int32)])
+        cu_q = torch.arange(0, (batch + 1) * seqlen_q, seqlen_q, dtype=torch.int32, device=device)
+        out, lse = attention_varlen(
+            q.reshape(batch * seqlen_q, *q.shape[2:]),
+            keys,
+            values,
+            cu_q,
+            cu_k,
+            seqlen_q,
+            int(lengths.max()) if batch else 0,
+            causal=causal,
+            return_lse=True,
+            **options,
+        )
+        out = out.reshape(batch, seqlen_q, *out.shape[1:])
+        lse = lse.reshape(lse.shape[0], batch, seqlen_q).transpose(0, 1).contiguous()
+    return (out, lse) if return_softmax_lse else out

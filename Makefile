@@ -5,7 +5,7 @@ PIP := $(PY) -m pip
 NATIVE_SOURCES := $(shell find csrc -type f) CMakeLists.txt setup.py
 PYTEST_WORKERS ?= 2
 
-.PHONY: setup build test bench lint format sanitize cuda-check clean
+.PHONY: setup build test bench bench-suite lint format sanitize cuda-check clean
 
 setup: $(VENV)/.deps build
 
@@ -28,6 +28,11 @@ test: setup
 
 bench: setup
 	$(PY) -m fusedattn bench
+
+# The pytest-benchmark suite of key cases (kept out of `make test`).
+bench-suite: setup
+	mkdir -p bench-out
+	$(PY) -m pytest benchmarks/ --benchmark-json bench-out/pytest-benchmark.json
 
 lint: setup
 	$(VENV)/bin/ruff check python kernels tests benchmarks

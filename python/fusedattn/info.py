@@ -49,11 +49,51 @@ def collect() -> dict[str, object]:
     }
 
 
+FEATURE_LABELS = {
+    "causal_bottom_right": "causal, bottom-right aligned",
+    "causal_top_left": "causal, top-left aligned",
+    "gqa": "grouped-query / multi-query",
+    "bool_mask": "boolean mask",
+    "additive_mask": "additive mask",
+    "key_lengths": "key lengths (padding)",
+    "varlen": "varlen (cu_seqlens)",
+    "window": "sliding window",
+    "alibi": "ALiBi",
+    "softcap": "softcap",
+    "dropout": "dropout (bit-exact mask)",
+    "value_head_dim": "Dv != D",
+    "backward": "backward",
+}
+
+
+def capability_table() -> str:
+    """The README's feature-by-backend table, generated from the declared capabilities."""
+    backends = registry()
+    names = list(backends)
+    lines = ["| feature | " + " | ".join(f"`{n}`" for n in names) + " |", "|---|" + "---|" * len(names)]
+    for feature, label in FEATURE_LABELS.items():
+        marks = ["yes" if feature in backends[n].capabilities.features else "no" for n in names]
+        lines.append(f"| {label} | " + " | ".join(marks) + " |")
+    devices = [", ".join(sorted(backends[n].capabilities.devices - {"meta", "mps", "xpu"})) for n in names]
+    lines.append("| devices | " + " | ".join(devices) + " |")
+    dtype_names = []
+    for n in names:
+        dtypes = backends[n].capabilities.dtypes
+        dtype_names.append(", ".join(str(d).removeprefix("torch.") for d in sorted(dtypes, key=str)))
+    lines.append("| dtypes | " + " | ".join(dtype_names) + " |")
+    lines.append("| head dims | " + " | ".join(f"1..{backends[n].capabilities.max_head_dim}" for n in names) + " |")
+    return "\n".join(lines)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print JSON instead of text")
+    parser.add_argument("--table", action="store_true", help="print the markdown feature-by-backend table")
 
 
 def main(args: argparse.Namespace) -> int:
+    if args.table:
+        print(capability_table())
+        return 0
     facts = collect()
     if args.json:
         print(json.dumps(facts, indent=2, default=str))

@@ -1,0 +1,258 @@
+"""`fusedattn bench`: run a preset (or --shapes, or a TOML grid) and write the report;
+`fusedattn bench compare` gates regressions; `fusedattn bench list` shows presets and providers.
+
+Exit status: 0 on success; 1 when a fusedattn backend's output failed the correctness
+check or raised (run), or when a matched result regressed (compare); 2 on bad arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .cases import MODES, PRESETS, Case, dtype_name, expand_grids, load_grid_file, parse_shapes, preset_grids
+from .compare import parse_threshold, run_compare
+from .measure import TimingSettings
+from .providers import Provider, all_providers, select_providers
+from .report import build_report, format_table, write_outputs
+from .run import BenchSettings, run_benchmark
+
+EXIT_USAGE = 2
+
+
+def _argument_type(convert):
+    """An argparse type from a converter raising ValueError (argparse reports it, exit 2)."""
+
+    def parse(text: str):
+        try:
+            return convert(text)
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
+
+    parse.__name__ = convert.__name__
+    return parse
+
+
+def _modes(text: str) -> list[str]:
+    modes = [m.strip() for m in text.split(",") if m.strip()]
+    bad = [m for m in modes if m not in MODES]
+    if bad or not modes:
+        raise ValueError(f"expected a comma-separated list of {MODES}, got {text!r}")
+    return modes
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value >= 0 or value == float("inf"):
+        raise ValueError(f"expected a finite number >= 0, got {text!r}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise ValueError(f"expected an integer >= 1, got {text!r}")
+    return value
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.description = (
+        "Benchmark fusedattn's backends against torch SDPA, a naive eager implementation and "
+        "(when installed) flash-attn and xformers: latency, TFLOP/s, tokens/s, peak memory. "
+        "Run without arguments for the quick preset on the best device present."
+    )
+    grid = parser.add_argument_group("what to run")
+    grid.add_argument("--preset", choices=sorted(PRESETS), default="quick",
+                      help="case grid (default quick); see `fusedattn bench list`")  # fmt: skip
+    grid.add_argument("--shapes", type=_argument_type(parse_shapes), metavar="SPEC",
+                      help="comma-separated BxHxSxD or BxHxSqxSkxD (H may be Hq:Hkv, D may be D:Dv) instead of a "
+                           "preset, e.g. 4x16x1024x64,1x32:8x1x8192x128")  # fmt: skip
+    grid.add_argument("--config", metavar="GRID.toml", help="TOML grid file instead of a preset (docs/benchmarks.md)")
+    grid.add_argument("--modes", type=_argument_type(_modes), metavar="LIST",
+                      help="fwd,bwd,fwd_bwd: replace every grid's modes (default for --shapes: fwd)")  # fmt: skip
+    grid.add_argument("--dtype", type=_argument_type(dtype_name),
+                      help="replace every grid's dtype (default bfloat16 on CUDA, float32 on CPU)")  # fmt: skip
+    grid.add_argument("--causal", choices=["no", "yes", "both"],
+                      help="replace every grid's causal setting (default for --shapes: no)")  # fmt: skip
+    grid.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                      help="auto (default): cuda when available, else cpu")  # fmt: skip
+    grid.add_argument("--providers", metavar="LIST",
+                      help="comma-separated provider names or globs (fusedattn:*, sdpa*, naive, flash-attn, xformers);"
+                           " default: every available one meant for the device")  # fmt: skip
+    measure = parser.add_argument_group("how to measure")
+    measure.add_argument(
+        "--warmup",
+        type=_argument_type(_positive_float),
+        default=None,
+        metavar="SECONDS",
+        help="untimed calls for at least this long, at least one (default 0.1 CPU, 0.05 GPU)",
+    )
+    measure.add_argument(
+        "--min-time",
+        type=_argument_type(_positive_float),
+        default=None,
+        metavar="SECONDS",
+        help="time calls for at least this long per pair (default 0.2 CPU, 0.1 GPU)",
+    )
+    measure.add_argument("--min-repeats", type=_argument_type(_positive_int), default=3, metavar="N")
+    measure.add_argument("--max-repeats", type=_argument_type(_positive_int), default=100, metavar="N")
+    measure.add_argument("--no-l2-flush", action="store_true", help="GPU: do not flush the L2 cache between calls")
+    measure.add_argument("--no-check", action="store_true", help="skip the check against the float64 reference")
+    measure.add_argument("--check-rows", type=_argument_type(_positive_int), default=64, metavar="N",
+                         help="query rows per checked sequence (default 64)")  # fmt: skip
+    measure.add_argument("--no-memory", action="store_true", help="skip the peak memory measurement")
+    measure.add_argument("--seed", type=int, default=0)
+    output = parser.add_argument_group("output")
+    output.add_argument("--out", metavar="DIR", help="report folder (default bench-out/<UTC timestamp>)")
+    output.add_argument("--no-plots", action="store_true", help="no PNG plots")
+    output.add_argument("--list", action="store_true", help="print the cases and providers, run nothing")
+    commands = parser.add_subparsers(dest="bench_command", metavar="{compare,list}")
+    compare = commands.add_parser("compare", help="compare two results.json files; exit 1 on a regression",
+                                  description="Print new/base time per matched (case, provider); exit 1 when any "
+                                  "got slower than the threshold or stopped being ok.")  # fmt: skip
+    compare.add_argument("base", metavar="BASE.json")
+    compare.add_argument("new", metavar="NEW.json")
+    compare.add_argument(
+        "--fail-above",
+        default="5%",
+        type=_argument_type(lambda t: (parse_threshold(t), t)[1]),
+        metavar="PERCENT",
+        help="slowdown that fails the gate, e.g. 5%% (default) or 2.5",
+    )
+    compare.add_argument("--metric", choices=["median_ms", "min_ms", "mean_ms"], default="median_ms")
+    commands.add_parser("list", help="presets (with case counts) and providers (with availability)")
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA device is available")
+    return torch.device(name)
+
+
+def build_cases(args: argparse.Namespace, device: torch.device) -> list[Case]:
+    """The cases the arguments ask for (ValueError on bad grids)."""
+    overrides: dict[str, Any] = {}
+    if args.modes:
+        overrides["mode"] = args.modes
+    if args.dtype:
+        overrides["dtype"] = args.dtype
+    if args.causal:
+        overrides["causal"] = {"no": False, "yes": True, "both": [False, True]}[args.causal]
+    if args.shapes is not None and args.config is not None:
+        raise ValueError("--shapes and --config: expected at most one of them")
+    if args.shapes is not None:
+        defaults = {"mode": "fwd", "dtype": dtype_name("bfloat16" if device.type == "cuda" else "float32")}
+        grids = [{**defaults, **grid} for grid in args.shapes]
+    elif args.config is not None:
+        grids = load_grid_file(args.config)
+        grids = [{"dtype": "bfloat16" if device.type == "cuda" else "float32", **grid} for grid in grids]
+    else:
+        grids = preset_grids(args.preset, device.type)
+    return expand_grids(grids, overrides)
+
+
+class Progress:
+    """A progress bar on a terminal, one line per finished pair otherwise."""
+
+    def __init__(self, stream=None) -> None:
+        self.stream = stream if stream is not None else sys.stdout
+        self.interactive = self.stream.isatty()
+        self.started = time.perf_counter()
+
+    def __call__(self, done: int, total: int, case: Case, provider: Provider, result: dict[str, Any] | None) -> None:
+        elapsed = time.perf_counter() - self.started
+        if self.interactive:
+            width = 24
+            filled = int(width * done / max(total, 1))
+            bar = "#" * filled + "-" * (width - filled)
+            text = f"\r[{bar}] {done}/{total} {elapsed:5.0f}s  {provider.name:<18} {case.case_id}"
+            self.stream.write(text[:160].ljust(160))
+            if done == total and result is not None:
+                self.stream.write("\n")
+            self.stream.flush()
+            return
+        if result is None:
+            return
+        if result["status"] in ("ok", "wrong"):
+            outcome = f"{result['timing']['median_ms']:.4g} ms"
+            if result["status"] == "wrong":
+                outcome += " WRONG"
+        else:
+            outcome = f"{result['status']}: {result['reason'][:70]}"
+        self.stream.write(f"[{done}/{total} {elapsed:.0f}s] {provider.name:<18} {case.case_id}  {outcome}\n")
+        self.stream.flush()
+
+
+def _list(device: torch.device) -> int:
+    print(f"presets (cases on {device.type}):")
+    for name, (_, description) in PRESETS.items():
+        count = len(expand_grids(preset_grids(name, device.type)))
+        print(f"  {name:12} {count:3} cases  {description}")
+    print("providers:")
+    for provider in all_providers():
+        available, reason = provider.availability(device)
+        default = "default" if available and device.type in provider.default_devices else ""
+        state = "available" if available else f"unavailable: {reason}"
+        print(f"  {provider.name:20} {state:32} {default:8} {provider.description}")
+    return 0
+
+
+def main(args: argparse.Namespace) -> int:
+    if args.bench_command == "compare":
+        return run_compare(args.base, args.new, args.fail_above, args.metric)
+    try:
+        device = resolve_device(args.device)
+        if args.bench_command == "list":
+            return _list(device)
+        cases = build_cases(args, device)
+        patterns = [p.strip() for p in args.providers.split(",") if p.strip()] if args.providers else None
+        providers = select_providers(device, patterns)
+    except (OSError, ValueError) as error:
+        print(f"fusedattn bench: error: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    if args.list:
+        for case in cases:
+            print(f"{case.group:14} {case.case_id}")
+        print("providers: " + ", ".join(p.name for p in providers))
+        return 0
+    on_gpu = device.type == "cuda"
+    timing = TimingSettings(
+        warmup_s=args.warmup if args.warmup is not None else (0.05 if on_gpu else 0.1),
+        min_time_s=args.min_time if args.min_time is not None else (0.1 if on_gpu else 0.2),
+        min_repeats=args.min_repeats,
+        max_repeats=max(args.max_repeats, args.min_repeats),
+        flush_l2=not args.no_l2_flush,
+    )
+    settings = BenchSettings(device=device.type, timing=timing, check=not args.no_check, check_rows=args.check_rows,
+                             measure_memory=not args.no_memory, seed=args.seed)  # fmt: skip
+    preset = None if args.shapes is not None or args.config is not None else args.preset
+    print(f"fusedattn bench: {len(cases)} case(s) x {len(providers)} provider(s) on {device.type} "
+          f"({torch.get_num_threads()} torch threads): {', '.join(p.name for p in providers)}", flush=True)  # fmt: skip
+    started = time.perf_counter()
+    results = run_benchmark(cases, providers, settings, progress=Progress())
+    report = build_report(results, settings, providers, preset=preset)
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d-%H%M%S")
+    folder = Path(args.out) if args.out else Path("bench-out") / stamp
+    paths = write_outputs(report, folder, plots=not args.no_plots)
+    print()
+    print(format_table(results))
+    counts: dict[str, int] = {}
+    for result in results:
+        counts[result["status"]] = counts.get(result["status"], 0) + 1
+    print(f"{len(results)} result(s) in {time.perf_counter() - started:.0f}s: "
+          + ", ".join(f"{n} {s}" for s, n in counts.items()))  # fmt: skip
+    print(f"report written to {folder}/ ({', '.join(p.name for p in paths.values())})")
+    bad = [r for r in results if r["provider"].startswith("fusedattn:") and r["status"] in ("wrong", "error")]
+    if bad:
+        for result in bad:
+            print(f"FAIL: {result['provider']} on {result['case_id']}: {result['status']}: {result['reason']}")
+        return 1
+    return 0

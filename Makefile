@@ -5,7 +5,7 @@ PIP := $(PY) -m pip
 NATIVE_SOURCES := $(shell find csrc -type f) CMakeLists.txt setup.py
 PYTEST_WORKERS ?= 2
 
-.PHONY: setup build test bench bench-suite lint format sanitize cuda-check clean
+.PHONY: setup build test bench bench-suite parity lint format sanitize cuda-check clean
 
 setup: $(VENV)/.deps build
 
@@ -28,6 +28,10 @@ test: setup
 
 bench: setup
 	$(PY) -m fusedattn bench
+
+# Every CPU-capable backend (Triton under its interpreter) against the float64 reference.
+parity: setup
+	TRITON_INTERPRET=1 $(PY) -m fusedattn parity --device cpu --isolate --timeout 300 --junit parity.xml
 
 # The pytest-benchmark suite of key cases (kept out of `make test`).
 bench-suite: setup

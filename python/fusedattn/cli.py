@@ -12,6 +12,8 @@ import sys
 
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "info": ("fusedattn.info", "versions, devices, build facts and backend availability"),
+    "bench": ("fusedattn.bench.cli", "benchmark latency, TFLOP/s and memory against torch SDPA; compare reports"),
+    "parity": ("fusedattn.parity.cli", "check every backend against the float64 reference on a seeded case grid"),
 }
 
 

@@ -5,7 +5,7 @@ PIP := $(PY) -m pip
 NATIVE_SOURCES := $(shell find csrc -type f) CMakeLists.txt setup.py
 PYTEST_WORKERS ?= 2
 
-.PHONY: setup build test bench bench-suite parity lint format sanitize cuda-check clean
+.PHONY: setup build test bench bench-suite parity cuda-check triton-compile-check device-check sanitize lint format clean
 
 setup: $(VENV)/.deps build
 
@@ -45,6 +45,18 @@ lint: setup
 format: setup
 	$(VENV)/bin/ruff check --fix python kernels tests benchmarks
 	$(VENV)/bin/ruff format python kernels tests benchmarks
+
+# Compile-only check of the CUDA kernels for sm_80 and sm_90 (nvcc; no GPU, no CUDA torch).
+cuda-check:
+	scripts/cuda_check.sh
+
+# Compile the Triton kernels for sm_90 without a GPU (a few minutes; not part of CI).
+triton-compile-check: setup
+	$(PY) scripts/device_compile_check.py --targets 90 --dtypes bfloat16 --head-dims 128,72:40
+
+# On a GPU machine: build, GPU tests, parity on cuda, benchmark against SDPA, into OUT=DIR.
+device-check:
+	scripts/device_check.sh $(OUT)
 
 clean:
 	rm -rf build python/fusedattn/_C*.so $(VENV)/.built

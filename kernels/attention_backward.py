@@ -1,0 +1,595 @@
+"""Backward attention (FlashAttention-2 style): recompute the probabilities from lse.
+
+Three kernels:
+  * preprocess: delta = rowsum(dO * O), one float per query row;
+  * dK/dV: one program per (key block, batch x KV head); it loops over the query heads
+    of its GQA group and over the query blocks that can see its keys, so dK/dV are
+    reduced over the group inside the program, with no atomics;
+  * dQ: one program per (query block, batch x query head), looping over key blocks.
+
+Default mode folds dQ into the dK/dV kernel with float32 atomic adds (one pass over the
+score matrix instead of two; the order of the adds is not fixed). Deterministic mode,
+selected by torch.use_deterministic_algorithms(True) or FUSEDATTN_DETERMINISTIC=1, runs
+the separate dQ kernel instead: every output then has a fixed summation order and is
+bitwise reproducible.
+
+Dropout recomputes the forward's counter-based mask: dV uses the dropped, rescaled
+probabilities, dP is masked and rescaled the same way, and dS = P * (dP - delta).
+Softcap multiplies dS by 1 - tanh^2; ALiBi and additive masks pass gradients unchanged.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+from fusedattn.backends.base import allocate_output
+from fusedattn.semantics import AttentionCall
+
+from . import configs
+from .utils import (
+    LOG2E,
+    Problem,
+    attention_logits,
+    dropout_keep,
+    dropout_row_hash,
+    feature_arguments,
+    key_range,
+    last_dim_contiguous,
+    launch,
+    lse_strides,
+    padded_dim,
+    query_range,
+    sequence_bounds,
+    sequence_strides,
+)
+
+
+@triton.jit
+def attention_backward_preprocess_kernel(
+    Out,
+    GradOut,
+    Delta,
+    CuSeqlensQ,
+    stride_ob,
+    stride_oh,
+    stride_os,
+    stride_gb,
+    stride_gh,
+    stride_gs,
+    stride_lb,
+    stride_lh,
+    stride_ls,
+    seqlen_q,
+    heads_q,
+    HEAD_DIM_V: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+    IS_VARLEN: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+):
+    """delta[row] = sum_d dO[row, d] * O[row, d] in float32."""
+    block_m = tl.program_id(0)
+    batch_head = tl.program_id(1)
+    batch = batch_head // heads_q
+    head = batch_head % heads_q
+    if IS_VARLEN:
+        q_start = tl.load(CuSeqlensQ + batch)
+        len_q = tl.load(CuSeqlensQ + batch + 1) - q_start
+    else:
+        q_start = batch * 0
+        len_q = batch * 0 + seqlen_q
+    rows = block_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    valid = (rows < len_q)[:, None] & (offs_dv < HEAD_DIM_V)[None, :]
+    row_offsets = (q_start + rows)[:, None].to(tl.int64)
+    out = tl.load(
+        Out + batch.to(tl.int64) * stride_ob + head * stride_oh + row_offsets * stride_os + offs_dv[None, :],
+        mask=valid,
+        other=0.0,
+    )
+    grad_out = tl.load(
+        GradOut + batch.to(tl.int64) * stride_gb + head * stride_gh + row_offsets * stride_gs + offs_dv[None, :],
+        mask=valid,
+        other=0.0,
+    )
+    delta = tl.sum(out.to(tl.float32) * grad_out.to(tl.float32), 1)
+    lse_base = Delta + batch.to(tl.int64) * stride_lb + head.to(tl.int64) * stride_lh + q_start.to(tl.int64) * stride_ls
+    tl.store(lse_base + rows * stride_ls, delta, mask=rows < len_q)
+
+
+@triton.jit
+def _load_row_statistics(Lse, Delta, lse_base, rows, row_valid, stride_ls):
+    """lse in base 2 (+inf on fully masked rows, so their probabilities are 0) and delta."""
+    lse = tl.load(Lse + lse_base + rows * stride_ls, mask=row_valid, other=float("inf"))
+    lse = tl.where(lse == float("-inf"), float("inf"), lse) * LOG2E
+    delta = tl.load(Delta + lse_base + rows * stride_ls, mask=row_valid, other=0.0)
+    return lse, delta
+
+
+@triton.jit
+def score_gradients(
+    q,
+    k_tile,
+    v_tile,
+    grad_out,
+    lse,
+    delta,
+    rows,
+    keys,
+    heads,
+    row_valid,
+    row_hash,
+    batch,
+    key_limit,
+    position_offset,
+    scale,
+    softcap,
+    window_left,
+    window_right,
+    dropout_threshold,
+    dropout_keep_scale,
+    Mask,
+    stride_mb,
+    stride_mh,
+    stride_mq,
+    stride_mk,
+    Alibi,
+    stride_ab,
+    stride_ah,
+    CAUSAL: tl.constexpr,
+    HAS_WINDOW_LEFT: tl.constexpr,
+    HAS_WINDOW_RIGHT: tl.constexpr,
+    MASK_KIND: tl.constexpr,
+    HAS_ALIBI: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+):
+    """(kept probabilities, dS) of one (BLOCK_M, BLOCK_N) tile, recomputed from lse.
+
+    kept = P with dropout applied (what multiplied V in the forward); dS = P * (dP - delta)
+    with dP = dO . v masked and rescaled like P, times 1 - tanh^2 under softcap.
+    """
+    qk = tl.dot(q, tl.trans(k_tile), input_precision=INPUT_PRECISION)
+    logits, softcap_tanh = attention_logits(
+        qk, rows, keys, heads, row_valid, batch, key_limit, position_offset, scale, softcap,
+        window_left, window_right, Mask, stride_mb, stride_mh, stride_mq, stride_mk, Alibi, stride_ab,
+        stride_ah, CAUSAL, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, MASK_KIND, HAS_ALIBI, HAS_SOFTCAP,
+    )  # fmt: skip
+    probabilities = tl.math.exp2(logits - lse[:, None])
+    grad_probabilities = tl.dot(grad_out, tl.trans(v_tile), input_precision=INPUT_PRECISION)
+    kept = probabilities
+    if HAS_DROPOUT:
+        keep = dropout_keep(row_hash, keys, dropout_threshold)
+        kept = tl.where(keep, probabilities * dropout_keep_scale, 0.0)
+        grad_probabilities = tl.where(keep, grad_probabilities * dropout_keep_scale, 0.0)
+    grad_scores = probabilities * (grad_probabilities - delta[:, None])
+    if HAS_SOFTCAP:
+        grad_scores = grad_scores * (1.0 - softcap_tanh * softcap_tanh)
+    return kept, grad_scores
+
+
+@triton.jit
+def attention_backward_dkdv_kernel(
+    Q,
+    K,
+    V,
+    GradOut,
+    Lse,
+    Delta,
+    GradQAccumulator,
+    GradK,
+    GradV,
+    Mask,
+    KeyLengths,
+    CuSeqlensQ,
+    CuSeqlensK,
+    Alibi,
+    stride_qb,
+    stride_qh,
+    stride_qs,
+    stride_kb,
+    stride_kh,
+    stride_ks,
+    stride_vb,
+    stride_vh,
+    stride_vs,
+    stride_gb,
+    stride_gh,
+    stride_gs,
+    stride_aqb,
+    stride_aqh,
+    stride_aqs,
+    stride_dkb,
+    stride_dkh,
+    stride_dks,
+    stride_dvb,
+    stride_dvh,
+    stride_dvs,
+    stride_lb,
+    stride_lh,
+    stride_ls,
+    stride_mb,
+    stride_mh,
+    stride_mq,
+    stride_mk,
+    stride_ab,
+    stride_ah,
+    seqlen_q,
+    seqlen_k,
+    heads_kv,
+    group,
+    scale,
+    softcap,
+    window_left,
+    window_right,
+    dropout_seed_key,
+    dropout_threshold,
+    dropout_keep_scale,
+    HEAD_DIM: tl.constexpr,
+    HEAD_DIM_V: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    BOTTOM_RIGHT: tl.constexpr,
+    HAS_WINDOW_LEFT: tl.constexpr,
+    HAS_WINDOW_RIGHT: tl.constexpr,
+    MASK_KIND: tl.constexpr,
+    HAS_KEY_LENGTHS: tl.constexpr,
+    IS_VARLEN: tl.constexpr,
+    HAS_ALIBI: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    ATOMIC_DQ: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    block_n = tl.program_id(0)
+    batch_kv_head = tl.program_id(1)
+    batch = batch_kv_head // heads_kv
+    kv_head = batch_kv_head % heads_kv
+    q_start, k_start, len_q, len_k, key_limit, position_offset = sequence_bounds(
+        batch, CuSeqlensQ, CuSeqlensK, KeyLengths, seqlen_q, seqlen_k, IS_VARLEN, HAS_KEY_LENGTHS, BOTTOM_RIGHT
+    )
+    first_key = block_n * BLOCK_N
+    if first_key >= len_k:
+        return
+
+    keys = first_key + tl.arange(0, BLOCK_N)
+    key_valid = keys < len_k
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    d_valid = offs_d < HEAD_DIM
+    dv_valid = offs_dv < HEAD_DIM_V
+    batch64 = batch.to(tl.int64)
+    k_rows = (k_start + keys)[:, None].to(tl.int64)
+    k_tile = tl.load(
+        K + batch64 * stride_kb + kv_head.to(tl.int64) * stride_kh + k_rows * stride_ks + offs_d[None, :],
+        mask=key_valid[:, None] & d_valid[None, :],
+        other=0.0,
+    )
+    v_tile = tl.load(
+        V + batch64 * stride_vb + kv_head.to(tl.int64) * stride_vh + k_rows * stride_vs + offs_dv[None, :],
+        mask=key_valid[:, None] & dv_valid[None, :],
+        other=0.0,
+    )
+    grad_k = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
+    grad_v = tl.zeros((BLOCK_N, BLOCK_DV), tl.float32)
+
+    lo, hi = query_range(
+        first_key,
+        first_key + BLOCK_N - 1,
+        position_offset,
+        len_q,
+        key_limit,
+        window_left,
+        window_right,
+        CAUSAL,
+        HAS_WINDOW_LEFT,
+        HAS_WINDOW_RIGHT,
+        BLOCK_M,
+    )
+    for member in range(0, group):
+        head = kv_head * group + member
+        heads = tl.full((BLOCK_M,), 0, tl.int32) + head
+        q_base = Q + batch64 * stride_qb + head.to(tl.int64) * stride_qh
+        grad_out_base = GradOut + batch64 * stride_gb + head.to(tl.int64) * stride_gh
+        lse_base = batch64 * stride_lb + head.to(tl.int64) * stride_lh + q_start.to(tl.int64) * stride_ls
+        for start_m in range(lo, hi, BLOCK_M):
+            rows = start_m + offs_m
+            row_valid = rows < len_q
+            q_rows = (q_start + rows)[:, None].to(tl.int64)
+            q = tl.load(
+                q_base + q_rows * stride_qs + offs_d[None, :], mask=row_valid[:, None] & d_valid[None, :], other=0.0
+            )
+            grad_out = tl.load(
+                grad_out_base + q_rows * stride_gs + offs_dv[None, :],
+                mask=row_valid[:, None] & dv_valid[None, :],
+                other=0.0,
+            )
+            lse, delta = _load_row_statistics(Lse, Delta, lse_base, rows, row_valid, stride_ls)
+            row_hash = rows.to(tl.uint32)
+            if HAS_DROPOUT:
+                row_hash = dropout_row_hash(dropout_seed_key, batch, heads, rows)
+            kept, grad_scores = score_gradients(
+                q, k_tile, v_tile, grad_out, lse, delta, rows, keys, heads, row_valid, row_hash, batch, key_limit,
+                position_offset, scale, softcap, window_left, window_right, dropout_threshold, dropout_keep_scale,
+                Mask, stride_mb, stride_mh, stride_mq, stride_mk, Alibi, stride_ab, stride_ah, CAUSAL,
+                HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, MASK_KIND, HAS_ALIBI, HAS_SOFTCAP, HAS_DROPOUT, INPUT_PRECISION,
+            )  # fmt: skip
+            grad_v = tl.dot(tl.trans(kept.to(grad_out.dtype)), grad_out, grad_v, input_precision=INPUT_PRECISION)
+            grad_scores = grad_scores.to(q.dtype)
+            grad_k = tl.dot(tl.trans(grad_scores), q, grad_k, input_precision=INPUT_PRECISION)
+            if ATOMIC_DQ:
+                grad_q = tl.dot(grad_scores, k_tile, input_precision=INPUT_PRECISION) * scale
+                accumulator_pointers = (
+                    GradQAccumulator
+                    + batch64 * stride_aqb
+                    + head.to(tl.int64) * stride_aqh
+                    + q_rows * stride_aqs
+                    + offs_d[None, :]
+                )
+                tl.atomic_add(accumulator_pointers, grad_q, mask=row_valid[:, None] & d_valid[None, :], sem="relaxed")
+
+    grad_k = grad_k * scale
+    tl.store(
+        GradK + batch64 * stride_dkb + kv_head.to(tl.int64) * stride_dkh + k_rows * stride_dks + offs_d[None, :],
+        grad_k.to(GradK.dtype.element_ty),
+        mask=key_valid[:, None] & d_valid[None, :],
+    )
+    tl.store(
+        GradV + batch64 * stride_dvb + kv_head.to(tl.int64) * stride_dvh + k_rows * stride_dvs + offs_dv[None, :],
+        grad_v.to(GradV.dtype.element_ty),
+        mask=key_valid[:, None] & dv_valid[None, :],
+    )
+
+
+@triton.jit
+def attention_backward_dq_kernel(
+    Q,
+    K,
+    V,
+    GradOut,
+    Lse,
+    Delta,
+    GradQ,
+    Mask,
+    KeyLengths,
+    CuSeqlensQ,
+    CuSeqlensK,
+    Alibi,
+    stride_qb,
+    stride_qh,
+    stride_qs,
+    stride_kb,
+    stride_kh,
+    stride_ks,
+    stride_vb,
+    stride_vh,
+    stride_vs,
+    stride_gb,
+    stride_gh,
+    stride_gs,
+    stride_dqb,
+    stride_dqh,
+    stride_dqs,
+    stride_lb,
+    stride_lh,
+    stride_ls,
+    stride_mb,
+    stride_mh,
+    stride_mq,
+    stride_mk,
+    stride_ab,
+    stride_ah,
+    seqlen_q,
+    seqlen_k,
+    heads_q,
+    group,
+    scale,
+    softcap,
+    window_left,
+    window_right,
+    dropout_seed_key,
+    dropout_threshold,
+    dropout_keep_scale,
+    HEAD_DIM: tl.constexpr,
+    HEAD_DIM_V: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    BOTTOM_RIGHT: tl.constexpr,
+    HAS_WINDOW_LEFT: tl.constexpr,
+    HAS_WINDOW_RIGHT: tl.constexpr,
+    MASK_KIND: tl.constexpr,
+    HAS_KEY_LENGTHS: tl.constexpr,
+    IS_VARLEN: tl.constexpr,
+    HAS_ALIBI: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    block_m = tl.program_id(0)
+    batch_head = tl.program_id(1)
+    batch = batch_head // heads_q
+    head = batch_head % heads_q
+    kv_head = head // group
+    q_start, k_start, len_q, len_k, key_limit, position_offset = sequence_bounds(
+        batch, CuSeqlensQ, CuSeqlensK, KeyLengths, seqlen_q, seqlen_k, IS_VARLEN, HAS_KEY_LENGTHS, BOTTOM_RIGHT
+    )
+    first_row = block_m * BLOCK_M
+    if first_row >= len_q:
+        return
+
+    rows = first_row + tl.arange(0, BLOCK_M)
+    row_valid = rows < len_q
+    heads = tl.full((BLOCK_M,), 0, tl.int32) + head
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    d_valid = offs_d < HEAD_DIM
+    dv_valid = offs_dv < HEAD_DIM_V
+    batch64 = batch.to(tl.int64)
+    q_rows = (q_start + rows)[:, None].to(tl.int64)
+    q = tl.load(
+        Q + batch64 * stride_qb + head.to(tl.int64) * stride_qh + q_rows * stride_qs + offs_d[None, :],
+        mask=row_valid[:, None] & d_valid[None, :],
+        other=0.0,
+    )
+    grad_out = tl.load(
+        GradOut + batch64 * stride_gb + head.to(tl.int64) * stride_gh + q_rows * stride_gs + offs_dv[None, :],
+        mask=row_valid[:, None] & dv_valid[None, :],
+        other=0.0,
+    )
+    lse_base = batch64 * stride_lb + head.to(tl.int64) * stride_lh + q_start.to(tl.int64) * stride_ls
+    lse, delta = _load_row_statistics(Lse, Delta, lse_base, rows, row_valid, stride_ls)
+    row_hash = rows.to(tl.uint32)
+    if HAS_DROPOUT:
+        row_hash = dropout_row_hash(dropout_seed_key, batch, heads, rows)
+    k_base = K + batch64 * stride_kb + kv_head.to(tl.int64) * stride_kh + k_start.to(tl.int64) * stride_ks
+    v_base = V + batch64 * stride_vb + kv_head.to(tl.int64) * stride_vh + k_start.to(tl.int64) * stride_vs
+    grad_q = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
+
+    lo, hi = key_range(
+        first_row,
+        first_row + BLOCK_M - 1,
+        position_offset,
+        key_limit,
+        window_left,
+        window_right,
+        CAUSAL,
+        HAS_WINDOW_LEFT,
+        HAS_WINDOW_RIGHT,
+        BLOCK_N,
+    )
+    for start_n in range(lo, hi, BLOCK_N):
+        keys = start_n + offs_n
+        key_valid = keys < len_k
+        k_tile = tl.load(
+            k_base + keys[:, None] * stride_ks + offs_d[None, :], mask=key_valid[:, None] & d_valid[None, :], other=0.0
+        )
+        v_tile = tl.load(
+            v_base + keys[:, None] * stride_vs + offs_dv[None, :],
+            mask=key_valid[:, None] & dv_valid[None, :],
+            other=0.0,
+        )
+        _kept, grad_scores = score_gradients(
+            q, k_tile, v_tile, grad_out, lse, delta, rows, keys, heads, row_valid, row_hash, batch, key_limit,
+            position_offset, scale, softcap, window_left, window_right, dropout_threshold, dropout_keep_scale,
+            Mask, stride_mb, stride_mh, stride_mq, stride_mk, Alibi, stride_ab, stride_ah, CAUSAL,
+            HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, MASK_KIND, HAS_ALIBI, HAS_SOFTCAP, HAS_DROPOUT, INPUT_PRECISION,
+        )  # fmt: skip
+        grad_q = tl.dot(grad_scores.to(k_tile.dtype), k_tile, grad_q, input_precision=INPUT_PRECISION)
+
+    grad_q = grad_q * scale
+    tl.store(
+        GradQ + batch64 * stride_dqb + head.to(tl.int64) * stride_dqh + q_rows * stride_dqs + offs_d[None, :],
+        grad_q.to(GradQ.dtype.element_ty),
+        mask=row_valid[:, None] & d_valid[None, :],
+    )
+
+
+def deterministic_requested() -> bool:
+    """torch.use_deterministic_algorithms(True) or FUSEDATTN_DETERMINISTIC=1."""
+    return torch.are_deterministic_algorithms_enabled() or os.environ.get("FUSEDATTN_DETERMINISTIC", "0") == "1"
+
+
+def _strides(prefix: str, tensor: torch.Tensor, varlen: bool) -> dict[str, int]:
+    return dict(zip((prefix + "b", prefix + "h", prefix + "s"), sequence_strides(tensor, varlen)))
+
+
+def backward(
+    call: AttentionCall, grad_out: torch.Tensor, out: torch.Tensor, lse: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv) shaped like q, k, v for grad_out shaped like out; lse from the forward."""
+    q, k, v, grad_out, out = (last_dim_contiguous(t) for t in (call.q, call.k, call.v, grad_out, out))
+    lse = lse.contiguous()
+    problem = Problem.of(call)
+    varlen = problem.varlen
+    block_d = padded_dim(problem.head_dim)
+    block_dv = padded_dim(problem.head_dim_v)
+    config = configs.backward_config(max(block_d, block_dv), q.dtype)
+    block_m, block_n = config["BLOCK_M"], config["BLOCK_N"]
+    launch_options = dict(num_warps=config["num_warps"], num_stages=config["num_stages"])
+    features = feature_arguments(call)
+
+    delta = torch.empty_like(lse)
+    statistics_strides = dict(zip(("stride_lb", "stride_lh", "stride_ls"), lse_strides(lse, varlen)))
+    launch(
+        attention_backward_preprocess_kernel,
+        (triton.cdiv(problem.seqlen_q, block_m), problem.batch * problem.heads_q),
+        Out=out,
+        GradOut=grad_out,
+        Delta=delta,
+        CuSeqlensQ=features["CuSeqlensQ"],
+        **_strides("stride_o", out, varlen),
+        **_strides("stride_g", grad_out, varlen),
+        **statistics_strides,
+        seqlen_q=problem.seqlen_q,
+        heads_q=problem.heads_q,
+        HEAD_DIM_V=problem.head_dim_v,
+        BLOCK_DV=block_dv,
+        IS_VARLEN=varlen,
+        BLOCK_M=block_m,
+        num_warps=4,
+    )
+
+    grad_q = allocate_output(tuple(q.shape), q.dtype, q.device)
+    grad_k = allocate_output(tuple(k.shape), k.dtype, k.device)
+    grad_v = allocate_output(tuple(v.shape), v.dtype, v.device)
+    deterministic = deterministic_requested()
+    # Atomic mode accumulates dQ in float32 and copies it into grad_q afterwards.
+    grad_q_accumulator = grad_q if deterministic else torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+    shared = dict(
+        Q=q,
+        K=k,
+        V=v,
+        GradOut=grad_out,
+        Lse=lse,
+        Delta=delta,
+        **_strides("stride_q", q, varlen),
+        **_strides("stride_k", k, varlen),
+        **_strides("stride_v", v, varlen),
+        **_strides("stride_g", grad_out, varlen),
+        **statistics_strides,
+        group=problem.group,
+        HEAD_DIM=problem.head_dim,
+        HEAD_DIM_V=problem.head_dim_v,
+        BLOCK_D=block_d,
+        BLOCK_DV=block_dv,
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        **features,
+        **launch_options,
+    )
+    launch(
+        attention_backward_dkdv_kernel,
+        (triton.cdiv(problem.seqlen_k, block_n), problem.batch * problem.heads_kv),
+        GradQAccumulator=grad_q_accumulator,
+        GradK=grad_k,
+        GradV=grad_v,
+        **_strides("stride_aq", grad_q_accumulator, varlen),
+        **_strides("stride_dk", grad_k, varlen),
+        **_strides("stride_dv", grad_v, varlen),
+        heads_kv=problem.heads_kv,
+        ATOMIC_DQ=not deterministic,
+        **shared,
+    )
+    if deterministic:
+        launch(
+            attention_backward_dq_kernel,
+            (triton.cdiv(problem.seqlen_q, block_m), problem.batch * problem.heads_q),
+            GradQ=grad_q,
+            **_strides("stride_dq", grad_q, varlen),
+            heads_q=problem.heads_q,
+            **shared,
+        )
+    else:
+        grad_q.copy_(grad_q_accumulator)
+    return grad_q, grad_k, grad_v

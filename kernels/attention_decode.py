@@ -1,0 +1,279 @@
+"""Decode attention: few query rows against a long KV, split over the keys (split-KV).
+
+With Sq <= 16 the forward kernel would run one mostly empty query block per head and
+leave most of the GPU idle. Here one program serves a (KV split, batch x KV head) pair:
+its rows are all the query rows of all the query heads of the GQA group (each K/V tile
+is loaded once for the whole group), and it covers one slice of the keys. Each program
+writes a partial output normalized by its own softmax sum, plus that slice's lse; the
+combine kernel merges the slices through their lse. Every feature of the forward
+kernel is supported (same per-tile rules); fully masked rows give 0 and lse -inf.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from fusedattn.semantics import AttentionCall
+
+from . import configs
+from .attention_forward import attend_tile
+from .utils import (
+    LN2,
+    Problem,
+    dropout_row_hash,
+    feature_arguments,
+    interpreting,
+    key_range,
+    launch,
+    lse_strides,
+    padded_dim,
+    sequence_bounds,
+    sequence_strides,
+)
+
+
+@triton.jit
+def attention_decode_split_kernel(
+    Q,
+    K,
+    V,
+    PartialOut,
+    PartialLse,
+    Mask,
+    KeyLengths,
+    CuSeqlensQ,
+    CuSeqlensK,
+    Alibi,
+    stride_qb,
+    stride_qh,
+    stride_qs,
+    stride_kb,
+    stride_kh,
+    stride_ks,
+    stride_vb,
+    stride_vh,
+    stride_vs,
+    stride_mb,
+    stride_mh,
+    stride_mq,
+    stride_mk,
+    stride_ab,
+    stride_ah,
+    seqlen_q,
+    seqlen_k,
+    heads_q,
+    heads_kv,
+    group,
+    splits,
+    keys_per_split,
+    scale,
+    softcap,
+    window_left,
+    window_right,
+    dropout_seed_key,
+    dropout_threshold,
+    dropout_keep_scale,
+    HEAD_DIM: tl.constexpr,
+    HEAD_DIM_V: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    BOTTOM_RIGHT: tl.constexpr,
+    HAS_WINDOW_LEFT: tl.constexpr,
+    HAS_WINDOW_RIGHT: tl.constexpr,
+    MASK_KIND: tl.constexpr,
+    HAS_KEY_LENGTHS: tl.constexpr,
+    IS_VARLEN: tl.constexpr,
+    HAS_ALIBI: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    split = tl.program_id(0)
+    batch_kv_head = tl.program_id(1)
+    batch = batch_kv_head // heads_kv
+    kv_head = batch_kv_head % heads_kv
+    _q_start, _k_start, len_q, len_k, key_limit, position_offset = sequence_bounds(
+        batch, CuSeqlensQ, CuSeqlensK, KeyLengths, seqlen_q, seqlen_k, IS_VARLEN, HAS_KEY_LENGTHS, BOTTOM_RIGHT
+    )
+    # Row r of this program is query row r % Sq of query head kv_head * group + r // Sq.
+    slots = tl.arange(0, BLOCK_M)
+    row_valid = slots < group * len_q
+    rows = slots % len_q
+    heads = kv_head * group + slots // len_q
+    heads = tl.where(row_valid, heads, kv_head * group)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    d_valid = offs_d < HEAD_DIM
+    dv_valid = offs_dv < HEAD_DIM_V
+    batch64 = batch.to(tl.int64)
+    q = tl.load(
+        Q + batch64 * stride_qb + heads[:, None].to(tl.int64) * stride_qh + rows[:, None] * stride_qs + offs_d[None, :],
+        mask=row_valid[:, None] & d_valid[None, :],
+        other=0.0,
+    )
+    k_base = K + batch64 * stride_kb + kv_head.to(tl.int64) * stride_kh
+    v_base = V + batch64 * stride_vb + kv_head.to(tl.int64) * stride_vh
+
+    row_max = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+    row_sum = tl.zeros((BLOCK_M,), tl.float32)
+    accumulator = tl.zeros((BLOCK_M, BLOCK_DV), tl.float32)
+    row_hash = rows.to(tl.uint32)
+    if HAS_DROPOUT:
+        row_hash = dropout_row_hash(dropout_seed_key, batch, heads, rows)
+    lo, hi = key_range(
+        len_q * 0,
+        len_q - 1,
+        position_offset,
+        key_limit,
+        window_left,
+        window_right,
+        CAUSAL,
+        HAS_WINDOW_LEFT,
+        HAS_WINDOW_RIGHT,
+        BLOCK_N,
+    )
+    lo = tl.maximum(lo, split * keys_per_split)
+    hi = tl.minimum(hi, (split + 1) * keys_per_split)
+    for start_n in range(lo, hi, BLOCK_N):
+        accumulator, row_max, row_sum = attend_tile(
+            q, accumulator, row_max, row_sum, start_n, k_base, v_base, stride_ks, stride_vs, rows, heads,
+            row_valid, row_hash, batch, len_k, key_limit, position_offset, scale, softcap, window_left,
+            window_right, dropout_threshold, Mask, stride_mb, stride_mh, stride_mq, stride_mk, Alibi, stride_ab,
+            stride_ah, offs_d, offs_dv, d_valid, dv_valid, CAUSAL, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, MASK_KIND,
+            HAS_ALIBI, HAS_SOFTCAP, HAS_DROPOUT, INPUT_PRECISION, True, False, BLOCK_N,
+        )  # fmt: skip
+
+    empty = row_sum == 0.0
+    out = accumulator / tl.where(empty, 1.0, row_sum)[:, None]
+    if HAS_DROPOUT:
+        out = out * dropout_keep_scale
+    lse = tl.where(empty, float("-inf"), (row_max + tl.math.log2(tl.where(empty, 1.0, row_sum))) * LN2)
+    # Partial results: (B, Hq, Sq, splits) lse and (B, Hq, Sq, splits, Dv) out, contiguous.
+    partial_index = ((batch64 * heads_q + heads) * len_q + rows) * splits + split
+    tl.store(PartialLse + partial_index, lse, mask=row_valid)
+    tl.store(
+        PartialOut + partial_index[:, None] * HEAD_DIM_V + offs_dv[None, :],
+        out,
+        mask=row_valid[:, None] & dv_valid[None, :],
+    )
+
+
+@triton.jit
+def attention_decode_combine_kernel(
+    PartialOut,
+    PartialLse,
+    Out,
+    Lse,
+    stride_ob,
+    stride_oh,
+    stride_os,
+    stride_lb,
+    stride_lh,
+    stride_ls,
+    heads_q,
+    seqlen_q,
+    splits,
+    HEAD_DIM_V: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+    BLOCK_SPLITS: tl.constexpr,
+):
+    """out = sum_s exp(lse_s - lse) * out_s with lse = logsumexp_s lse_s, one query row per program."""
+    row_index = tl.program_id(0)
+    row = row_index % seqlen_q
+    batch_head = row_index // seqlen_q
+    head = batch_head % heads_q
+    batch = batch_head // heads_q
+    offs_s = tl.arange(0, BLOCK_SPLITS)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    split_valid = offs_s < splits
+    partial_lse = tl.load(PartialLse + row_index.to(tl.int64) * splits + offs_s, mask=split_valid, other=float("-inf"))
+    largest = tl.max(partial_lse, 0)
+    safe_largest = tl.where(largest == float("-inf"), 0.0, largest)
+    weights = tl.exp(partial_lse - safe_largest)
+    total = tl.sum(weights, 0)
+    partial_out = tl.load(
+        PartialOut + (row_index.to(tl.int64) * splits + offs_s[:, None]) * HEAD_DIM_V + offs_dv[None, :],
+        mask=split_valid[:, None] & (offs_dv < HEAD_DIM_V)[None, :],
+        other=0.0,
+    )
+    empty = total == 0.0
+    out = tl.sum(partial_out * weights[:, None], 0) / tl.where(empty, 1.0, total)
+    lse = tl.where(empty, float("-inf"), safe_largest + tl.log(tl.where(empty, 1.0, total)))
+    batch64 = batch.to(tl.int64)
+    tl.store(
+        Out + batch64 * stride_ob + head * stride_oh + row * stride_os + offs_dv,
+        out.to(Out.dtype.element_ty),
+        mask=offs_dv < HEAD_DIM_V,
+    )
+    tl.store(Lse + batch64 * stride_lb + head * stride_lh + row * stride_ls, lse)
+
+
+def split_count(problem: Problem, block_n: int, device: torch.device) -> int:
+    """How many key slices: enough programs to fill the GPU twice, at least two tiles each."""
+    tiles = triton.cdiv(problem.seqlen_k, block_n)
+    if interpreting() or device.type != "cuda":
+        return max(1, min(3, tiles))
+    target = 2 * configs.multiprocessor_count(device.index or 0)
+    wanted = triton.cdiv(target, problem.batch * problem.heads_kv)
+    return max(1, min(wanted, triton.cdiv(tiles, 2), 128))
+
+
+def run_decode(call: AttentionCall, problem: Problem, out: torch.Tensor, lse: torch.Tensor) -> None:
+    """Fill out (B, Hq, Sq, Dv) and lse (B, Hq, Sq) for a dense call with few query rows."""
+    q, k, v = call.q, call.k, call.v
+    block_d = padded_dim(problem.head_dim)
+    block_dv = padded_dim(problem.head_dim_v)
+    config = configs.decode_config(max(block_d, block_dv), q.dtype)
+    block_n = config["BLOCK_N"]
+    splits = split_count(problem, block_n, q.device)
+    keys_per_split = triton.cdiv(triton.cdiv(problem.seqlen_k, block_n), splits) * block_n
+    rows = problem.batch * problem.heads_q * problem.seqlen_q
+    partial_out = torch.empty((rows, splits, problem.head_dim_v), dtype=torch.float32, device=q.device)
+    partial_lse = torch.empty((rows, splits), dtype=torch.float32, device=q.device)
+    launch(
+        attention_decode_split_kernel,
+        (splits, problem.batch * problem.heads_kv),
+        Q=q,
+        K=k,
+        V=v,
+        PartialOut=partial_out,
+        PartialLse=partial_lse,
+        **dict(zip(("stride_qb", "stride_qh", "stride_qs"), sequence_strides(q, False))),
+        **dict(zip(("stride_kb", "stride_kh", "stride_ks"), sequence_strides(k, False))),
+        **dict(zip(("stride_vb", "stride_vh", "stride_vs"), sequence_strides(v, False))),
+        heads_q=problem.heads_q,
+        heads_kv=problem.heads_kv,
+        group=problem.group,
+        splits=splits,
+        keys_per_split=keys_per_split,
+        HEAD_DIM=problem.head_dim,
+        HEAD_DIM_V=problem.head_dim_v,
+        BLOCK_D=block_d,
+        BLOCK_DV=block_dv,
+        BLOCK_M=max(16, triton.next_power_of_2(problem.group * problem.seqlen_q)),
+        BLOCK_N=block_n,
+        num_warps=config["num_warps"],
+        num_stages=config["num_stages"],
+        **feature_arguments(call),
+    )
+    launch(
+        attention_decode_combine_kernel,
+        (rows,),
+        PartialOut=partial_out,
+        PartialLse=partial_lse,
+        Out=out,
+        Lse=lse,
+        **dict(zip(("stride_ob", "stride_oh", "stride_os"), sequence_strides(out, False))),
+        **dict(zip(("stride_lb", "stride_lh", "stride_ls"), lse_strides(lse, False))),
+        heads_q=problem.heads_q,
+        seqlen_q=problem.seqlen_q,
+        splits=splits,
+        HEAD_DIM_V=problem.head_dim_v,
+        BLOCK_DV=block_dv,
+        BLOCK_SPLITS=max(2, triton.next_power_of_2(splits)),
+        num_warps=4 if block_dv >= 128 else 2,
+    )

@@ -1,0 +1,484 @@
+"""Forward attention: a FlashAttention-2-style tiled online softmax, one program per
+(query block, batch x query head).
+
+Every feature of semantics.py is handled inside the tile loop: the key range is cut to
+the tiles causal masking / windows / key lengths leave visible (the others are never
+loaded), the boolean or additive mask is read tile by tile through its (possibly zero)
+strides, ALiBi and softcap are applied to the scores, and dropout recomputes the
+counter-based hash per element. GQA maps query head h to KV head h // group. Head dims
+are padded to a power of two with masked loads. Outputs: out in q's dtype and lse
+(float32, -inf on fully masked rows, whose out is 0).
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from functools import cache
+
+import torch
+import triton
+import triton.language as tl
+from fusedattn.backends.base import allocate_output
+from fusedattn.semantics import AttentionCall
+
+from . import configs
+from .utils import (
+    LN2,
+    Problem,
+    attention_logits,
+    dropout_keep,
+    dropout_row_hash,
+    feature_arguments,
+    interpreting,
+    key_range,
+    last_dim_contiguous,
+    launch,
+    lse_strides,
+    padded_dim,
+    sequence_bounds,
+    sequence_strides,
+)
+
+
+@triton.jit
+def fully_visible_range(
+    first_row,
+    last_row,
+    lo,
+    hi,
+    position_offset,
+    key_limit,
+    window_left,
+    window_right,
+    CAUSAL: tl.constexpr,
+    HAS_WINDOW_LEFT: tl.constexpr,
+    HAS_WINDOW_RIGHT: tl.constexpr,
+    MASK_KIND: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """[visible_lo, visible_hi) within [lo, hi): whole tiles every row of the block sees.
+
+    Both ends are multiples of BLOCK_N (or equal to hi), so the three loops of the
+    forward kernel partition [lo, hi) into whole tiles.
+    """
+    visible_end = key_limit  # one past the last key every row sees
+    if CAUSAL:
+        visible_end = tl.minimum(visible_end, first_row + position_offset + 1)
+    if HAS_WINDOW_RIGHT:
+        visible_end = tl.minimum(visible_end, first_row + position_offset + window_right + 1)
+    visible_lo = lo
+    if HAS_WINDOW_LEFT:
+        first_key = tl.maximum(lo, last_row + position_offset - window_left)
+        visible_lo = ((first_key + BLOCK_N - 1) // BLOCK_N) * BLOCK_N
+    visible_lo = tl.minimum(visible_lo, hi)
+    visible_hi = tl.minimum(tl.maximum(visible_lo, (tl.maximum(visible_end, 0) // BLOCK_N) * BLOCK_N), hi)
+    if MASK_KIND == 1:
+        visible_lo = hi
+        visible_hi = hi
+    return visible_lo, visible_hi
+
+
+@triton.jit
+def attend_tile(
+    q,
+    accumulator,
+    row_max,
+    row_sum,
+    start_n,
+    k_source,
+    v_source,
+    stride_ks,
+    stride_vs,
+    rows,
+    heads,
+    row_valid,
+    row_hash,
+    batch,
+    len_k,
+    key_limit,
+    position_offset,
+    scale,
+    softcap,
+    window_left,
+    window_right,
+    dropout_threshold,
+    Mask,
+    stride_mb,
+    stride_mh,
+    stride_mq,
+    stride_mk,
+    Alibi,
+    stride_ab,
+    stride_ah,
+    offs_d,
+    offs_dv,
+    d_valid,
+    dv_valid,
+    CAUSAL: tl.constexpr,
+    HAS_WINDOW_LEFT: tl.constexpr,
+    HAS_WINDOW_RIGHT: tl.constexpr,
+    MASK_KIND: tl.constexpr,
+    HAS_ALIBI: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    CHECK_VISIBILITY: tl.constexpr,
+    USE_TMA: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """One step of the online softmax over keys start_n .. start_n + BLOCK_N (shared with decode).
+
+    k_source / v_source are the head's K / V base pointers, or tensor descriptors with
+    USE_TMA (the copy engine then zero-fills rows past Sk and columns past the head dim).
+    Returns the updated (accumulator, row_max, row_sum); row_max is in base-2 units.
+    """
+    keys = start_n + tl.arange(0, BLOCK_N)
+    key_valid = keys < len_k
+    if USE_TMA:
+        k_tile = tl.trans(k_source.load([start_n, 0]))
+    else:
+        k_tile = tl.load(
+            k_source + keys[None, :] * stride_ks + offs_d[:, None],
+            mask=key_valid[None, :] & d_valid[:, None],
+            other=0.0,
+        )
+    qk = tl.dot(q, k_tile, input_precision=INPUT_PRECISION)
+    logits, _tanh = attention_logits(
+        qk, rows, keys, heads, row_valid, batch, key_limit, position_offset, scale, softcap,
+        window_left, window_right, Mask, stride_mb, stride_mh, stride_mq, stride_mk, Alibi, stride_ab, stride_ah,
+        CAUSAL, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, MASK_KIND, HAS_ALIBI, HAS_SOFTCAP, CHECK_VISIBILITY,
+    )  # fmt: skip
+    new_max = tl.maximum(row_max, tl.max(logits, 1))
+    # A row with nothing visible yet keeps max -inf; subtracting 0 instead keeps exp2 at 0, not NaN.
+    safe_max = tl.where(new_max == float("-inf"), 0.0, new_max)
+    probabilities = tl.math.exp2(logits - safe_max[:, None])
+    correction = tl.math.exp2(row_max - safe_max)
+    row_sum = row_sum * correction + tl.sum(probabilities, 1)
+    if HAS_DROPOUT:
+        probabilities = tl.where(dropout_keep(row_hash, keys, dropout_threshold), probabilities, 0.0)
+    if USE_TMA:
+        v_tile = v_source.load([start_n, 0])
+    else:
+        v_tile = tl.load(
+            v_source + keys[:, None] * stride_vs + offs_dv[None, :],
+            mask=key_valid[:, None] & dv_valid[None, :],
+            other=0.0,
+        )
+    accumulator = accumulator * correction[:, None]
+    accumulator = tl.dot(probabilities.to(v_tile.dtype), v_tile, accumulator, input_precision=INPUT_PRECISION)
+    return accumulator, new_max, row_sum
+
+
+@triton.jit
+def attention_forward_kernel(
+    Q,
+    K,
+    V,
+    Out,
+    Lse,
+    Mask,
+    KeyLengths,
+    CuSeqlensQ,
+    CuSeqlensK,
+    Alibi,
+    stride_qb,
+    stride_qh,
+    stride_qs,
+    stride_kb,
+    stride_kh,
+    stride_ks,
+    stride_vb,
+    stride_vh,
+    stride_vs,
+    stride_ob,
+    stride_oh,
+    stride_os,
+    stride_lb,
+    stride_lh,
+    stride_ls,
+    stride_mb,
+    stride_mh,
+    stride_mq,
+    stride_mk,
+    stride_ab,
+    stride_ah,
+    seqlen_q,
+    seqlen_k,
+    heads_q,
+    group,
+    scale,
+    softcap,
+    window_left,
+    window_right,
+    dropout_seed_key,
+    dropout_threshold,
+    dropout_keep_scale,
+    tune_bucket,
+    HEAD_DIM: tl.constexpr,
+    HEAD_DIM_V: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    BOTTOM_RIGHT: tl.constexpr,
+    HAS_WINDOW_LEFT: tl.constexpr,
+    HAS_WINDOW_RIGHT: tl.constexpr,
+    MASK_KIND: tl.constexpr,
+    HAS_KEY_LENGTHS: tl.constexpr,
+    IS_VARLEN: tl.constexpr,
+    HAS_ALIBI: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    USE_TMA: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    block_m = tl.program_id(0)
+    if CAUSAL:
+        # Later query blocks see more keys: start them first for a better tail.
+        block_m = tl.num_programs(0) - 1 - block_m
+    batch_head = tl.program_id(1)
+    batch = batch_head // heads_q
+    head = batch_head % heads_q
+    kv_head = head // group
+    q_start, k_start, len_q, len_k, key_limit, position_offset = sequence_bounds(
+        batch, CuSeqlensQ, CuSeqlensK, KeyLengths, seqlen_q, seqlen_k, IS_VARLEN, HAS_KEY_LENGTHS, BOTTOM_RIGHT
+    )
+    first_row = block_m * BLOCK_M
+    if first_row >= len_q:
+        return
+
+    rows = first_row + tl.arange(0, BLOCK_M)
+    row_valid = rows < len_q
+    heads = tl.full((BLOCK_M,), 0, tl.int32) + head
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    d_valid = offs_d < HEAD_DIM
+    dv_valid = offs_dv < HEAD_DIM_V
+
+    q_base = Q + batch.to(tl.int64) * stride_qb + head.to(tl.int64) * stride_qh + q_start.to(tl.int64) * stride_qs
+    k_base = K + batch.to(tl.int64) * stride_kb + kv_head.to(tl.int64) * stride_kh + k_start.to(tl.int64) * stride_ks
+    v_base = V + batch.to(tl.int64) * stride_vb + kv_head.to(tl.int64) * stride_vh + k_start.to(tl.int64) * stride_vs
+    q = tl.load(
+        q_base + rows[:, None] * stride_qs + offs_d[None, :], mask=row_valid[:, None] & d_valid[None, :], other=0.0
+    )
+
+    if USE_TMA:
+        k_source = tl.make_tensor_descriptor(k_base, [len_k, HEAD_DIM], [stride_ks, 1], [BLOCK_N, BLOCK_D])
+        v_source = tl.make_tensor_descriptor(v_base, [len_k, HEAD_DIM_V], [stride_vs, 1], [BLOCK_N, BLOCK_DV])
+    else:
+        k_source = k_base
+        v_source = v_base
+    row_max = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+    row_sum = tl.zeros((BLOCK_M,), tl.float32)
+    accumulator = tl.zeros((BLOCK_M, BLOCK_DV), tl.float32)
+    row_hash = rows.to(tl.uint32)
+    if HAS_DROPOUT:
+        row_hash = dropout_row_hash(dropout_seed_key, batch, heads, rows)
+
+    last_row = first_row + BLOCK_M - 1
+    lo, hi = key_range(
+        first_row,
+        last_row,
+        position_offset,
+        key_limit,
+        window_left,
+        window_right,
+        CAUSAL,
+        HAS_WINDOW_LEFT,
+        HAS_WINDOW_RIGHT,
+        BLOCK_N,
+    )
+    # Tiles in [visible_lo, visible_hi) are visible to every row of the block: they skip
+    # the per-element causal / window / key-length checks. The edges [lo, visible_lo) and
+    # [visible_hi, hi) are checked. A boolean mask is checked everywhere.
+    visible_lo, visible_hi = fully_visible_range(
+        first_row, last_row, lo, hi, position_offset, key_limit, window_left, window_right,
+        CAUSAL, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, MASK_KIND, BLOCK_N,
+    )  # fmt: skip
+    for start_n in range(lo, visible_lo, BLOCK_N):
+        accumulator, row_max, row_sum = attend_tile(
+            q, accumulator, row_max, row_sum, start_n, k_source, v_source, stride_ks, stride_vs, rows, heads,
+            row_valid, row_hash, batch, len_k, key_limit, position_offset, scale, softcap, window_left,
+            window_right, dropout_threshold, Mask, stride_mb, stride_mh, stride_mq, stride_mk, Alibi, stride_ab,
+            stride_ah, offs_d, offs_dv, d_valid, dv_valid, CAUSAL, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, MASK_KIND,
+            HAS_ALIBI, HAS_SOFTCAP, HAS_DROPOUT, INPUT_PRECISION, True, USE_TMA, BLOCK_N,
+        )  # fmt: skip
+    for start_n in range(visible_lo, visible_hi, BLOCK_N):
+        accumulator, row_max, row_sum = attend_tile(
+            q, accumulator, row_max, row_sum, start_n, k_source, v_source, stride_ks, stride_vs, rows, heads,
+            row_valid, row_hash, batch, len_k, key_limit, position_offset, scale, softcap, window_left,
+            window_right, dropout_threshold, Mask, stride_mb, stride_mh, stride_mq, stride_mk, Alibi, stride_ab,
+            stride_ah, offs_d, offs_dv, d_valid, dv_valid, CAUSAL, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, MASK_KIND,
+            HAS_ALIBI, HAS_SOFTCAP, HAS_DROPOUT, INPUT_PRECISION, False, USE_TMA, BLOCK_N,
+        )  # fmt: skip
+    for start_n in range(visible_hi, hi, BLOCK_N):
+        accumulator, row_max, row_sum = attend_tile(
+            q, accumulator, row_max, row_sum, start_n, k_source, v_source, stride_ks, stride_vs, rows, heads,
+            row_valid, row_hash, batch, len_k, key_limit, position_offset, scale, softcap, window_left,
+            window_right, dropout_threshold, Mask, stride_mb, stride_mh, stride_mq, stride_mk, Alibi, stride_ab,
+            stride_ah, offs_d, offs_dv, d_valid, dv_valid, CAUSAL, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, MASK_KIND,
+            HAS_ALIBI, HAS_SOFTCAP, HAS_DROPOUT, INPUT_PRECISION, True, USE_TMA, BLOCK_N,
+        )  # fmt: skip
+
+    empty = row_sum == 0.0
+    out = accumulator / tl.where(empty, 1.0, row_sum)[:, None]
+    if HAS_DROPOUT:
+        out = out * dropout_keep_scale
+    lse = tl.where(empty, float("-inf"), (row_max + tl.math.log2(tl.where(empty, 1.0, row_sum))) * LN2)
+    out_base = Out + batch.to(tl.int64) * stride_ob + head.to(tl.int64) * stride_oh + q_start.to(tl.int64) * stride_os
+    tl.store(
+        out_base + rows[:, None] * stride_os + offs_dv[None, :],
+        out.to(Out.dtype.element_ty),
+        mask=row_valid[:, None] & dv_valid[None, :],
+    )
+    lse_base = Lse + batch.to(tl.int64) * stride_lb + head.to(tl.int64) * stride_lh + q_start.to(tl.int64) * stride_ls
+    tl.store(lse_base + rows * stride_ls, lse, mask=row_valid)
+
+
+_TUNE_KEY = [
+    "tune_bucket",
+    "HEAD_DIM",
+    "HEAD_DIM_V",
+    "CAUSAL",
+    "HAS_WINDOW_LEFT",
+    "HAS_WINDOW_RIGHT",
+    "MASK_KIND",
+    "HAS_KEY_LENGTHS",
+    "IS_VARLEN",
+    "HAS_ALIBI",
+    "HAS_SOFTCAP",
+    "HAS_DROPOUT",
+    "USE_TMA",
+]
+
+
+@cache
+def _tuned_forward_kernel(block_d: int, dtype: torch.dtype, heavy_features: bool):
+    """The forward kernel autotuned over the configs for this head dim / dtype / feature class."""
+    return triton.autotune(configs=list(configs.forward_configs(block_d, dtype, heavy_features)), key=_TUNE_KEY)(
+        attention_forward_kernel
+    )
+
+
+def _run_forward_kernel(call: AttentionCall, problem: Problem, q, k, v, out, lse) -> None:
+    varlen = problem.varlen
+    block_d = padded_dim(problem.head_dim)
+    block_dv = padded_dim(problem.head_dim_v)
+    arguments = dict(
+        Q=q,
+        K=k,
+        V=v,
+        Out=out,
+        Lse=lse,
+        **dict(zip(("stride_qb", "stride_qh", "stride_qs"), sequence_strides(q, varlen))),
+        **dict(zip(("stride_kb", "stride_kh", "stride_ks"), sequence_strides(k, varlen))),
+        **dict(zip(("stride_vb", "stride_vh", "stride_vs"), sequence_strides(v, varlen))),
+        **dict(zip(("stride_ob", "stride_oh", "stride_os"), sequence_strides(out, varlen))),
+        **dict(zip(("stride_lb", "stride_lh", "stride_ls"), lse_strides(lse, varlen))),
+        heads_q=problem.heads_q,
+        group=problem.group,
+        tune_bucket=configs.sequence_bucket(max(problem.seqlen_q, problem.seqlen_k)),
+        HEAD_DIM=problem.head_dim,
+        HEAD_DIM_V=problem.head_dim_v,
+        BLOCK_D=block_d,
+        BLOCK_DV=block_dv,
+        **feature_arguments(call),
+    )
+    batch_heads = problem.batch * problem.heads_q
+    use_tma = tma_eligible(k, v)
+    if use_tma:
+        _install_descriptor_allocator()
+    if interpreting() or q.device.type != "cuda":
+        block = configs.INTERPRETER_BLOCK
+        grid = (triton.cdiv(problem.seqlen_q, block), batch_heads)
+        options = dict(BLOCK_M=block, BLOCK_N=block, num_warps=4, num_stages=1)
+        launch(attention_forward_kernel, grid, USE_TMA=use_tma, **options, **arguments)
+        return
+    heavy = call.attn_mask is not None or call.dropout_p > 0.0 or call.softcap is not None
+    kernel = _tuned_forward_kernel(max(block_d, block_dv), q.dtype, heavy)
+
+    def grid(meta):
+        return (triton.cdiv(problem.seqlen_q, meta["BLOCK_M"]), batch_heads)
+
+    if use_tma:
+        try:
+            launch(kernel, grid, USE_TMA=True, **arguments)
+            return
+        except Exception as error:  # this Triton / driver cannot build the descriptor path
+            _TMA_FAILURES.append(f"{type(error).__name__}: {error}")
+            warnings.warn(f"fusedattn: Triton TMA path failed, using plain loads from now on: {error}", stacklevel=2)
+    launch(kernel, grid, USE_TMA=False, **arguments)
+
+
+# ---- Hopper tensor descriptors (TMA) -----------------------------------------------------
+_TMA_FAILURES: list[str] = []
+_ALLOCATOR_INSTALLED: list[bool] = []
+
+
+def tma_eligible(k: torch.Tensor, v: torch.Tensor) -> bool:
+    """K/V tiles come through tensor descriptors (the TMA copy engine) when Triton offers
+    them (tl.make_tensor_descriptor), the GPU is Hopper or newer, no earlier launch of
+    this path failed, and the layout meets TMA's rules: 16-byte aligned base and strides.
+
+    FUSEDATTN_TRITON_TMA=0 disables the path; =1 also enables it under the interpreter
+    (where descriptors are emulated), for tests.
+    """
+    choice = os.environ.get("FUSEDATTN_TRITON_TMA", "auto")
+    if choice == "0" or _TMA_FAILURES or not hasattr(tl, "make_tensor_descriptor"):
+        return False
+    if not hasattr(triton, "set_allocator"):
+        return False
+    if interpreting() or k.device.type != "cuda":
+        if choice != "1":
+            return False
+    elif torch.cuda.get_device_capability(k.device)[0] < 9:
+        return False
+    for tensor in (k, v):
+        size = tensor.element_size()
+        if tensor.data_ptr() % 16 or any((stride * size) % 16 for stride in tensor.stride()[:-1]):
+            return False
+    return True
+
+
+def _install_descriptor_allocator() -> None:
+    """Device-side descriptors need scratch memory from an allocator Triton calls at launch."""
+    if _ALLOCATOR_INSTALLED:
+        return
+
+    def allocate(size: int, alignment: int, stream: int | None) -> torch.Tensor:
+        device = "cpu" if interpreting() or not torch.cuda.is_available() else "cuda"
+        return torch.empty(size, dtype=torch.int8, device=device)
+
+    triton.set_allocator(allocate)
+    _ALLOCATOR_INSTALLED.append(True)
+
+
+def use_decode(problem: Problem) -> bool:
+    """The split-KV decode kernel serves dense calls with few query rows (Sq <= 16, at
+    most 128 rows per GQA group) against many keys (Sk >= 512).
+
+    FUSEDATTN_TRITON_DECODE=always / never overrides the automatic choice (tests, benchmarks).
+    """
+    choice = os.environ.get("FUSEDATTN_TRITON_DECODE", "auto")
+    if problem.varlen or choice == "never":
+        return False
+    fits = problem.seqlen_q <= 16 and problem.seqlen_q * problem.group <= 128
+    return fits and (choice == "always" or problem.seqlen_k >= 512)
+
+
+def forward(call: AttentionCall) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, lse) for a validated call: out like q with Dv, lse float32 (B, Hq, Sq) or (Hq, Tq)."""
+    q, k, v = (last_dim_contiguous(t) for t in (call.q, call.k, call.v))
+    call = call.with_tensors(q=q, k=k, v=v)
+    out = allocate_output(call.out_shape, q.dtype, q.device)
+    lse = allocate_output(call.lse_shape, torch.float32, q.device)
+    problem = Problem.of(call)
+    if use_decode(problem):
+        from .attention_decode import run_decode
+
+        run_decode(call, problem, out, lse)
+    else:
+        _run_forward_kernel(call, problem, q, k, v, out, lse)
+    return out, lse

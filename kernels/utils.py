@@ -1,0 +1,362 @@
+"""Pieces every attention kernel shares: the dropout hash, per-tile score rules, sequence
+bounds and tile ranges (Triton), and the host-side argument packing and launch helper.
+
+The per-tile rules implement python/fusedattn/semantics.py exactly: scale, softcap,
+ALiBi and the additive mask, then the boolean mask, key lengths, causal and window.
+Scores leave :func:`attention_logits` in base-2 units (multiplied by log2(e)) so the
+kernels use exp2; masked entries are -inf.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import triton
+import triton.language as tl
+from fusedattn import semantics
+from fusedattn.semantics import AttentionCall
+
+LOG2E = tl.constexpr(1.4426950408889634)
+LN2 = tl.constexpr(0.6931471805599453)
+
+
+# ---- dropout: the counter-based hash of semantics.py in uint32 arithmetic ------------
+@triton.jit
+def mix32(x):
+    """lowbias32 on uint32 values (multiplications wrap modulo 2**32)."""
+    x = x ^ (x >> 16)
+    x = x * 0x7FEB352D
+    x = x ^ (x >> 15)
+    x = x * 0x846CA68B
+    return x ^ (x >> 16)
+
+
+@triton.jit
+def dropout_row_hash(seed_key, sequence, heads, rows):
+    """mix32(mix32(mix32(seed_key ^ sequence) ^ head) ^ row) for (BLOCK_M,) heads and rows."""
+    hashed = mix32(seed_key.to(tl.uint32) ^ sequence.to(tl.uint32))
+    hashed = mix32(hashed ^ heads.to(tl.uint32))
+    return mix32(hashed ^ rows.to(tl.uint32))
+
+
+@triton.jit
+def dropout_keep(row_hash, keys, threshold):
+    """(BLOCK_M, BLOCK_N) bool: True where the probability is kept (hash >= floor(p * 2**32))."""
+    return mix32(row_hash[:, None] ^ keys[None, :].to(tl.uint32)) >= threshold.to(tl.uint32)
+
+
+# ---- score rules -------------------------------------------------------------------------
+@triton.jit
+def tanh_exact(x):
+    """tanh without overflow: sign(x) * (1 - e) / (1 + e), e = exp(-2|x|)."""
+    e = tl.exp(-2.0 * tl.abs(x))
+    magnitude = (1.0 - e) / (1.0 + e)
+    return tl.where(x < 0, -magnitude, magnitude)
+
+
+@triton.jit
+def attention_logits(
+    qk,
+    rows,
+    keys,
+    heads,
+    row_valid,
+    batch,
+    key_limit,
+    position_offset,
+    scale,
+    softcap,
+    window_left,
+    window_right,
+    Mask,
+    stride_mb,
+    stride_mh,
+    stride_mq,
+    stride_mk,
+    Alibi,
+    stride_ab,
+    stride_ah,
+    CAUSAL: tl.constexpr,
+    HAS_WINDOW_LEFT: tl.constexpr,
+    HAS_WINDOW_RIGHT: tl.constexpr,
+    MASK_KIND: tl.constexpr,
+    HAS_ALIBI: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+    CHECK_VISIBILITY: tl.constexpr = True,
+):
+    """Scores of one (BLOCK_M, BLOCK_N) tile in base-2 units, -inf where masked.
+
+    qk: raw q . k products (float32); rows / heads: (BLOCK_M,) query index within its
+    sequence and query head; keys: (BLOCK_N,) key index within its sequence. Returns
+    (logits, softcap_tanh); softcap_tanh is tanh(s / softcap), needed by the backward
+    pass (qk itself when softcap is off). CHECK_VISIBILITY=False skips key lengths,
+    causal, window and bool-mask checks, for tiles known to be fully visible.
+    """
+    if HAS_SOFTCAP:
+        softcap_tanh = tanh_exact(qk * (scale / softcap))
+        scores = softcap_tanh * (softcap * LOG2E)
+    else:
+        softcap_tanh = qk
+        scores = qk * (scale * LOG2E)
+    positions = rows + position_offset
+    if HAS_ALIBI:
+        slopes = tl.load(Alibi + batch * stride_ab + heads * stride_ah, mask=row_valid, other=0.0) * LOG2E
+        distance = tl.abs(positions[:, None] - keys[None, :]).to(tl.float32)
+        scores = scores - slopes[:, None] * distance
+    if MASK_KIND != 0:
+        mask_pointers = (
+            Mask
+            + batch.to(tl.int64) * stride_mb
+            + heads[:, None].to(tl.int64) * stride_mh
+            + rows[:, None].to(tl.int64) * stride_mq
+            + keys[None, :].to(tl.int64) * stride_mk
+        )
+        in_bounds = row_valid[:, None] & (keys[None, :] < key_limit)
+        if MASK_KIND == 1:
+            attend = tl.load(mask_pointers, mask=in_bounds, other=0) != 0
+        else:
+            scores = scores + tl.load(mask_pointers, mask=in_bounds, other=0.0).to(tl.float32) * LOG2E
+    if CHECK_VISIBILITY:
+        allowed = keys[None, :] < key_limit
+        if MASK_KIND == 1:
+            allowed = allowed & attend
+        if CAUSAL:
+            allowed = allowed & (keys[None, :] <= positions[:, None])
+        if HAS_WINDOW_RIGHT:
+            allowed = allowed & (keys[None, :] <= positions[:, None] + window_right)
+        if HAS_WINDOW_LEFT:
+            allowed = allowed & (keys[None, :] >= positions[:, None] - window_left)
+        scores = tl.where(allowed, scores, float("-inf"))
+    return scores, softcap_tanh
+
+
+# ---- sequences and tile ranges -------------------------------------------------------------
+@triton.jit
+def sequence_bounds(
+    batch,
+    CuSeqlensQ,
+    CuSeqlensK,
+    KeyLengths,
+    seqlen_q,
+    seqlen_k,
+    IS_VARLEN: tl.constexpr,
+    HAS_KEY_LENGTHS: tl.constexpr,
+    BOTTOM_RIGHT: tl.constexpr,
+):
+    """(q_start, k_start, len_q, len_k, key_limit, position_offset) of one sequence.
+
+    Dense calls start at 0 with the full Sq / Sk; varlen calls read cu_seqlens. key_limit
+    is the number of keys not cut by key_lengths; position_offset is the key position of
+    query row 0 (Sk - Sq bottom-right, 0 top-left).
+    """
+    if IS_VARLEN:
+        q_start = tl.load(CuSeqlensQ + batch)
+        len_q = tl.load(CuSeqlensQ + batch + 1) - q_start
+        k_start = tl.load(CuSeqlensK + batch)
+        len_k = tl.load(CuSeqlensK + batch + 1) - k_start
+    else:
+        # Tensors, not Python ints: integer arguments equal to 1 arrive as constexprs.
+        q_start = batch * 0
+        k_start = batch * 0
+        len_q = batch * 0 + seqlen_q
+        len_k = batch * 0 + seqlen_k
+    key_limit = len_k
+    if HAS_KEY_LENGTHS:
+        key_limit = tl.minimum(key_limit, tl.load(KeyLengths + batch))
+    if BOTTOM_RIGHT:
+        position_offset = len_k - len_q
+    else:
+        position_offset = len_k * 0
+    return q_start, k_start, len_q, len_k, key_limit, position_offset
+
+
+@triton.jit
+def key_range(
+    first_row,
+    last_row,
+    position_offset,
+    key_limit,
+    window_left,
+    window_right,
+    CAUSAL: tl.constexpr,
+    HAS_WINDOW_LEFT: tl.constexpr,
+    HAS_WINDOW_RIGHT: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """[lo, hi) of the keys rows first_row..last_row may see; lo is a multiple of BLOCK_N.
+
+    Tiles outside this range are skipped entirely (causal and window skipping).
+    """
+    hi = key_limit
+    if CAUSAL:
+        hi = tl.minimum(hi, last_row + position_offset + 1)
+    if HAS_WINDOW_RIGHT:
+        hi = tl.minimum(hi, last_row + position_offset + window_right + 1)
+    lo = hi * 0
+    if HAS_WINDOW_LEFT:
+        lo = tl.maximum(lo, first_row + position_offset - window_left)
+        lo = (lo // BLOCK_N) * BLOCK_N
+    return lo, hi
+
+
+@triton.jit
+def query_range(
+    first_key,
+    last_key,
+    position_offset,
+    len_q,
+    key_limit,
+    window_left,
+    window_right,
+    CAUSAL: tl.constexpr,
+    HAS_WINDOW_LEFT: tl.constexpr,
+    HAS_WINDOW_RIGHT: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+):
+    """[lo, hi) of the query rows that may see keys first_key..last_key; lo a multiple of BLOCK_M."""
+    hi = len_q
+    lo = len_q * 0
+    if CAUSAL:
+        lo = tl.maximum(lo, first_key - position_offset)
+    if HAS_WINDOW_RIGHT:
+        lo = tl.maximum(lo, first_key - position_offset - window_right)
+    if HAS_WINDOW_LEFT:
+        hi = tl.minimum(hi, last_key - position_offset + window_left + 1)
+    lo = (lo // BLOCK_M) * BLOCK_M
+    hi = tl.where(first_key < key_limit, hi, 0)
+    return lo, hi
+
+
+# ---- host side ------------------------------------------------------------------------------
+def interpreting() -> bool:
+    """True when Triton runs kernels through its CPU interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def padded_dim(size: int) -> int:
+    """Head dims are padded to a power of two (at least 16, tl.dot's minimum) inside kernels."""
+    return max(16, 1 << (size - 1).bit_length())
+
+
+def launch(kernel: Any, grid: Any, **arguments: Any) -> None:
+    """Launch through torch.library.wrap_triton, so a trace (torch.compile inside a
+    triton_op) sees the kernel; FUSEDATTN_TRITON_WRAP=0 launches directly."""
+    wrap = getattr(torch.library, "wrap_triton", None)
+    if wrap is not None and os.environ.get("FUSEDATTN_TRITON_WRAP", "1") != "0":
+        wrap(kernel)[grid](**arguments)
+    else:
+        kernel[grid](**arguments)
+
+
+def sequence_strides(tensor: torch.Tensor, varlen: bool) -> tuple[int, int, int]:
+    """(batch, head, sequence) strides: dense (B, H, S, D) or varlen (T, H, D) (batch 0)."""
+    if varlen:
+        return 0, tensor.stride(1), tensor.stride(0)
+    return tensor.stride(0), tensor.stride(1), tensor.stride(2)
+
+
+def lse_strides(lse: torch.Tensor, varlen: bool) -> tuple[int, int, int]:
+    """(batch, head, row) strides of lse-shaped tensors: dense (B, Hq, Sq) or varlen (Hq, Tq)."""
+    if varlen:
+        return 0, lse.stride(0), lse.stride(1)
+    return lse.stride(0), lse.stride(1), lse.stride(2)
+
+
+def last_dim_contiguous(tensor: torch.Tensor) -> torch.Tensor:
+    """Kernels index the head dim with stride 1."""
+    return tensor if tensor.stride(-1) == 1 else tensor.contiguous()
+
+
+def input_precision(dtype: torch.dtype) -> str:
+    """fp32 dots are exact ("ieee") unless torch allows TF32 for matmuls."""
+    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 and not interpreting():
+        return "tf32"
+    return "ieee"
+
+
+@dataclass(frozen=True)
+class Problem:
+    """Sizes of a call as the kernels see them (varlen: batch = N sequences, seqlens = max)."""
+
+    batch: int
+    heads_q: int
+    heads_kv: int
+    seqlen_q: int
+    seqlen_k: int
+    head_dim: int
+    head_dim_v: int
+    varlen: bool
+
+    @property
+    def group(self) -> int:
+        return self.heads_q // self.heads_kv
+
+    @staticmethod
+    def of(call: AttentionCall) -> Problem:
+        # Read the shapes once (the AttentionCall properties re-derive them on every access).
+        q_shape, k_shape = call.q.shape, call.k.shape
+        if call.cu_seqlens_q is not None:
+            batch, seqlen_q, seqlen_k = call.cu_seqlens_q.shape[0] - 1, call.max_seqlen_q, call.max_seqlen_k
+            heads_q, heads_kv = q_shape[1], k_shape[1]
+        else:
+            batch, heads_q, seqlen_q = q_shape[0], q_shape[1], q_shape[2]
+            heads_kv, seqlen_k = k_shape[1], k_shape[2]
+        return Problem(
+            batch, heads_q, heads_kv, seqlen_q, seqlen_k, q_shape[-1], call.v.shape[-1], call.cu_seqlens_q is not None
+        )
+
+
+def feature_arguments(call: AttentionCall) -> dict[str, Any]:
+    """Kernel arguments for every optional feature, shared by all attention kernels.
+
+    Absent tensors are replaced by q (never read: their constexpr flag is off).
+    """
+    placeholder = call.q
+    mask = call.attn_mask
+    mask_kind = 0 if mask is None else (1 if mask.dtype == torch.bool else 2)
+    mask_strides = (0, 0, 0, 0) if mask is None else tuple(mask.stride())
+    slopes = call.alibi_slopes
+    if slopes is None:
+        alibi_strides = (0, 0)
+    elif slopes.dim() == 1:
+        alibi_strides = (0, slopes.stride(0))
+    else:
+        alibi_strides = (slopes.stride(0), slopes.stride(1))
+    dropout = call.dropout_p > 0.0
+    return dict(
+        Mask=placeholder if mask is None else mask,
+        KeyLengths=placeholder if call.key_lengths is None else call.key_lengths,
+        CuSeqlensQ=placeholder if call.cu_seqlens_q is None else call.cu_seqlens_q,
+        CuSeqlensK=placeholder if call.cu_seqlens_k is None else call.cu_seqlens_k,
+        Alibi=placeholder if slopes is None else slopes,
+        stride_mb=mask_strides[0],
+        stride_mh=mask_strides[1],
+        stride_mq=mask_strides[2],
+        stride_mk=mask_strides[3],
+        stride_ab=alibi_strides[0],
+        stride_ah=alibi_strides[1],
+        seqlen_q=call.seqlen_q,
+        seqlen_k=call.seqlen_k,
+        scale=float(call.scale),
+        softcap=float(call.softcap or 1.0),
+        window_left=int(call.window_left or 0),
+        window_right=int(call.window_right or 0),
+        # 32-bit values; the threshold is clamped below 2**32 (p = 1 keeps nothing: scale 0).
+        dropout_seed_key=semantics.dropout_seed_key(int(call.dropout_seed)) if dropout else 0,
+        dropout_threshold=min(semantics.dropout_threshold(call.dropout_p), 0xFFFFFFFF) if dropout else 0,
+        dropout_keep_scale=semantics.dropout_keep_scale(call.dropout_p) if dropout else 1.0,
+        CAUSAL=call.causal,
+        BOTTOM_RIGHT=call.causal_alignment == "bottom_right",
+        HAS_WINDOW_LEFT=call.window_left is not None,
+        HAS_WINDOW_RIGHT=call.window_right is not None,
+        MASK_KIND=mask_kind,
+        HAS_KEY_LENGTHS=call.key_lengths is not None,
+        IS_VARLEN=call.is_varlen,
+        HAS_ALIBI=slopes is not None,
+        HAS_SOFTCAP=call.softcap is not None,
+        HAS_DROPOUT=dropout,
+        INPUT_PRECISION=input_precision(call.dtype),
+    )

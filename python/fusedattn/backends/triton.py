@@ -1,0 +1,99 @@
+"""The Triton backend: FlashAttention-2-style kernels in fusedattn.kernels.
+
+Runs on CUDA GPUs, and on CPU tensors only under Triton's interpreter
+(TRITON_INTERPRET=1, slow: used by the tests). Every feature of semantics.py is served,
+forward and backward; fp16, bf16 and fp32 (fp32 dots are exact unless
+torch.backends.cuda.matmul.allow_tf32 is set).
+
+Environment:
+  * FUSEDATTN_DETERMINISTIC=1 (or torch.use_deterministic_algorithms(True)): the backward
+    pass computes dQ in its own kernel instead of float32 atomic adds, so every gradient
+    is bitwise reproducible (dK/dV are always reduced without atomics, GQA included).
+  * FUSEDATTN_TRITON_DECODE=auto|always|never: the split-KV decode kernel serves dense
+    calls with Sq <= 16 and Sk >= 512 by default.
+  * FUSEDATTN_TRITON_TMA=auto|0|1: K/V through tensor descriptors (TMA) on sm_90+ by
+    default; 0 disables; 1 also turns it on under the interpreter (tests).
+  * FUSEDATTN_TRITON_WRAP=0: launch kernels directly instead of through
+    torch.library.wrap_triton.
+
+This module imports triton and the kernels lazily, so the package imports (and reports
+this backend unavailable, with the reason) where triton is not installed.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from functools import lru_cache
+
+import torch
+
+from .. import semantics
+from ..semantics import AttentionCall
+from .base import Backend, CallProfile, Capabilities
+
+
+@lru_cache(maxsize=1)
+def _triton_status() -> tuple[bool, str]:
+    if importlib.util.find_spec("triton") is None:
+        return False, "triton is not installed"
+    try:
+        import triton  # noqa: F401
+    except Exception as error:  # a broken install must not break the package
+        return False, f"triton failed to import ({type(error).__name__}: {error})"
+    return True, ""
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@lru_cache(maxsize=1)
+def _bf16_supported() -> bool:
+    return torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 8
+
+
+def availability() -> tuple[bool, str]:
+    return _triton_status()
+
+
+def refuse(profile: CallProfile) -> str | None:
+    device = profile.device
+    if device == "cpu" and not _interpreting():
+        return "CPU tensors need Triton's interpreter (set TRITON_INTERPRET=1 before importing triton)"
+    if device == "cuda" and profile.dtype == torch.bfloat16 and not _bf16_supported():
+        return "bfloat16 needs a GPU with compute capability 8.0 or newer"
+    if device == "cpu" and profile.dtype == torch.bfloat16:
+        return "Triton's interpreter does not support tl.dot on bfloat16"
+    return None
+
+
+def forward(call: AttentionCall) -> tuple[torch.Tensor, torch.Tensor]:
+    from fusedattn.kernels.attention_forward import forward as run
+
+    return run(call)
+
+
+def backward(
+    call: AttentionCall, grad_out: torch.Tensor, out: torch.Tensor, lse: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    from fusedattn.kernels.attention_backward import backward as run
+
+    return run(call, grad_out, out, lse)
+
+
+BACKEND = Backend(
+    name="triton",
+    description="Triton FlashAttention-2-style kernels (CUDA; CPU only under TRITON_INTERPRET=1)",
+    capabilities=Capabilities(
+        devices=frozenset({"cuda", "cpu"}),
+        dtypes=frozenset({torch.float16, torch.bfloat16, torch.float32}),
+        features=frozenset(semantics.FEATURES),
+        max_head_dim=semantics.MAX_HEAD_DIM,
+        priority={"cuda": 30, "cpu": -10},
+    ),
+    forward=forward,
+    backward=backward,
+    availability=availability,
+    refuse=refuse,
+)

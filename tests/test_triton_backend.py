@@ -1,0 +1,359 @@
+"""The Triton backend against the float64 reference, feature by feature, forward and backward.
+
+Without a CUDA GPU the kernels run on CPU tensors through Triton's interpreter: a module
+fixture sets TRITON_INTERPRET=1 while this module's tests run (and only then, so other
+test modules never see the triton backend as eligible on CPU). triton.jit reads the
+variable when a function is decorated, and triton is often imported (by other test
+modules) before this one: the fixture makes triton.language's own jit functions and
+fusedattn's kernels interpretable whatever the import order. With a GPU the same tests run the compiled kernels on CUDA tensors, and
+bfloat16 joins the dtypes (the interpreter cannot run tl.dot on bfloat16).
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")
+
+import fusedattn  # noqa: E402
+from fusedattn import semantics  # noqa: E402
+from fusedattn.backends import triton as triton_backend  # noqa: E402
+from fusedattn.backends.base import CallProfile  # noqa: E402
+from fusedattn.testing import assert_backend_matches, check_backend  # noqa: E402
+from fusedattn.validation import validate_attention  # noqa: E402
+
+pytestmark = pytest.mark.interpreter
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
+KERNEL_MODULES = ("utils", "configs", "attention_forward", "attention_decode", "attention_backward")
+
+
+def _interpret_triton_library() -> list[tuple[object, str, object]]:
+    """Make triton.language's own @jit functions (tl.max, tl.sum, ...) interpretable.
+
+    Triton decorates them when it is imported; when another module imported triton
+    before TRITON_INTERPRET=1 was set they are compiled-mode functions, which interpreted
+    kernels cannot call. Returns what was replaced, to restore afterwards.
+    """
+    from triton.runtime.interpreter import InterpretedFunction
+    from triton.runtime.jit import JITFunction
+
+    replaced = []
+    for name, module in list(sys.modules.items()):
+        if name.startswith("triton.language") and module is not None:
+            for attribute, value in list(vars(module).items()):
+                if isinstance(value, JITFunction):
+                    replaced.append((module, attribute, value))
+                    setattr(module, attribute, InterpretedFunction(value.fn))
+    return replaced
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _triton_interpreter():
+    """TRITON_INTERPRET=1 while this module's tests run, when there is no GPU."""
+    if DEVICE == "cuda":
+        yield
+        return
+    previous = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    replaced = _interpret_triton_library()
+    forward_module = sys.modules.get("fusedattn.kernels.attention_forward")
+    if forward_module is not None and type(forward_module.attention_forward_kernel).__name__ != "InterpretedFunction":
+        for name in KERNEL_MODULES:  # decorated without the interpreter: decorate again
+            if f"fusedattn.kernels.{name}" in sys.modules:
+                importlib.reload(sys.modules[f"fusedattn.kernels.{name}"])
+    yield
+    for module, attribute, value in replaced:
+        setattr(module, attribute, value)
+    if previous is None:
+        os.environ.pop("TRITON_INTERPRET", None)
+    else:
+        os.environ["TRITON_INTERPRET"] = previous
+
+
+def _inputs(batch, heads_q, heads_kv, seqlen_q, seqlen_k, head_dim, head_dim_v=None, dtype=torch.float32):
+    head_dim_v = head_dim if head_dim_v is None else head_dim_v
+    q = torch.randn(batch, heads_q, seqlen_q, head_dim, dtype=dtype, device=DEVICE)
+    k = torch.randn(batch, heads_kv, seqlen_k, head_dim, dtype=dtype, device=DEVICE)
+    v = torch.randn(batch, heads_kv, seqlen_k, head_dim_v, dtype=dtype, device=DEVICE)
+    return q, k, v
+
+
+def _features(name: str, dtype: torch.dtype) -> dict:
+    """Keyword arguments of one feature case for inputs of batch 2, Hq 4, Sq 24, Sk 37."""
+    on = {"device": DEVICE}
+    return {
+        "plain": {},
+        "causal_bottom_right": {"causal": True},
+        "causal_top_left": {"causal": True, "causal_alignment": "top_left"},
+        "window": {"window": (7, 3)},
+        "window_left_causal": {"window": (9, None), "causal": True},
+        "alibi": {"alibi_slopes": torch.rand(4, **on), "causal": True},
+        "alibi_per_batch_top_left": {"alibi_slopes": torch.rand(2, 4, **on), "causal_alignment": "top_left"},
+        "softcap": {"softcap": 1.5},
+        "bool_mask": {"attn_mask": torch.rand(24, 37, **on) > 0.4},
+        "additive_mask": {"attn_mask": torch.randn(2, 1, 24, 37, **on).to(dtype)},
+        "key_lengths": {"key_lengths": torch.tensor([0, 21], device=DEVICE)},
+        "dropout": {"dropout_p": 0.25, "dropout_seed": 77},
+        "everything": {
+            "causal": True,
+            "window": (12, None),
+            "alibi_slopes": torch.rand(4, **on),
+            "softcap": 3.0,
+            "attn_mask": torch.rand(2, 4, 24, 1, **on) > 0.1,
+            "key_lengths": torch.tensor([37, 30], device=DEVICE),
+            "dropout_p": 0.1,
+            "dropout_seed": 5,
+        },
+    }[name]
+
+
+FEATURE_CASES = [
+    "plain",
+    "causal_bottom_right",
+    "causal_top_left",
+    "window",
+    "window_left_causal",
+    "alibi",
+    "alibi_per_batch_top_left",
+    "softcap",
+    "bool_mask",
+    "additive_mask",
+    "key_lengths",
+    "dropout",
+    "everything",
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", FEATURE_CASES)
+def test_feature_forward_backward(case, dtype):
+    # GQA (4 query heads over 2 KV heads) and Dv != D in every case; Sq != Sk.
+    q, k, v = _inputs(2, 4, 2, 24, 37, 40, 24, dtype=dtype)
+    assert_backend_matches("triton", q, k, v, **_features(case, dtype))
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{"window": (30, 20)}, {"window": (20, None), "causal": True}, {"key_lengths": [64, 50]}],
+    ids=["window", "window_causal", "key_lengths"],
+)
+def test_tile_skipping_and_unchecked_tiles(options):
+    # 64 keys = 4 tiles under the interpreter: skipped, checked and unchecked tiles all occur.
+    q, k, v = _inputs(2, 2, 1, 64, 64, 16)
+    if "key_lengths" in options:
+        options = {"key_lengths": torch.tensor(options["key_lengths"], device=DEVICE), "causal": True}
+    assert_backend_matches("triton", q, k, v, **options)
+
+
+@pytest.mark.parametrize(
+    "head_dim, head_dim_v, dtype",
+    [(16, 16, torch.float32), (64, 64, torch.float16), (40, 72, torch.float32), (256, 256, torch.float16)],
+)
+def test_head_dims(head_dim, head_dim_v, dtype):
+    q, k, v = _inputs(1, 2, 1, 19, 21, head_dim, head_dim_v, dtype=dtype)
+    assert_backend_matches("triton", q, k, v, causal=True)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", ["causal_gqa_alibi", "window_softcap_dropout"])
+def test_varlen(case, dtype):
+    lengths_q, lengths_k = [5, 0, 17, 9], [12, 3, 17, 20]
+    cu_q = torch.tensor([0, *torch.tensor(lengths_q).cumsum(0).tolist()], dtype=torch.int32, device=DEVICE)
+    cu_k = torch.tensor([0, *torch.tensor(lengths_k).cumsum(0).tolist()], dtype=torch.int32, device=DEVICE)
+    q = torch.randn(sum(lengths_q), 4, 16, dtype=dtype, device=DEVICE)
+    k = torch.randn(sum(lengths_k), 2, 16, dtype=dtype, device=DEVICE)
+    v = torch.randn(sum(lengths_k), 2, 24, dtype=dtype, device=DEVICE)
+    options = {
+        "causal_gqa_alibi": {"causal": True, "alibi_slopes": torch.rand(4, 4, device=DEVICE)},
+        "window_softcap_dropout": {"window": (4, 2), "softcap": 2.0, "dropout_p": 0.3, "dropout_seed": 9},
+    }[case]
+    assert_backend_matches(
+        "triton", q, k, v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=17, max_seqlen_k=20, **options
+    )
+
+
+@pytest.fixture
+def decode_kernel(monkeypatch):
+    """Force the split-KV decode kernel and record that it ran."""
+    from fusedattn.kernels import attention_decode
+
+    monkeypatch.setenv("FUSEDATTN_TRITON_DECODE", "always")
+    calls = []
+    original = attention_decode.run_decode
+    monkeypatch.setattr(attention_decode, "run_decode", lambda *a: calls.append(1) or original(*a))
+    return calls
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"causal": True, "key_lengths": "lengths"},
+        {"window": (20, 0), "alibi_slopes": "slopes", "softcap": 2.0},
+        {"attn_mask": "mask", "dropout_p": 0.2, "dropout_seed": 3},
+    ],
+    ids=["causal_key_lengths", "window_alibi_softcap", "mask_dropout"],
+)
+def test_decode_split_kv(decode_kernel, options, dtype):
+    q, k, v = _inputs(2, 8, 2, 3, 45, 40, 24, dtype=dtype)  # 4 query heads per KV head
+    values = {
+        "lengths": torch.tensor([45, 0], device=DEVICE),
+        "slopes": torch.rand(8, device=DEVICE),
+        "mask": torch.rand(2, 1, 3, 45, device=DEVICE) > 0.3,
+    }
+    options = {name: values.get(value, value) if isinstance(value, str) else value for name, value in options.items()}
+    assert_backend_matches("triton", q, k, v, **options)
+    assert decode_kernel, "the decode kernel did not run"
+
+
+def test_decode_chosen_automatically():
+    from fusedattn.kernels.attention_forward import use_decode
+    from fusedattn.kernels.utils import Problem
+
+    q, k, v = _inputs(2, 8, 2, 1, 4096, 64)
+    assert use_decode(Problem.of(validate_attention(q, k, v)))
+    q_long = torch.randn(2, 8, 256, 64, device=DEVICE)
+    assert not use_decode(Problem.of(validate_attention(q_long, k, v)))
+    assert not use_decode(Problem.of(validate_attention(q, k[:, :, :100], v[:, :, :100])))
+
+
+@pytest.mark.parametrize("case", ["dense", "varlen"])
+def test_tensor_descriptor_path(monkeypatch, case):
+    # The Hopper TMA path (K/V through tensor descriptors), emulated by the interpreter on CPU.
+    from fusedattn.kernels.attention_forward import tma_eligible
+
+    if DEVICE == "cuda" and torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("tensor descriptors need sm_90 or newer")
+    monkeypatch.setenv("FUSEDATTN_TRITON_TMA", "1")
+    if case == "dense":
+        q, k, v = _inputs(2, 4, 2, 24, 37, 40, 24, dtype=torch.float16)
+        assert tma_eligible(k, v)
+        assert_backend_matches("triton", q, k, v, causal=True, window=(20, None), dropout_p=0.2, dropout_seed=4)
+        narrow = torch.randn(2, 2, 37, 20, dtype=torch.float16, device=DEVICE)
+        assert not tma_eligible(narrow, narrow)  # 40-byte rows break TMA's 16-byte stride rule
+        return
+    cu_q = torch.tensor([0, 7, 30], dtype=torch.int32, device=DEVICE)
+    cu_k = torch.tensor([0, 19, 40], dtype=torch.int32, device=DEVICE)
+    q = torch.randn(30, 4, 32, device=DEVICE)
+    k, v = torch.randn(40, 2, 32, device=DEVICE), torch.randn(40, 2, 32, device=DEVICE)
+    assert tma_eligible(k, v)
+    assert_backend_matches(
+        "triton", q, k, v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=23, max_seqlen_k=21, causal=True
+    )
+
+
+def test_dropout_mask_is_bit_identical():
+    # v = identity: out[i, j] = P[i, j] * keep[i, j] / (1 - p), so the zero pattern of out
+    # is exactly the dropout mask the kernel drew; it must equal semantics.dropout_keep_mask.
+    seqlen, heads, dropout_p, seed = 32, 3, 0.4, 2**40 + 17
+    q = torch.randn(2, heads, seqlen, 16, device=DEVICE) * 0.1
+    k = torch.randn(2, heads, seqlen, 16, device=DEVICE) * 0.1
+    v = torch.eye(seqlen, device=DEVICE).expand(2, heads, seqlen, seqlen)
+    out = fusedattn.attention(q, k, v, dropout_p=dropout_p, dropout_seed=seed, backend="triton")
+    keep = semantics.dropout_keep_mask(seed, dropout_p, torch.arange(2), heads, seqlen, seqlen)
+    assert torch.equal(out.cpu() != 0, keep)
+    assert 0.3 < 1 - keep.float().mean() < 0.5
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_fully_masked_rows(dtype):
+    q, k, v = _inputs(2, 2, 2, 12, 20, 16, dtype=dtype)
+    mask = torch.rand(2, 1, 12, 20, device=DEVICE) > 0.5
+    mask[:, :, 3] = False  # row 3 sees nothing
+    assert_backend_matches("triton", q, k, v, attn_mask=mask, key_lengths=torch.tensor([20, 0], device=DEVICE))
+    out, lse = fusedattn.attention(q, k, v, attn_mask=mask, return_lse=True, backend="triton")
+    assert torch.all(out[:, :, 3] == 0) and torch.all(lse[:, :, 3] == float("-inf"))
+
+
+def test_deterministic_backward(monkeypatch):
+    monkeypatch.setenv("FUSEDATTN_DETERMINISTIC", "1")
+    q, k, v = _inputs(1, 4, 1, 20, 33, 16)
+    options = {"causal": True, "dropout_p": 0.1, "dropout_seed": 1}
+    assert_backend_matches("triton", q, k, v, **options)
+    grads = []
+    for _ in range(2):
+        inputs = [t.clone().requires_grad_(True) for t in (q, k, v)]
+        fusedattn.attention(*inputs, backend="triton", **options).sum().backward()
+        grads.append([t.grad for t in inputs])
+    for first, second in zip(*grads):
+        assert torch.equal(first, second)
+
+
+def test_tf32_only_when_allowed():
+    from fusedattn.kernels.utils import input_precision
+
+    previous = torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = False
+        assert input_precision(torch.float32) == "ieee"
+        torch.backends.cuda.matmul.allow_tf32 = True
+        # The interpreter always computes exactly.
+        assert input_precision(torch.float32) == ("tf32" if DEVICE == "cuda" else "ieee")
+        assert input_precision(torch.float16) == "ieee"
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = previous
+
+
+def test_refuses_cpu_without_interpreter(monkeypatch):
+    profile = CallProfile("cpu", torch.float32, 64, 64, frozenset())
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert "TRITON_INTERPRET" in triton_backend.refuse(profile)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert triton_backend.refuse(profile) is None
+    assert "bfloat16" in triton_backend.refuse(CallProfile("cpu", torch.bfloat16, 64, 64, frozenset()))
+
+
+def test_unavailable_without_triton(monkeypatch):
+    import importlib.util
+
+    real_find_spec = importlib.util.find_spec
+    with monkeypatch.context() as patch:
+        patch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "triton" else real_find_spec(name))
+        triton_backend._triton_status.cache_clear()
+        assert triton_backend.availability() == (False, "triton is not installed")
+    triton_backend._triton_status.cache_clear()
+    assert triton_backend.availability() == (True, "")
+
+
+def test_outputs_are_fully_written():
+    # check_backend poisons outputs with NaN; a larger odd shape catches unwritten tails.
+    q, k, v = _inputs(1, 3, 3, 33, 47, 24)
+    checks = check_backend("triton", q, k, v, causal=True, window=(None, 5))
+    assert all(c.passed for c in checks), [c.reason for c in checks if not c.passed]
+
+
+def test_torch_compile_fullgraph():
+    q, k, v = (t.requires_grad_(True) for t in _inputs(1, 2, 1, 20, 20, 16))
+
+    def attend(q, k, v):
+        return fusedattn.attention(q, k, v, causal=True, softcap=4.0, backend="triton") * 2.0
+
+    compiled = torch.compile(attend, fullgraph=True)
+    out = compiled(q, k, v)
+    out.sum().backward()
+    compiled_grads = [t.grad.clone() for t in (q, k, v)]
+    for t in (q, k, v):
+        t.grad = None
+    expected = attend(q, k, v)
+    expected.sum().backward()
+    assert torch.equal(out, expected)
+    for got, want in zip(compiled_grads, (q.grad, k.grad, v.grad)):
+        assert torch.allclose(got, want, atol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(DEVICE != "cuda", reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("causal", [False, True])
+def test_gpu_larger_shapes(dtype, causal):
+    q, k, v = _inputs(2, 8, 2, 700, 1100, 128, dtype=dtype)
+    assert_backend_matches("triton", q, k, v, causal=causal)
+    q, k, v = _inputs(1, 4, 4, 513, 513, 64, dtype=dtype)
+    assert_backend_matches("triton", q, k, v, causal=causal, dropout_p=0.1, dropout_seed=1)

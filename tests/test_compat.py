@@ -12,7 +12,7 @@ import math
 import fusedattn
 import pytest
 import torch
-from fusedattn import compat, semantics
+from fusedattn import compat
 
 
 def _flash_reference(q, k, v, *, causal=False, window_size=(-1, -1), softcap=0.0, alibi_slopes=None, scale=None):
@@ -59,6 +59,7 @@ OPTIONS = [
     dict(window_size=(-1, 0)),
     dict(softcap=2.5),
     dict(alibi_slopes=torch.tensor([0.5, 0.25, 0.125, 0.0625])),
+    dict(causal=True, alibi_slopes=torch.tensor([[0.5, 0.25, 0.125, 0.0625], [0.3, 0.2, 0.1, 0.05]])),
     dict(causal=True, scale=0.3),
 ]
 
@@ -135,7 +136,12 @@ def _pack(tensors_by_sequence):
     return torch.cat(tensors_by_sequence), cu, max(lengths)
 
 
-@pytest.mark.parametrize("options", [dict(causal=True), dict(window_size=(1, 2), softcap=3.0), dict()])
+@pytest.mark.parametrize(
+    "options",
+    [dict(causal=True), dict(window_size=(1, 2), softcap=3.0), dict(),
+     dict(causal=True, alibi_slopes=torch.tensor([0.5, 0.25, 0.125, 0.0625]))],
+    ids=lambda o: ",".join(o) or "plain",
+)  # fmt: skip
 def test_varlen_matches_per_sequence_flash_attn(options):
     seqlens = [(3, 5), (4, 4), (1, 6)]
     pieces = [_inputs(batch=1, seqlen_q=sq, seqlen_k=sk) for sq, sk in seqlens]
@@ -164,8 +170,10 @@ def test_varlen_matches_per_sequence_flash_attn(options):
 def test_varlen_dropout_probabilities_use_the_varlen_sequence_numbers():
     q, cu, longest = _pack([torch.randn(4, 2, 8), torch.randn(5, 2, 8)])
     torch.manual_seed(3)
-    out, _, probs = compat.flash_attn_varlen_func(q, q, q, cu, cu, longest, longest, dropout_p=0.5,
+    # max_seqlen_k above the longest sequence: the probabilities are shaped by the arguments.
+    out, _, probs = compat.flash_attn_varlen_func(q, q, q, cu, cu, longest, longest + 3, dropout_p=0.5,
                                                   return_attn_probs=True)  # fmt: skip
+    assert probs.shape == (2, 2, longest, longest + 3)
     for index in range(2):
         rows = slice(int(cu[index]), int(cu[index + 1]))
         length = rows.stop - rows.start
@@ -221,7 +229,7 @@ KVCACHE_OPTIONS = [
 
 @pytest.mark.parametrize("options", KVCACHE_OPTIONS, ids=lambda o: ",".join(o) or "plain")
 @pytest.mark.parametrize("seqlen_q", [1, 3])
-@pytest.mark.parametrize("layout", ["contiguous", "batch_idx", "leftpad", "paged"])
+@pytest.mark.parametrize("layout", ["contiguous", "batch_idx", "leftpad", "paged", "paged_leftpad"])
 def test_flash_attn_with_kvcache_appends_and_attends(options, seqlen_q, layout):
     batch, capacity, heads_q, heads_kv, dim = 3, 12, 4, 2, 8
     q = torch.randn(batch, seqlen_q, heads_q, dim)
@@ -242,10 +250,10 @@ def test_flash_attn_with_kvcache_appends_and_attends(options, seqlen_q, layout):
         cache_k, cache_v = torch.empty_like(k_cache), torch.empty_like(v_cache)
         cache_k[rows.long()], cache_v[rows.long()] = k_cache, v_cache
         extra["cache_batch_idx"] = rows
-    elif layout == "leftpad":
+    if layout.endswith("leftpad"):
         starts = torch.tensor([1, 0, 3])
         extra["cache_leftpad"] = starts.to(torch.int32)
-    elif layout == "paged":
+    if layout.startswith("paged"):
         cache_k, table = _paged(k_cache, 4)
         cache_v = v_cache.reshape(-1, 4, heads_kv, dim)[torch.argsort(table.flatten().long())]
         extra["block_table"] = table
@@ -260,7 +268,7 @@ def test_flash_attn_with_kvcache_appends_and_attends(options, seqlen_q, layout):
     # The new keys were written into the caches in place.
     if layout == "batch_idx":
         written_k = cache_k[extra["cache_batch_idx"].long()]
-    elif layout == "paged":
+    elif layout.startswith("paged"):
         written_k = cache_k[extra["block_table"].long()].reshape(batch, capacity, heads_kv, dim)
     else:
         written_k = cache_k
@@ -309,4 +317,3 @@ def test_calls_go_through_the_public_api(monkeypatch):
     q, k, v = _inputs()
     compat.flash_attn_func(q, k, v, causal=True, window_size=(4, -1), softcap=0.0)
     assert calls[0]["window"] == (4, None) and calls[0]["causal"] is True and calls[0]["softcap"] == 0.0
-    assert semantics.FEATURES  # the module under test is fusedattn's

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shlex
+import subprocess
 import sys
 import xml.etree.ElementTree as ElementTree
 
@@ -21,9 +23,8 @@ from fusedattn.backends import reference
 from fusedattn.backends.base import Backend, Capabilities, allocate_output
 from fusedattn.cli import main as cli_main
 from fusedattn.parity.cases import GQA_RATIOS, PROFILES, make_case, make_inputs, select_cases
-from fusedattn.parity.runner import FAIL, PASS, SKIP, choose_backends, run_case
+from fusedattn.parity.runner import FAIL, PASS, SKIP, choose_backends, run_case, validated_call
 from fusedattn.semantics import FEATURES
-from fusedattn.validation import validate_attention, validate_varlen
 
 SMALL = PROFILES["small"]
 CPU = torch.device("cpu")
@@ -139,20 +140,12 @@ def test_default_grid_covers_every_feature_and_awkward_size():
     assert any(c.key_lengths for c in cases)
 
 
-def _call(q, k, v, options):
-    options = dict(options)
-    if "cu_seqlens_q" in options:
-        varlen = [options.pop(n) for n in ("cu_seqlens_q", "cu_seqlens_k", "max_seqlen_q", "max_seqlen_k")]
-        return validate_varlen(q, k, v, *varlen, **options)
-    return validate_attention(q, k, v, **options)
-
-
 def test_cases_build_what_they_describe():
     for case in select_cases(parity.DEFAULT_CASES, 0, SMALL):
         if case.large:
             continue
         q, k, v, options = make_inputs(case, CPU)
-        call = _call(q, k, v, options)
+        call = validated_call(q, k, v, options)
         assert call.features() == case.features(False), case.id
         if case.non_contiguous:
             assert not q.is_contiguous(), case.id
@@ -168,6 +161,24 @@ def test_reference_passes_the_default_grid():
     assert len(result.checked) == parity.DEFAULT_CASES
     for outcome in result.checked:
         assert [c.name for c in outcome.checks] == ["out", "lse", "dq", "dk", "dv"]
+
+
+def test_every_cpu_backend_passes_the_command_users_run_in_ci(tmp_path):
+    # What a user's CI runs (README): the CLI in a fresh process, with Triton's interpreter
+    # on from the start, over every backend that can run on the CPU (the C++ CPU backend and
+    # Triton included once they exist). A few cases keep it within CI time; `make parity`
+    # runs the full default grid.
+    report = tmp_path / "parity.json"
+    command = [sys.executable, "-m", "fusedattn", "parity", "--device", "cpu", "--cases", "8", "--no-progress",
+               "--json", str(report)]  # fmt: skip
+    completed = subprocess.run(
+        command, env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, text=True, timeout=600
+    )
+    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
+    document = json.loads(report.read_text())
+    assert not [reason for reason in document["backends_not_run"].values() if "failed to import" in reason]
+    passed_backends = {r["backend"] for r in document["results"] if r["status"] == PASS}
+    assert "reference" in passed_backends and passed_backends == set(document["options"]["backends"])
 
 
 def test_oracle_on_another_device_passes():
@@ -335,8 +346,9 @@ def test_isolated_run_survives_crashing_and_hanging_backends(monkeypatch, tmp_pa
     monkeypatch.setattr(isolation, "WORKER_COMMAND", [sys.executable, str(script)])
     monkeypatch.setitem(dispatch.registry(), "parity_test_crash", _backend("parity_test_crash", reference.forward))
     # c0000 fp16 passes, c0001 bf16 kills its worker, c0002 fp32 hangs until the timeout
-    # (the last item, so two workers do it all); the reference runs every case.
-    result = parity.run(cases=3, device="cpu", backends="reference,parity_test_crash", grad=False, timeout=10)
+    # (the last item, so two workers do it all); the reference runs every case. A tiny case takes
+    # well under a second, so 6 s only ever kills the hang.
+    result = parity.run(cases=3, device="cpu", backends="reference,parity_test_crash", grad=False, timeout=6)
     crashing = [o for o in result.outcomes if o.backend == "parity_test_crash"]
     assert [(o.case.id, o.status) for o in crashing] == [("c0000", PASS), ("c0001", "error"), ("c0002", "error")]
     assert "died (signal SIGABRT)" in crashing[1].reason and "--timeout" in crashing[2].reason

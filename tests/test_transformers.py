@@ -64,15 +64,24 @@ def _registered():
     fused_hf.register()
 
 
-def _models(name: str, **overrides):
+def _config(name: str, **overrides) -> transformers.PretrainedConfig:
     config = _configs()[name]
     for key, value in overrides.items():
         setattr(config, key, value)
+    return config
+
+
+def _models(name: str, **overrides):
+    """(eager, fused): the same weights, each model with a config of its own (from_config
+    keeps the config object, and attn_implementation is stored in it: a shared config would
+    make the "eager" model run fusedattn too)."""
     torch.manual_seed(0)
-    eager = AutoModelForCausalLM.from_config(config, attn_implementation="eager", dtype=torch.float32)
-    fused = AutoModelForCausalLM.from_config(config, attn_implementation="fusedattn", dtype=torch.float32)
+    eager = AutoModelForCausalLM.from_config(_config(name, **overrides), attn_implementation="eager",
+                                             dtype=torch.float32)  # fmt: skip
+    fused = AutoModelForCausalLM.from_config(_config(name, **overrides), attn_implementation="fusedattn",
+                                             dtype=torch.float32)  # fmt: skip
     fused.load_state_dict(eager.state_dict())
-    assert fused.config._attn_implementation == "fusedattn"
+    assert eager.config._attn_implementation == "eager" and fused.config._attn_implementation == "fusedattn"
     return eager.eval(), fused.eval()
 
 
@@ -112,6 +121,7 @@ def test_logits_generation_and_gradients_match_eager(name, calls):
         got = fused(input_ids=ids, attention_mask=mask).logits
     real = mask.bool()
     torch.testing.assert_close(got[real], expected[real], atol=1e-4, rtol=1e-4)
+    assert calls  # the model really ran on fusedattn
     assert all(call["heads"] == (4, 2) for call in calls if name != "gpt2")  # GQA: K/V never repeated
     # Greedy generation with a KV cache gives the same tokens.
     generated = fused.generate(ids, attention_mask=mask, max_new_tokens=5, do_sample=False, pad_token_id=0)
@@ -151,32 +161,35 @@ def test_padding_becomes_key_lengths_or_a_key_mask(calls):
 
 @pytest.mark.parametrize("name", ["mistral_sliding_window", "gemma2_softcap"])
 def test_sliding_window_and_softcap_reach_the_kernel(name, calls):
-    eager, fused = _models(name)
+    _, fused = _models(name)
     ids, mask = _batch("right")
     with torch.no_grad():
-        fused(input_ids=ids, attention_mask=mask)
+        windowed = fused(input_ids=ids, attention_mask=mask).logits
     windows = {call["window"] for call in calls}
     assert (3, None) in windows  # sliding_window 4: the query and 3 keys before it
     if name == "gemma2_softcap":
         assert {call["softcap"] for call in calls} == {2.0}
         assert None in windows  # Gemma 2 alternates sliding and global layers
-    # Without the window the logits differ: the check above is not vacuous.
-    _, unwindowed = _models(name, sliding_window=None, layer_types=None) if name == "mistral_sliding_window" else (0, 0)
-    if unwindowed:
+    else:
+        # Without the window the logits differ: the window matters at this length (10 > 4).
+        _, unwindowed = _models(name, sliding_window=None, layer_types=None)
         with torch.no_grad():
-            assert not torch.allclose(
-                unwindowed(input_ids=ids, attention_mask=mask).logits, fused(input_ids=ids, attention_mask=mask).logits
-            )
+            assert not torch.allclose(unwindowed(input_ids=ids, attention_mask=mask).logits, windowed)
 
 
-def test_packed_sequences_fall_back_to_the_dense_mask():
+def test_packed_sequences_fall_back_to_the_dense_mask(calls):
     eager, fused = _models("llama")
     ids = torch.randint(3, VOCAB, (1, 9))
     position_ids = torch.tensor([[0, 1, 2, 3, 0, 1, 2, 0, 1]])  # three documents in one row
+    # transformers detects packed documents from position_ids only without a KV cache.
+    packed = dict(input_ids=ids, position_ids=position_ids, use_cache=False)
     with torch.no_grad():
-        expected = eager(input_ids=ids, position_ids=position_ids).logits
-        got = fused(input_ids=ids, position_ids=position_ids).logits
+        expected = eager(**packed).logits
+        got = fused(**packed).logits
+        one_document = eager(input_ids=ids, position_ids=position_ids, use_cache=True).logits
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(expected, one_document, atol=1e-3)  # the documents' mask matters
+    assert calls and all(call["attn_mask"].shape == (1, 1, 9, 9) for call in calls)
 
 
 def test_attention_dropout_in_training():
@@ -259,18 +272,21 @@ def test_padding_free_packed_batches_use_one_varlen_call():
 
 
 @pytest.mark.parametrize("padding_side", ["left", "right"])
-def test_bidirectional_encoder_matches_eager(padding_side):
-    config = transformers.BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                     intermediate_size=48, max_position_embeddings=64)  # fmt: skip
+def test_bidirectional_encoder_matches_eager(padding_side, calls):
+    def config():  # one per model: the attention implementation is stored in the config
+        return transformers.BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                       intermediate_size=48, max_position_embeddings=64)  # fmt: skip
+
     torch.manual_seed(0)
-    eager = transformers.BertModel(config, add_pooling_layer=False).eval()
-    config._attn_implementation = "fusedattn"
-    fused = transformers.BertModel(config, add_pooling_layer=False).eval()
+    eager = transformers.BertModel(config(), add_pooling_layer=False).eval()
+    fused = transformers.BertModel(config(), add_pooling_layer=False).eval()
     fused.load_state_dict(eager.state_dict())
     eager.set_attn_implementation("eager")
     fused.set_attn_implementation("fusedattn")
+    assert eager.config._attn_implementation == "eager"
     ids, mask = _batch(padding_side)
     with torch.no_grad():
         expected = eager(input_ids=ids, attention_mask=mask).last_hidden_state
         got = fused(input_ids=ids, attention_mask=mask).last_hidden_state
     torch.testing.assert_close(got[mask.bool()], expected[mask.bool()], atol=1e-4, rtol=1e-4)
+    assert len(calls) == 2 and all(call["causal"] is False for call in calls)  # the module's is_causal

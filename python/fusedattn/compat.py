@@ -39,6 +39,8 @@ __all__ = [
 ]
 
 WindowSize = tuple[int, int]
+FlashOutput = torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+"""out, or (out, lse, probabilities) with return_attn_probs=True."""
 
 
 # ---- convention translation ---------------------------------------------------------
@@ -97,7 +99,8 @@ def _dense(
     softcap: float,
     alibi_slopes: torch.Tensor | None,
     return_attn_probs: bool,
-):
+) -> FlashOutput:
+    """The dense functions on q (B, Sq, Hq, D), k (B, Sk, Hkv, D), v (B, Sk, Hkv, Dv)."""
     # (B, S, H, D) -> fusedattn's (B, H, S, D): a view, never a copy.
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))
     options = _options(dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes)
@@ -121,7 +124,7 @@ def flash_attn_func(
     alibi_slopes: torch.Tensor | None = None,
     deterministic: bool = False,
     return_attn_probs: bool = False,
-):
+) -> FlashOutput:
     """flash_attn.flash_attn_func.
 
     Args:
@@ -152,7 +155,7 @@ def flash_attn_qkvpacked_func(
     alibi_slopes: torch.Tensor | None = None,
     deterministic: bool = False,
     return_attn_probs: bool = False,
-):
+) -> FlashOutput:
     """flash_attn.flash_attn_qkvpacked_func: qkv (B, S, 3, H, D); returns out (B, S, H, D)."""
     del deterministic
     q, k, v = qkv.unbind(dim=2)
@@ -170,7 +173,7 @@ def flash_attn_kvpacked_func(
     alibi_slopes: torch.Tensor | None = None,
     deterministic: bool = False,
     return_attn_probs: bool = False,
-):
+) -> FlashOutput:
     """flash_attn.flash_attn_kvpacked_func: q (B, Sq, Hq, D), kv (B, Sk, 2, Hkv, D)."""
     del deterministic
     k, v = kv.unbind(dim=2)
@@ -178,32 +181,49 @@ def flash_attn_kvpacked_func(
 
 
 # ---- varlen --------------------------------------------------------------------------
-def _paged_keys(cache: torch.Tensor, block_table: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-    """Packed (sum(lengths), Hkv, D) keys of a paged cache (num_blocks, block_size, Hkv, D).
+def _token_positions(lengths: torch.Tensor, starts: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sequence, position), each (sum(lengths),): for the packed tokens of sequences of the
+    given (N,) lengths, which sequence each belongs to and its position in that sequence's
+    storage, counted from starts[b] (default 0)."""
+    sequence = torch.repeat_interleave(torch.arange(lengths.shape[0], device=lengths.device), lengths)
+    offsets = torch.cumsum(lengths, 0) - lengths
+    position = torch.arange(sequence.shape[0], device=lengths.device) - offsets[sequence]
+    return sequence, position if starts is None else position + starts[sequence]
+
+
+def _paged_keys(
+    cache: torch.Tensor, block_table: torch.Tensor, lengths: torch.Tensor, starts: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Packed (sum(lengths), Hkv, D) keys of a paged cache (num_blocks, block_size, Hkv, D):
+    positions starts[b] .. starts[b] + lengths[b] - 1 of each sequence b.
 
     Sequence b's position p lives in block block_table[b, p // block_size], row p % block_size.
     """
     block_size = cache.shape[1]
-    batch_index = torch.repeat_interleave(torch.arange(lengths.shape[0], device=cache.device), lengths)
-    starts = torch.cumsum(lengths, 0) - lengths
-    position = torch.arange(batch_index.shape[0], device=cache.device) - starts[batch_index]
-    blocks = block_table.long()[batch_index, position // block_size]
+    sequence, position = _token_positions(lengths, starts)
+    blocks = block_table.long()[sequence, position // block_size]
     return cache[blocks, position % block_size]
 
 
 def _varlen_probabilities(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: torch.Tensor, cu_k: torch.Tensor, options: dict
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_q: torch.Tensor,
+    cu_k: torch.Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    options: dict,
 ) -> torch.Tensor:
-    """(N, H, max Sq, max Sk) probabilities, sequence by sequence, zero beyond each length.
+    """(N, H, max_seqlen_q, max_seqlen_k) probabilities, sequence by sequence, zero beyond
+    each length (FlashAttention's shape, without its rounding of the sizes).
 
     The dropout pattern of sequence i is the varlen one: its hash uses sequence number i.
     """
     dropout_p, seed = options["dropout_p"], options["dropout_seed"]
     offsets_q, offsets_k = cu_q.tolist(), cu_k.tolist()
     count = len(offsets_q) - 1
-    longest_q = max((offsets_q[i + 1] - offsets_q[i] for i in range(count)), default=0)
-    longest_k = max((offsets_k[i + 1] - offsets_k[i] for i in range(count)), default=0)
-    result = q.new_zeros(count, q.shape[1], longest_q, longest_k)
+    result = q.new_zeros(count, q.shape[1], max_seqlen_q, max_seqlen_k)
     slopes = options.get("alibi_slopes")
     for index in range(count):
         q_i = q[offsets_q[index] : offsets_q[index + 1]].transpose(0, 1)[None]
@@ -243,7 +263,7 @@ def flash_attn_varlen_func(
     deterministic: bool = False,
     return_attn_probs: bool = False,
     block_table: torch.Tensor | None = None,
-):
+) -> FlashOutput:
     """flash_attn.flash_attn_varlen_func.
 
     Args:
@@ -256,7 +276,7 @@ def flash_attn_varlen_func(
         Other options as in :func:`flash_attn_func`.
 
     Returns:
-        out (Tq, Hq, Dv), or (out, lse (Hq, Tq), probabilities (N, Hq, max Sq, max Sk)).
+        out (Tq, Hq, Dv), or (out, lse (Hq, Tq), probabilities (N, Hq, max_seqlen_q, max_seqlen_k)).
     """
     del deterministic
     if block_table is not None:
@@ -269,7 +289,7 @@ def flash_attn_varlen_func(
     out, lse = attention_varlen(
         q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, return_lse=True, **options
     )
-    return out, lse, _varlen_probabilities(q, k, v, cu_seqlens_q, cu_seqlens_k, options)
+    return out, lse, _varlen_probabilities(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, options)
 
 
 def flash_attn_varlen_qkvpacked_func(
@@ -284,7 +304,7 @@ def flash_attn_varlen_qkvpacked_func(
     alibi_slopes: torch.Tensor | None = None,
     deterministic: bool = False,
     return_attn_probs: bool = False,
-):
+) -> FlashOutput:
     """flash_attn.flash_attn_varlen_qkvpacked_func: qkv (T, 3, H, D)."""
     q, k, v = qkv.unbind(dim=1)
     return flash_attn_varlen_func(
@@ -308,7 +328,7 @@ def flash_attn_varlen_kvpacked_func(
     alibi_slopes: torch.Tensor | None = None,
     deterministic: bool = False,
     return_attn_probs: bool = False,
-):
+) -> FlashOutput:
     """flash_attn.flash_attn_varlen_kvpacked_func: q (Tq, Hq, D), kv (Tk, 2, Hkv, D)."""
     k, v = kv.unbind(dim=1)
     return flash_attn_varlen_func(
@@ -355,7 +375,7 @@ def flash_attn_with_kvcache(
     alibi_slopes: torch.Tensor | None = None,
     num_splits: int = 0,
     return_softmax_lse: bool = False,
-):
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """flash_attn.flash_attn_with_kvcache: attention over a KV cache, appending k, v in place.
 
     Args:
@@ -425,19 +445,12 @@ def flash_attn_with_kvcache(
         # every row and run the varlen call, which aligns each sequence separately.
         lengths = ends - starts
         if block_table is None:
-            batch_index = torch.repeat_interleave(torch.arange(batch, device=device), lengths)
-            offsets = torch.cumsum(lengths, 0) - lengths
-            position = torch.arange(batch_index.shape[0], device=device) - offsets[batch_index] + starts[batch_index]
-            keys = k_cache[rows.long()[batch_index], position]
-            values = v_cache[rows.long()[batch_index], position]
+            sequence, position = _token_positions(lengths, starts)
+            keys = k_cache[rows.long()[sequence], position]
+            values = v_cache[rows.long()[sequence], position]
         else:
-            keys = _paged_keys(k_cache, block_table, ends)
-            values = _paged_keys(v_cache, block_table, ends)
-            if cache_leftpad is not None:
-                keep = torch.arange(keys.shape[0], device=device) >= torch.repeat_interleave(
-                    torch.cumsum(ends, 0) - ends + starts, ends
-                )
-                keys, values = keys[keep], values[keep]
+            keys = _paged_keys(k_cache, block_table, lengths, starts)
+            values = _paged_keys(v_cache, block_table, lengths, starts)
         zero = torch.zeros(1, dtype=torch.int32, device=device)
         cu_k = torch.cat([zero, torch.cumsum(lengths, 0).to(torch.int32)])
         cu_q = torch.arange(0, (batch + 1) * seqlen_q, seqlen_q, dtype=torch.int32, device=device)

@@ -385,6 +385,7 @@ def preset_grids(name: str, device: str, dtype: str | None = None) -> list[dict[
 
 
 def preset_cases(name: str, device: str, dtype: str | None = None) -> list[Case]:
+    """The cases of a preset, sized for device ("cpu" or "cuda")."""
     return expand_grids(preset_grids(name, device, dtype))
 
 

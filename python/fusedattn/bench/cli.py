@@ -62,6 +62,7 @@ def _positive_int(text: str) -> int:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of `fusedattn bench` and its `compare` and `list` forms (see docs/benchmarks.md)."""
     parser.description = (
         "Benchmark fusedattn's backends against torch SDPA, a naive eager implementation and "
         "(when installed) flash-attn and xformers: latency, TFLOP/s, tokens/s, peak memory. "
@@ -130,6 +131,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def resolve_device(name: str) -> torch.device:
+    """The torch device named by --device ("auto": cuda when present, else cpu); ValueError if unusable."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
@@ -206,6 +208,7 @@ def _list(device: torch.device) -> int:
 
 
 def main(args: argparse.Namespace) -> int:
+    """Run `fusedattn bench`; returns the exit code (0 done, 1 a compare regression, 2 bad arguments)."""
     if args.bench_command == "compare":
         return run_compare(args.base, args.new, args.fail_above, args.metric)
     try:

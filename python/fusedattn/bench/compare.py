@@ -8,6 +8,7 @@ listed but never fail the gate.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -69,6 +70,7 @@ def compare_reports(
 
 
 def format_comparison(comparisons: list[Comparison], unmatched: list[str]) -> str:
+    """The comparison table: one line per matched pair, then the unmatched keys."""
     lines = [f"{'ratio':>7}  {'base ms':>10}  {'new ms':>10}  {'provider':<20}  case"]
     for c in comparisons:
         ratio = "-" if c.ratio is None else f"{c.ratio:.3f}"
@@ -93,12 +95,12 @@ def run_compare(base_path: str, new_path: str, threshold_text: str, metric: str 
         threshold = parse_threshold(threshold_text)
         base, new = load_report(base_path), load_report(new_path)
     except (OSError, ValueError) as error:
-        print(f"fusedattn bench compare: error: {error}")
+        print(f"fusedattn bench compare: error: {error}", file=sys.stderr)
         return EXIT_USAGE
     comparisons, unmatched = compare_reports(base, new, threshold, metric)
     print(format_comparison(comparisons, unmatched))
     if not comparisons:
-        print("fusedattn bench compare: error: no result matches between the two reports")
+        print("fusedattn bench compare: error: no result matches between the two reports", file=sys.stderr)
         return EXIT_USAGE
     regressions = [c for c in comparisons if c.regressed]
     if regressions:

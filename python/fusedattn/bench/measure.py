@@ -123,6 +123,7 @@ class TimingSettings:
 
 
 def summarize(samples_ms: list[float], warmup_calls: int) -> Timing:
+    """Median, quartiles, min and mean of timed samples (milliseconds)."""
     ordered = sorted(samples_ms)
     if len(ordered) >= 2:
         q1, _, q3 = statistics.quantiles(ordered, n=4, method="inclusive")

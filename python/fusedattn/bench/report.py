@@ -10,7 +10,6 @@ import json
 import math
 import os
 import platform
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -18,6 +17,7 @@ from typing import Any
 import torch
 
 from .. import __version__
+from ..fingerprint import cpu_model, git_commit, run_text
 from .providers import BASELINE, Provider, all_providers
 from .run import STATUSES, BenchSettings
 
@@ -169,25 +169,6 @@ def load_report(path: str | Path) -> dict[str, Any]:
 
 
 # ---- environment fingerprint -------------------------------------------------------
-def _run_text(command: list[str], cwd: str | None = None) -> str | None:
-    try:
-        completed = subprocess.run(command, capture_output=True, text=True, timeout=10, cwd=cwd, check=False)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return completed.stdout.strip() if completed.returncode == 0 else None
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as handle:
-            for line in handle:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def environment(device: torch.device) -> dict[str, Any]:
     """What the numbers depend on: device, driver, CUDA, library versions, CPU, threads, commit, date."""
     try:
@@ -196,9 +177,7 @@ def environment(device: torch.device) -> dict[str, Any]:
         triton_version = triton.__version__
     except ImportError:
         triton_version = None
-    repository = str(Path(__file__).resolve().parents[3])
-    commit = _run_text(["git", "rev-parse", "HEAD"], cwd=repository)
-    status = _run_text(["git", "status", "--porcelain", "--untracked-files=no"], cwd=repository) if commit else None
+    commit, dirty = git_commit()
     gpu = None
     driver = None
     cudnn = None
@@ -211,7 +190,7 @@ def environment(device: torch.device) -> dict[str, Any]:
             "multiprocessors": properties.multi_processor_count,
             "count": torch.cuda.device_count(),
         }
-        driver = _run_text(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"])
+        driver = run_text(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"])
         driver = driver.splitlines()[0] if driver else None
         cudnn = torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None
     try:
@@ -223,7 +202,7 @@ def environment(device: torch.device) -> dict[str, Any]:
     return {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "device": device.type,
-        "device_name": gpu["name"] if gpu else _cpu_model(),
+        "device_name": gpu["name"] if gpu else cpu_model(),
         "gpu": gpu,
         "gpu_driver": driver,
         "cuda": torch.version.cuda,
@@ -234,13 +213,13 @@ def environment(device: torch.device) -> dict[str, Any]:
         "fusedattn_build": build,
         "python": platform.python_version(),
         "platform": platform.platform(),
-        "cpu_model": _cpu_model(),
+        "cpu_model": cpu_model(),
         "cpu_cores": os.cpu_count(),
         "cpu_cores_available": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "torch_interop_threads": torch.get_num_interop_threads(),
         "commit": commit,
-        "commit_dirty": bool(status) if commit else None,
+        "commit_dirty": dirty,
     }
 
 
@@ -375,6 +354,7 @@ CSV_COLUMNS = ["case_id", "provider", "status", "reason", "group", "mode", "dtyp
 
 
 def write_csv(report: dict[str, Any], path: Path) -> None:
+    """One CSV row per result, in CSV_COLUMNS order."""
     with open(path, "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=CSV_COLUMNS)
         writer.writeheader()

@@ -146,7 +146,17 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
         return self._attend(query, key, value, key_padding_mask, None, need_weights, attn_mask,
                             average_attn_weights, is_causal)  # fmt: skip
 
-    def _forward_nested(self, query, key, value, key_padding_mask, need_weights, attn_mask, is_causal):
+    def _forward_nested(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        key_padding_mask: torch.Tensor | None,
+        need_weights: bool,
+        attn_mask: torch.Tensor | None,
+        is_causal: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Self-attention over a nested (N, L_i, E) query, as nn.TransformerEncoder sends it."""
         # nn.TransformerEncoder packs padded batches into nested tensors in inference; the
         # lengths of the pieces are exactly fusedattn's key_lengths.
         if query is not key or key is not value or key_padding_mask is not None or attn_mask is not None:
@@ -159,8 +169,10 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
         valid = torch.arange(padded.shape[1], device=query.device)[None, :] < lengths[:, None]
         return torch._nested_tensor_from_mask(out, valid, mask_check=False), weights
 
-    def _projections(self, query, key, value):
-        """In-projections of (N, L, E), (N, S, kdim), (N, S, vdim) inputs."""
+    def _projections(
+        self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """In-projections of (N, L, E), (N, S, kdim), (N, S, vdim) inputs: three (N, *, E)."""
         if self._qkv_same_embed_dim and query is key and key is value:
             return F.linear(query, self.in_proj_weight, self.in_proj_bias).chunk(3, dim=-1)
         if self._qkv_same_embed_dim:
@@ -171,8 +183,18 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
         return tuple(F.linear(x, w, b) for x, w, b in zip((query, key, value), weights, biases))
 
     def _attend(
-        self, query, key, value, key_padding_mask, key_lengths, need_weights, attn_mask, average_attn_weights, is_causal
-    ):
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        key_padding_mask: torch.Tensor | None,
+        key_lengths: torch.Tensor | None,
+        need_weights: bool,
+        attn_mask: torch.Tensor | None,
+        average_attn_weights: bool,
+        is_causal: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """forward() for dense inputs (see its docstring); key_lengths (N,) masks padded keys."""
         batched = query.dim() == 3
         same_key_value = key is value
         self_attention = query is key and same_key_value

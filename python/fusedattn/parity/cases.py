@@ -107,6 +107,7 @@ def dtype_name(text: str) -> str:
 
 
 def case_id(index: int) -> str:
+    """The ID of grid case number index, like "c0042"."""
     return f"c{index:04d}"
 
 

@@ -17,6 +17,7 @@ BAD_ARGUMENTS = 2
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of `fusedattn parity` (see docs/parity.md)."""
     parser.add_argument(
         "--cases", type=int, default=DEFAULT_CASES, metavar="N", help="number of cases (default %(default)s)"
     )
@@ -125,6 +126,7 @@ def _check_output_path(option: str, path: str | None) -> str | None:
 
 
 def main(args: argparse.Namespace) -> int:
+    """Run `fusedattn parity`; returns the exit code: 0 all passed, 1 a failure, 2 bad arguments."""
     for problem in (_check_output_path("--json", args.json), _check_output_path("--junit", args.junit)):
         if problem:
             print(f"fusedattn parity: error: {problem}", file=sys.stderr)

@@ -6,19 +6,18 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import platform
 import shlex
-import subprocess
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from ..backends.base import Backend
 from ..dispatch import import_errors, refusal, registry
+from ..fingerprint import cpu_model, git_commit
+from ..semantics import AttentionCall
 from ..testing import TensorCheck, check_backend
 from ..validation import validate_attention, validate_varlen
 from .cases import Case, SizeProfile, dtype_name, make_inputs, profile_for_device, select_cases
@@ -234,36 +233,6 @@ def choose_backends(requested: Sequence[str] | None, device: torch.device) -> tu
 
 
 # ---- environment ----------------------------------------------------------------------
-def _git_commit() -> str | None:
-    """The commit of the fusedattn checkout this package runs from, when it is one."""
-    package = Path(__file__).resolve().parent
-    try:
-        commit = subprocess.run(
-            ["git", "-C", str(package), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, check=True
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "-C", str(package), "status", "--porcelain", "--untracked-files=no"],
-            capture_output=True,
-            text=True,
-            timeout=5,
-            check=True,
-        ).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return commit + ("-dirty" if dirty else "") if commit else None
-
-
-def _cpu_name() -> str:
-    """The CPU model (Linux /proc/cpuinfo), else what platform knows."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def environment(device: torch.device, oracle_device: torch.device | None) -> dict[str, Any]:
     """Device, versions, build facts and commit: what a report needs to be reproduced."""
     from ..info import collect
@@ -274,22 +243,40 @@ def environment(device: torch.device, oracle_device: torch.device | None) -> dic
         facts["device_name"] = torch.cuda.get_device_name(device)
         facts["device_capability"] = ".".join(map(str, torch.cuda.get_device_capability(device)))
     else:
-        facts["device_name"] = _cpu_name()
+        facts["device_name"] = cpu_model()
     facts["oracle"] = f"float64 on {oracle_device or device}"
-    facts["git_commit"] = _git_commit()
+    commit, dirty = git_commit()
+    facts["git_commit"] = commit + ("-dirty" if dirty else "") if commit else None
     facts["triton_interpret"] = os.environ.get("TRITON_INTERPRET")
     return facts
 
 
 # ---- running ----------------------------------------------------------------------------
-def _skip_reason(backend: Backend, case: Case, q, k, v, kwargs: dict[str, Any], grad: bool, device) -> str | None:
+_VARLEN_ARGUMENTS = ("cu_seqlens_q", "cu_seqlens_k", "max_seqlen_q", "max_seqlen_k")
+
+
+def validated_call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, options: dict[str, Any]) -> AttentionCall:
+    """The AttentionCall of make_inputs' (q, k, v, options): attention_varlen's when options
+    hold cu_seqlens_q, else attention's."""
+    if "cu_seqlens_q" not in options:
+        return validate_attention(q, k, v, **options)
+    varlen = [options[name] for name in _VARLEN_ARGUMENTS]
+    rest = {name: value for name, value in options.items() if name not in _VARLEN_ARGUMENTS}
+    return validate_varlen(q, k, v, *varlen, **rest)
+
+
+def _skip_reason(
+    backend: Backend,
+    case: Case,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    options: dict[str, Any],
+    grad: bool,
+    device: torch.device,
+) -> str | None:
     """Why backend is not checked on this case (dispatch's own refusal first), or None."""
-    options = dict(kwargs)
-    if "cu_seqlens_q" in options:
-        varlen = [options.pop(n) for n in ("cu_seqlens_q", "cu_seqlens_k", "max_seqlen_q", "max_seqlen_k")]
-        call = validate_varlen(q, k, v, *varlen, **options)
-    else:
-        call = validate_attention(q, k, v, **options)
+    call = validated_call(q, k, v, options)
     reason = refusal(backend, dataclasses.replace(call, needs_grad=grad))
     if reason is not None:
         return reason

@@ -225,7 +225,7 @@ def attention_backward_dkdv_kernel(
     softcap,
     window_left,
     window_right,
-    dropout_seed_key,
+    DropoutSeed,
     dropout_threshold,
     dropout_keep_scale,
     HEAD_DIM: tl.constexpr,
@@ -314,7 +314,7 @@ def attention_backward_dkdv_kernel(
             lse, delta = _load_row_statistics(Lse, Delta, lse_base, rows, row_valid, stride_ls)
             row_hash = rows.to(tl.uint32)
             if HAS_DROPOUT:
-                row_hash = dropout_row_hash(dropout_seed_key, batch, heads, rows)
+                row_hash = dropout_row_hash(DropoutSeed, batch, heads, rows)
             kept, grad_scores = score_gradients(
                 q, k_tile, v_tile, grad_out, lse, delta, rows, keys, heads, row_valid, row_hash, batch, key_limit,
                 position_offset, scale, softcap, window_left, window_right, dropout_threshold, dropout_keep_scale,
@@ -394,7 +394,7 @@ def attention_backward_dq_kernel(
     softcap,
     window_left,
     window_right,
-    dropout_seed_key,
+    DropoutSeed,
     dropout_threshold,
     dropout_keep_scale,
     HEAD_DIM: tl.constexpr,
@@ -451,7 +451,7 @@ def attention_backward_dq_kernel(
     lse, delta = _load_row_statistics(Lse, Delta, lse_base, rows, row_valid, stride_ls)
     row_hash = rows.to(tl.uint32)
     if HAS_DROPOUT:
-        row_hash = dropout_row_hash(dropout_seed_key, batch, heads, rows)
+        row_hash = dropout_row_hash(DropoutSeed, batch, heads, rows)
     k_base = K + batch64 * stride_kb + kv_head.to(tl.int64) * stride_kh + k_start.to(tl.int64) * stride_ks
     v_base = V + batch64 * stride_vb + kv_head.to(tl.int64) * stride_vh + k_start.to(tl.int64) * stride_vs
     grad_q = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)

@@ -71,7 +71,7 @@ def attention_decode_split_kernel(
     softcap,
     window_left,
     window_right,
-    dropout_seed_key,
+    DropoutSeed,
     dropout_threshold,
     dropout_keep_scale,
     HEAD_DIM: tl.constexpr,
@@ -123,7 +123,7 @@ def attention_decode_split_kernel(
     accumulator = tl.zeros((BLOCK_M, BLOCK_DV), tl.float32)
     row_hash = rows.to(tl.uint32)
     if HAS_DROPOUT:
-        row_hash = dropout_row_hash(dropout_seed_key, batch, heads, rows)
+        row_hash = dropout_row_hash(DropoutSeed, batch, heads, rows)
     lo, hi = key_range(
         len_q * 0,
         len_q - 1,

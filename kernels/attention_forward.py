@@ -21,12 +21,14 @@ import triton
 import triton.language as tl
 from fusedattn.backends.base import allocate_output
 from fusedattn.semantics import AttentionCall
+from torch._subclasses.fake_tensor import is_fake
 
 from . import configs
 from .utils import (
     LN2,
     Problem,
     attention_logits,
+    concrete_hint,
     dropout_keep,
     dropout_row_hash,
     feature_arguments,
@@ -211,7 +213,7 @@ def attention_forward_kernel(
     softcap,
     window_left,
     window_right,
-    dropout_seed_key,
+    DropoutSeed,
     dropout_threshold,
     dropout_keep_scale,
     tune_bucket,
@@ -275,7 +277,7 @@ def attention_forward_kernel(
     accumulator = tl.zeros((BLOCK_M, BLOCK_DV), tl.float32)
     row_hash = rows.to(tl.uint32)
     if HAS_DROPOUT:
-        row_hash = dropout_row_hash(dropout_seed_key, batch, heads, rows)
+        row_hash = dropout_row_hash(DropoutSeed, batch, heads, rows)
 
     last_row = first_row + BLOCK_M - 1
     lo, hi = key_range(
@@ -379,7 +381,7 @@ def _run_forward_kernel(call: AttentionCall, problem: Problem, q, k, v, out, lse
         **dict(zip(("stride_lb", "stride_lh", "stride_ls"), lse_strides(lse, varlen))),
         heads_q=problem.heads_q,
         group=problem.group,
-        tune_bucket=configs.sequence_bucket(max(problem.seqlen_q, problem.seqlen_k)),
+        tune_bucket=configs.sequence_bucket(max(concrete_hint(problem.seqlen_q), concrete_hint(problem.seqlen_k))),
         HEAD_DIM=problem.head_dim,
         HEAD_DIM_V=problem.head_dim_v,
         BLOCK_D=block_d,
@@ -437,9 +439,18 @@ def tma_eligible(k: torch.Tensor, v: torch.Tensor) -> bool:
         return False
     for tensor in (k, v):
         size = tensor.element_size()
-        if tensor.data_ptr() % 16 or any((stride * size) % 16 for stride in tensor.stride()[:-1]):
+        if not _base_aligned(tensor) or any((stride * size) % 16 for stride in tensor.stride()[:-1]):
             return False
     return True
+
+
+def _base_aligned(tensor: torch.Tensor) -> bool:
+    """16-byte aligned first element. A tensor traced by torch.compile has no address: its
+    storage comes from PyTorch's allocators (aligned far beyond 16 bytes), so its offset
+    into the storage decides."""
+    if is_fake(tensor):
+        return (tensor.storage_offset() * tensor.element_size()) % 16 == 0
+    return tensor.data_ptr() % 16 == 0
 
 
 def _install_descriptor_allocator() -> None:

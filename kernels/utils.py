@@ -18,6 +18,7 @@ import triton
 import triton.language as tl
 from fusedattn import semantics
 from fusedattn.semantics import AttentionCall
+from torch._subclasses.fake_tensor import is_fake
 
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
@@ -35,9 +36,21 @@ def mix32(x):
 
 
 @triton.jit
-def dropout_row_hash(seed_key, sequence, heads, rows):
-    """mix32(mix32(mix32(seed_key ^ sequence) ^ head) ^ row) for (BLOCK_M,) heads and rows."""
-    hashed = mix32(seed_key.to(tl.uint32) ^ sequence.to(tl.uint32))
+def dropout_seed_key(Seed):
+    """semantics.dropout_seed_key of the int64 seed at Seed: mix32(lo ^ mix32(hi)).
+
+    The seed stays a tensor (the op's argument), so a torch.compile trace never reads it."""
+    seed = tl.load(Seed).to(tl.int64)
+    low = (seed & 0xFFFFFFFF).to(tl.uint32)
+    high = ((seed >> 32) & 0xFFFFFFFF).to(tl.uint32)
+    return mix32(low ^ mix32(high))
+
+
+@triton.jit
+def dropout_row_hash(Seed, sequence, heads, rows):
+    """mix32(mix32(mix32(seed_key ^ sequence) ^ head) ^ row) for (BLOCK_M,) heads and rows;
+    Seed points at the int64 dropout seed."""
+    hashed = mix32(dropout_seed_key(Seed) ^ sequence.to(tl.uint32))
     hashed = mix32(hashed ^ heads.to(tl.uint32))
     return mix32(hashed ^ rows.to(tl.uint32))
 
@@ -236,6 +249,15 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+def concrete_hint(size: int | torch.SymInt) -> int:
+    """A plain int for host-side choices that only tune (never change results): a size
+    that torch.compile made symbolic gives its example value, without adding a guard."""
+    if isinstance(size, torch.SymInt):
+        hint = size.node.hint
+        return int(hint) if hint is not None else 16384  # unbacked: the largest bucket
+    return int(size)
+
+
 def padded_dim(size: int) -> int:
     """Head dims are padded to a power of two (at least 16, tl.dot's minimum) inside kernels."""
     return max(16, 1 << (size - 1).bit_length())
@@ -243,12 +265,40 @@ def padded_dim(size: int) -> int:
 
 def launch(kernel: Any, grid: Any, **arguments: Any) -> None:
     """Launch through torch.library.wrap_triton, so a trace (torch.compile inside a
-    triton_op) sees the kernel; FUSEDATTN_TRITON_WRAP=0 launches directly."""
+    triton_op) sees the kernel; FUSEDATTN_TRITON_WRAP=0 launches directly outside traces.
+
+    wrap_triton hands interpreted kernels (TRITON_INTERPRET=1) back unwrapped, and the
+    interpreter cannot run on the fake tensors of a trace: there the kernel is wrapped
+    into the same traceable call by hand, so the graph records it and runs it later."""
     wrap = getattr(torch.library, "wrap_triton", None)
-    if wrap is not None and os.environ.get("FUSEDATTN_TRITON_WRAP", "1") != "0":
-        wrap(kernel)[grid](**arguments)
-    else:
+    traced = any(is_fake(value) for value in arguments.values() if isinstance(value, torch.Tensor))
+    if traced:  # always recorded, whatever FUSEDATTN_TRITON_WRAP says
+        wrap(_traceable_interpreted(kernel) if interpreting() else kernel)[grid](**arguments)
+    elif wrap is None or os.environ.get("FUSEDATTN_TRITON_WRAP", "1") == "0":
         kernel[grid](**arguments)
+    else:
+        wrap(kernel)[grid](**arguments)
+
+
+_TRACEABLE_INTERPRETED: dict[int, Any] = {}
+
+
+def _traceable_interpreted(kernel: Any) -> Any:
+    """A triton.jit function (what torch's tracing accepts) for an interpreted kernel,
+    whose launches still run through the interpreter."""
+    from triton.runtime.jit import JITFunction
+
+    class InterpretedJITFunction(JITFunction):
+        @property
+        def cache_key(self) -> str:  # the source hash would walk interpreted helpers
+            return f"fusedattn-interpreted-{self.fn.__module__}.{self.fn.__qualname__}"
+
+        def run(self, *args: Any, grid: Any, warmup: bool, **kwargs: Any) -> Any:
+            return kernel[grid](*args, **kwargs)
+
+    if id(kernel) not in _TRACEABLE_INTERPRETED:
+        _TRACEABLE_INTERPRETED[id(kernel)] = (kernel, InterpretedJITFunction(kernel.fn))
+    return _TRACEABLE_INTERPRETED[id(kernel)][1]
 
 
 def sequence_strides(tensor: torch.Tensor, varlen: bool) -> tuple[int, int, int]:
@@ -309,6 +359,16 @@ class Problem:
         )
 
 
+def dropout_seed_tensor(seed: int | torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """The dropout seed as a 1-element int64 tensor on like's device, for the kernels to read.
+
+    Inside the torch.library op the seed already is a 0-d int64 tensor (possibly a fake one
+    while torch.compile traces): it is moved, never read on the host."""
+    if isinstance(seed, torch.Tensor):
+        return seed.to(device=like.device, dtype=torch.int64).reshape(1)
+    return torch.tensor([seed], dtype=torch.int64, device=like.device)
+
+
 def feature_arguments(call: AttentionCall) -> dict[str, Any]:
     """Kernel arguments for every optional feature, shared by all attention kernels.
 
@@ -344,8 +404,8 @@ def feature_arguments(call: AttentionCall) -> dict[str, Any]:
         softcap=float(call.softcap or 1.0),
         window_left=int(call.window_left or 0),
         window_right=int(call.window_right or 0),
-        # 32-bit values; the threshold is clamped below 2**32 (p = 1 keeps nothing: scale 0).
-        dropout_seed_key=semantics.dropout_seed_key(int(call.dropout_seed)) if dropout else 0,
+        # A 32-bit value; the threshold is clamped below 2**32 (p = 1 keeps nothing: scale 0).
+        DropoutSeed=dropout_seed_tensor(call.dropout_seed, placeholder) if dropout else placeholder,
         dropout_threshold=min(semantics.dropout_threshold(call.dropout_p), 0xFFFFFFFF) if dropout else 0,
         dropout_keep_scale=semantics.dropout_keep_scale(call.dropout_p) if dropout else 1.0,
         CAUSAL=call.causal,

@@ -7,12 +7,11 @@ import math
 import sys
 import textwrap
 
+import fusedattn
+import fusedattn.backends
 import pytest
 import torch
 import torch.nn.functional as F
-
-import fusedattn
-import fusedattn.backends
 from fusedattn import dispatch
 from fusedattn.ops import op_arguments, ops_for
 from fusedattn.validation import validate_attention
@@ -46,7 +45,11 @@ def test_sdpa_matches_torch(case, dtype):
         Hkv, kwargs["enable_gqa"] = 2, True
     if case == "value_dim":
         Ev = 5
-    q, k, v = torch.randn(B, H, L, E, dtype=dtype), torch.randn(B, Hkv, S, E, dtype=dtype), torch.randn(B, Hkv, S, Ev, dtype=dtype)
+    q, k, v = (
+        torch.randn(B, H, L, E, dtype=dtype),
+        torch.randn(B, Hkv, S, E, dtype=dtype),
+        torch.randn(B, Hkv, S, Ev, dtype=dtype),
+    )
     if case.startswith("three_d"):
         q, k, v = q[:, 0], k[:, 0], v[:, 0]
     if case == "causal":
@@ -89,7 +92,9 @@ def test_non_contiguous_inputs_equal_contiguous_copies():
     assert not q.is_contiguous() and not k.is_contiguous() and not v.is_contiguous()
     mask = (torch.rand(7, 8) > 0.2).t().contiguous().t()  # transposed bool mask
     out = fusedattn.attention(q, k, v, attn_mask=mask, causal=True)
-    expected = fusedattn.attention(q.contiguous(), k.contiguous(), v.contiguous(), attn_mask=mask.contiguous(), causal=True)
+    expected = fusedattn.attention(
+        q.contiguous(), k.contiguous(), v.contiguous(), attn_mask=mask.contiguous(), causal=True
+    )
     torch.testing.assert_close(out, expected, rtol=0, atol=0)
 
 
@@ -203,8 +208,16 @@ def test_custom_ops_pass_opcheck():
     v = torch.randn(2, 2, 6, 4, requires_grad=True)
     calls = [
         validate_attention(q, k, v, causal=True),
-        validate_attention(q, k, v, attn_mask=torch.rand(5, 6) > 0.5, key_lengths=torch.tensor([6, 2]),
-                           alibi_slopes=torch.rand(4), softcap=3.0, window=(2, None)),  # fmt: skip
+        validate_attention(
+            q,
+            k,
+            v,
+            attn_mask=torch.rand(5, 6) > 0.5,
+            key_lengths=torch.tensor([6, 2]),
+            alibi_slopes=torch.rand(4),
+            softcap=3.0,
+            window=(2, None),
+        ),  # fmt: skip
         validate_attention(q, k, v, dropout_p=0.2, dropout_seed=5),
     ]
     for call in calls:

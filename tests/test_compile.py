@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import torch
-
 import fusedattn
+import torch
 
 
 def _layer(q, k, v, lengths, slopes):

@@ -7,9 +7,8 @@ import re
 import subprocess
 import sys
 
-import torch
-
 import fusedattn
+import torch
 from fusedattn import _native
 
 
@@ -28,10 +27,14 @@ def test_extension_loads_and_reports_build_facts():
 
 
 def test_info_command_text_and_json():
-    text = subprocess.run([sys.executable, "-m", "fusedattn", "info"], capture_output=True, text=True, check=True).stdout
+    text = subprocess.run(
+        [sys.executable, "-m", "fusedattn", "info"], capture_output=True, text=True, check=True
+    ).stdout
     assert "torch" in text and "reference" in text and "compiler" in text
     facts = json.loads(
-        subprocess.run([sys.executable, "-m", "fusedattn", "info", "--json"], capture_output=True, text=True, check=True).stdout
+        subprocess.run(
+            [sys.executable, "-m", "fusedattn", "info", "--json"], capture_output=True, text=True, check=True
+        ).stdout
     )
     assert facts["fusedattn"] == fusedattn.__version__
     assert facts["backends"]["reference"]["available"] is True

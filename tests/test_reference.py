@@ -10,11 +10,10 @@ from __future__ import annotations
 
 import math
 
+import fusedattn
 import pytest
 import torch
 import torch.nn.functional as F
-
-import fusedattn
 from fusedattn import semantics
 
 F64 = torch.float64
@@ -107,8 +106,15 @@ FEATURE_CASES = {
     "key_lengths": {"key_lengths": True},
     "scale": {"scale": 0.3},
     "dropout": {"dropout_p": 0.3},
-    "everything": {"causal": True, "window": (4, None), "softcap": 2.0, "alibi": True, "mask": "additive",
-                   "key_lengths": True, "dropout_p": 0.2},  # fmt: skip
+    "everything": {
+        "causal": True,
+        "window": (4, None),
+        "softcap": 2.0,
+        "alibi": True,
+        "mask": "additive",
+        "key_lengths": True,
+        "dropout_p": 0.2,
+    },  # fmt: skip
 }
 
 

@@ -11,6 +11,7 @@ bfloat16 joins the dtypes (the interpreter cannot run tl.dot on bfloat16).
 
 from __future__ import annotations
 
+import functools
 import importlib
 import os
 import sys
@@ -329,13 +330,19 @@ def test_outputs_are_fully_written():
     assert all(c.passed for c in checks), [c.reason for c in checks if not c.passed]
 
 
-def test_torch_compile_fullgraph():
+# Inductor generates code for user Triton kernels only with a GPU driver; under the
+# interpreter the traced graph (with the kernel calls) runs through aot_eager instead.
+COMPILE_BACKEND = "inductor" if DEVICE == "cuda" else "aot_eager"
+
+
+@pytest.mark.parametrize("options", [{}, {"dropout_p": 0.3, "dropout_seed": 2**40 + 3}], ids=["plain", "dropout"])
+def test_torch_compile_fullgraph(options):
     q, k, v = (t.requires_grad_(True) for t in _inputs(1, 2, 1, 20, 20, 16))
 
     def attend(q, k, v):
-        return fusedattn.attention(q, k, v, causal=True, softcap=4.0, backend="triton") * 2.0
+        return fusedattn.attention(q, k, v, causal=True, softcap=4.0, backend="triton", **options) * 2.0
 
-    compiled = torch.compile(attend, fullgraph=True)
+    compiled = torch.compile(attend, fullgraph=True, backend=COMPILE_BACKEND)
     out = compiled(q, k, v)
     out.sum().backward()
     compiled_grads = [t.grad.clone() for t in (q, k, v)]
@@ -346,6 +353,64 @@ def test_torch_compile_fullgraph():
     assert torch.equal(out, expected)
     for got, want in zip(compiled_grads, (q.grad, k.grad, v.grad)):
         assert torch.allclose(got, want, atol=1e-5)
+
+
+def test_triton_ops_pass_opcheck():
+    # Schema, fake implementation, autograd registration and AOT dispatch (dynamic shapes:
+    # the body runs on fake tensors there) of the triton_op ops, seed included.
+    from fusedattn.ops import op_arguments, ops_for
+
+    forward_op, _ = ops_for(fusedattn.dispatch.registry()["triton"])
+    q, k, v = (t.requires_grad_(True) for t in _inputs(2, 4, 2, 5, 6, 8, 4))
+    calls = [
+        validate_attention(q, k, v, causal=True, dropout_p=0.2, dropout_seed=5),
+        validate_attention(q, k, v, attn_mask=torch.rand(5, 6, device=DEVICE) > 0.5, softcap=3.0, window=(2, None),
+                           key_lengths=torch.tensor([6, 2], device=DEVICE), alibi_slopes=torch.rand(4, device=DEVICE)),
+    ]  # fmt: skip
+    for call in calls:
+        torch.library.opcheck(forward_op, op_arguments(call))
+
+
+def _kernel_name(kernel) -> str:
+    while hasattr(kernel, "fn"):  # autotuner -> triton.jit function -> Python function
+        kernel = kernel.fn
+    return kernel.__name__
+
+
+def test_torch_compile_traces_into_the_kernels():
+    # The ops are torch.library.triton_op ops: AOTAutograd decomposes them into their
+    # bodies, so the graphs handed to the compiler hold the Triton kernel calls
+    # (triton_kernel_wrapper_functional), not the opaque fusedattn ops.
+    from torch._dynamo.backends.debugging import aot_eager, boxed_nop
+    from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table
+
+    graphs = []
+
+    def capture(graph_module, example_inputs):
+        graphs.append(graph_module)
+        return boxed_nop(graph_module, example_inputs)
+
+    q, k, v = (t.requires_grad_(True) for t in _inputs(1, 2, 1, 20, 20, 16))
+    options = {"causal": True, "dropout_p": 0.2, "dropout_seed": 11}
+    compiled = torch.compile(
+        lambda q, k, v: fusedattn.attention(q, k, v, backend="triton", **options),
+        fullgraph=True,
+        backend=functools.partial(aot_eager, fw_compiler=capture, bw_compiler=capture),
+    )
+    out = compiled(q, k, v)
+    out.sum().backward()
+    assert len(graphs) == 2, "expected one forward and one backward graph"
+    for graph_module, kernels in zip(graphs, [{"attention_forward_kernel"}, {"attention_backward_dkdv_kernel"}]):
+        calls = [node for node in graph_module.graph.nodes if node.op == "call_function"]
+        assert not [node for node in calls if "fusedattn" in str(node.target)], graph_module.code
+        launched = {
+            _kernel_name(kernel_side_table.get_kernel(node.kwargs["kernel_idx"]))
+            for node in calls
+            if "triton_kernel_wrapper_functional" in str(node.target)
+        }
+        assert kernels <= launched, (launched, graph_module.code)
+    # The graphs run the kernels: same result as eager.
+    assert torch.equal(out, fusedattn.attention(q, k, v, backend="triton", **options))
 
 
 @pytest.mark.gpu

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import fusedattn
 import pytest
 import torch
-
-import fusedattn
 from fusedattn.backends import base
 
 
 def _qkv(B=2, Hq=4, Hkv=2, Sq=5, Sk=6, D=8, Dv=8, dtype=torch.float32):
-    return torch.randn(B, Hq, Sq, D, dtype=dtype), torch.randn(B, Hkv, Sk, D, dtype=dtype), torch.randn(B, Hkv, Sk, Dv, dtype=dtype)
+    return (
+        torch.randn(B, Hq, Sq, D, dtype=dtype),
+        torch.randn(B, Hkv, Sk, D, dtype=dtype),
+        torch.randn(B, Hkv, Sk, Dv, dtype=dtype),
+    )
 
 
 @pytest.fixture(autouse=True)
@@ -86,8 +89,20 @@ def test_sequence_mismatch_between_k_and_v():
 
 
 def test_mask_errors():
-    _bad(ValueError, "attn_mask:", "broadcastable to (2, 4, 5, 6)", "(3, 6)", attn_mask=torch.ones(3, 6, dtype=torch.bool))
-    _bad(TypeError, "attn_mask:", "torch.bool or torch.float32", "torch.int64", attn_mask=torch.ones(5, 6, dtype=torch.long))
+    _bad(
+        ValueError,
+        "attn_mask:",
+        "broadcastable to (2, 4, 5, 6)",
+        "(3, 6)",
+        attn_mask=torch.ones(3, 6, dtype=torch.bool),
+    )
+    _bad(
+        TypeError,
+        "attn_mask:",
+        "torch.bool or torch.float32",
+        "torch.int64",
+        attn_mask=torch.ones(5, 6, dtype=torch.long),
+    )
     _bad(TypeError, "attn_mask:", "torch.float16", attn_mask=torch.zeros(5, 6, dtype=torch.float16))
     _bad(ValueError, "attn_mask:", "meta", attn_mask=torch.ones(5, 6, dtype=torch.bool, device="meta"))
     _bad(ValueError, "attn_mask:", "at most 4 dims", attn_mask=torch.ones(1, 2, 4, 5, 6, dtype=torch.bool))
@@ -133,7 +148,10 @@ def _varlen(**overrides):
 
 def test_varlen_errors():
     with pytest.raises(ValueError, match="cu_seqlens_q: expected non-decreasing offsets"):
-        _varlen(cu_seqlens_q=torch.tensor([0, 5, 3, 7], dtype=torch.int32), cu_seqlens_k=torch.tensor([0, 3, 4, 9], dtype=torch.int32))
+        _varlen(
+            cu_seqlens_q=torch.tensor([0, 5, 3, 7], dtype=torch.int32),
+            cu_seqlens_k=torch.tensor([0, 3, 4, 9], dtype=torch.int32),
+        )
     with pytest.raises(ValueError, match="cu_seqlens_k: expected the last offset to equal the packed length 9, got 8"):
         _varlen(cu_seqlens_k=torch.tensor([0, 4, 8], dtype=torch.int32))
     with pytest.raises(ValueError, match="cu_seqlens_q: expected the first offset to be 0"):
@@ -180,6 +198,8 @@ def test_sdpa_specific_errors():
     with pytest.raises(ValueError, match="key: expected 4 heads .* unless enable_gqa=True, got 2"):
         fusedattn.scaled_dot_product_attention(q, k, v)
     with pytest.raises(ValueError, match="attn_mask: expected None when is_causal=True"):
-        fusedattn.scaled_dot_product_attention(q, k, v, attn_mask=torch.ones(5, 6, dtype=torch.bool), is_causal=True, enable_gqa=True)
+        fusedattn.scaled_dot_product_attention(
+            q, k, v, attn_mask=torch.ones(5, 6, dtype=torch.bool), is_causal=True, enable_gqa=True
+        )
     with pytest.raises(ValueError, match="query: expected a 3-D"):
         fusedattn.scaled_dot_product_attention(q[0, 0], k[0, 0], v[0, 0])

@@ -12,9 +12,9 @@ import os
 import pkgutil
 from dataclasses import dataclass
 
-from . import backends as _backends_package
 import torch
 
+from . import backends as _backends_package
 from .backends.base import Backend, CallProfile
 from .semantics import AttentionCall
 

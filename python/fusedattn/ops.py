@@ -5,10 +5,17 @@ with one shared schema, a fake (meta) implementation for torch.compile, and auto
 that routes the forward's gradient to the backend's backward op. Backends only write
 plain forward/backward functions on an AttentionCall; this module turns the op's flat
 arguments back into that call.
+
+A backend that sets ``triton_op=True`` gets its two ops from ``torch.library.triton_op``
+instead (same names, arguments, fake implementations and autograd): torch.compile then
+traces into their bodies and sees the Triton kernels they launch through
+``torch.library.wrap_triton``. (Its schema spells the int options SymInt, as triton_op
+infers it from Python annotations.)
 """
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import torch
@@ -49,9 +56,13 @@ def op_arguments(call: AttentionCall) -> tuple[Any, ...]:
     )
 
 
-def _call_from_arguments(arguments: tuple[Any, ...]) -> AttentionCall:
+def _call_from_arguments(arguments: tuple[Any, ...], read_seed: bool = True) -> AttentionCall:
+    """The AttentionCall of a forward op's arguments. read_seed=False keeps the seed as the
+    op's 0-d tensor (triton_op backends: a traced body cannot read tensor values)."""
     (q, k, v, attn_mask, key_lengths, cu_q, cu_k, alibi, max_q, max_k, scale, causal,
      bottom_right, window_left, window_right, softcap, dropout_p, seed) = arguments  # fmt: skip
+    if read_seed and seed is not None:
+        seed = int(seed.item())
     return AttentionCall(
         q=q,
         k=k,
@@ -70,7 +81,7 @@ def _call_from_arguments(arguments: tuple[Any, ...]) -> AttentionCall:
         alibi_slopes=alibi,
         softcap=None if softcap == 0.0 else softcap,
         dropout_p=dropout_p,
-        dropout_seed=None if seed is None else int(seed.item()),
+        dropout_seed=seed,
     )
 
 
@@ -83,31 +94,70 @@ def _fake_outputs(call: AttentionCall) -> tuple[torch.Tensor, torch.Tensor]:
 _OPS: dict[str, tuple[Any, Any]] = {}
 
 
+_OPTION_PARAMETERS: tuple[tuple[str, str], ...] = (  # (name, schema type) after the tensors
+    ("attn_mask", "Tensor?"),
+    ("key_lengths", "Tensor?"),
+    ("cu_seqlens_q", "Tensor?"),
+    ("cu_seqlens_k", "Tensor?"),
+    ("alibi_slopes", "Tensor?"),
+    ("max_seqlen_q", "SymInt"),
+    ("max_seqlen_k", "SymInt"),
+    ("scale", "float"),
+    ("causal", "bool"),
+    ("bottom_right", "bool"),
+    ("window_left", "int"),
+    ("window_right", "int"),
+    ("softcap", "float"),
+    ("dropout_p", "float"),
+    ("dropout_seed", "Tensor?"),
+)
+_FORWARD_TENSORS = ("q", "k", "v")
+_BACKWARD_TENSORS = ("grad_out", "out", "lse", "q", "k", "v")
+# Python annotations of the schema types: triton_op infers its schema from them.
+_ANNOTATIONS = {
+    "Tensor": torch.Tensor,
+    "Tensor?": torch.Tensor | None,
+    "SymInt": int,
+    "int": int,
+    "float": float,
+    "bool": bool,
+}
+
+
+def _schema(tensor_names: tuple[str, ...], returns: int) -> str:
+    parameters = [f"Tensor {name}" for name in tensor_names] + [f"{kind} {name}" for name, kind in _OPTION_PARAMETERS]
+    return f"({', '.join(parameters)}) -> ({', '.join(['Tensor'] * returns)})"
+
+
+def _with_signature(function: Any, tensor_names: tuple[str, ...], returns: int) -> Any:
+    """Give a (*arguments) function the op's typed signature, for triton_op's schema inference."""
+    parameters = [(name, "Tensor") for name in tensor_names] + list(_OPTION_PARAMETERS)
+    function.__signature__ = inspect.Signature(
+        [
+            inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=_ANNOTATIONS[kind])
+            for name, kind in parameters
+        ],  # fmt: skip
+        return_annotation=tuple[(torch.Tensor,) * returns],
+    )
+    return function
+
+
 def _define(backend: Backend) -> tuple[Any, Any]:
     name = backend.name
-    options = (
-        "Tensor? attn_mask, Tensor? key_lengths, Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, "
-        "Tensor? alibi_slopes, SymInt max_seqlen_q, SymInt max_seqlen_k, float scale, bool causal, "
-        "bool bottom_right, int window_left, int window_right, float softcap, float dropout_p, "
-        "Tensor? dropout_seed"
-    )
-    library = torch.library.Library("fusedattn", "FRAGMENT")
-    library.define(f"{name}_forward(Tensor q, Tensor k, Tensor v, {options}) -> (Tensor, Tensor)")
-    library.define(
-        f"{name}_backward(Tensor grad_out, Tensor out, Tensor lse, Tensor q, Tensor k, Tensor v, "
-        f"{options}) -> (Tensor, Tensor, Tensor)"
-    )
-    _LIBRARIES.append(library)
+    qualified_forward = f"fusedattn::{name}_forward"
+    qualified_backward = f"fusedattn::{name}_backward"
+    # A triton_op backend's body is traced with fake tensors: it keeps the seed a tensor.
+    read_seed = not backend.triton_op
 
     def forward_impl(*arguments: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        out, lse = backend.forward(_call_from_arguments(arguments))
+        out, lse = backend.forward(_call_from_arguments(arguments, read_seed))
         # Fixed contiguous outputs, so the fake implementation's strides are exact.
         return out.contiguous(), lse.contiguous()
 
     def backward_impl(grad_out: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, *arguments: Any):
         if backend.backward is None:
             raise NotImplementedError(f"backend {name!r} has no backward")
-        grads = backend.backward(_call_from_arguments(arguments), grad_out, out, lse)
+        grads = backend.backward(_call_from_arguments(arguments, read_seed), grad_out, out, lse)
         return tuple(g.contiguous() for g in grads)
 
     def forward_fake(*arguments: Any) -> tuple[torch.Tensor, torch.Tensor]:
@@ -120,13 +170,29 @@ def _define(backend: Backend) -> tuple[Any, Any]:
             torch.empty(v.shape, dtype=v.dtype, device=v.device),
         )
 
-    qualified_forward = f"fusedattn::{name}_forward"
-    qualified_backward = f"fusedattn::{name}_backward"
-    # One implementation for every device: backends route devices themselves.
-    torch.library.impl(qualified_forward, "CompositeExplicitAutograd", lib=library)(forward_impl)
-    torch.library.impl(qualified_backward, "CompositeExplicitAutograd", lib=library)(backward_impl)
-    torch.library.register_fake(qualified_forward, lib=library)(forward_fake)
-    torch.library.register_fake(qualified_backward, lib=library)(backward_fake)
+    library = None
+    if backend.triton_op:
+        # torch.compile decomposes these ops into their bodies (torch ops + Triton kernel
+        # calls) instead of treating them as opaque. The fake implementations stay ours:
+        # they need no kernel, and the bodies' outputs have the same shapes and strides.
+        forward_definition = torch.library.triton_op(
+            qualified_forward, _with_signature(forward_impl, _FORWARD_TENSORS, 2), mutates_args=()
+        )
+        backward_definition = torch.library.triton_op(
+            qualified_backward, _with_signature(backward_impl, _BACKWARD_TENSORS, 3), mutates_args=()
+        )
+        forward_definition.register_fake(forward_fake)
+        backward_definition.register_fake(backward_fake)
+    else:
+        library = torch.library.Library("fusedattn", "FRAGMENT")
+        library.define(f"{name}_forward{_schema(_FORWARD_TENSORS, 2)}")
+        library.define(f"{name}_backward{_schema(_BACKWARD_TENSORS, 3)}")
+        _LIBRARIES.append(library)
+        # One implementation for every device: backends route devices themselves.
+        torch.library.impl(qualified_forward, "CompositeExplicitAutograd", lib=library)(forward_impl)
+        torch.library.impl(qualified_backward, "CompositeExplicitAutograd", lib=library)(backward_impl)
+        torch.library.register_fake(qualified_forward, lib=library)(forward_fake)
+        torch.library.register_fake(qualified_backward, lib=library)(backward_fake)
 
     forward_op = getattr(torch.ops.fusedattn, f"{name}_forward").default
     backward_op = getattr(torch.ops.fusedattn, f"{name}_backward").default

@@ -30,6 +30,7 @@ class CallProfile:
     def of(cls, call: AttentionCall) -> CallProfile:
         return cls(call.device.type, call.dtype, int(call.head_dim), int(call.head_dim_v), call.features())
 
+
 ForwardFn = Callable[[AttentionCall], tuple[torch.Tensor, torch.Tensor]]
 """(call) -> (out, lse): out (*q.shape[:-1], Dv) in q's dtype, lse float32 (see AttentionCall)."""
 
@@ -65,6 +66,12 @@ class Backend:
     triton importable, a GPU present) and why not; it is asked once per process.
     refuse(profile) may add reasons the capability table cannot express (for example
     a limit that depends on the device); it returns None to accept.
+
+    triton_op=True defines the backend's ops with torch.library.triton_op, so
+    torch.compile traces into their Triton kernels instead of treating them as opaque.
+    Such a backend's forward/backward must be traceable with fake tensors: they only
+    call torch operators and kernels launched through torch.library.wrap_triton, and
+    receive call.dropout_seed as the op's 0-d int64 tensor (never read on the host).
     """
 
     name: str
@@ -74,6 +81,7 @@ class Backend:
     availability: Callable[[], tuple[bool, str]] = lambda: (True, "")
     refuse: Callable[[CallProfile], str | None] = lambda profile: None
     description: str = ""
+    triton_op: bool = False
 
 
 # ---- output allocation ------------------------------------------------------------

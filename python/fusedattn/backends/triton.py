@@ -14,7 +14,12 @@ Environment:
   * FUSEDATTN_TRITON_TMA=auto|0|1: K/V through tensor descriptors (TMA) on sm_90+ by
     default; 0 disables; 1 also turns it on under the interpreter (tests).
   * FUSEDATTN_TRITON_WRAP=0: launch kernels directly instead of through
-    torch.library.wrap_triton.
+    torch.library.wrap_triton (outside torch.compile traces).
+
+The forward and backward ops are torch.library.triton_op ops (Backend.triton_op):
+torch.compile traces into them and sees the kernel launches. The dropout seed stays
+the op's int64 tensor (the kernels derive the seed key from it), and no host-side
+choice reads tensor values or addresses while tracing.
 
 This module imports triton and the kernels lazily, so the package imports (and reports
 this backend unavailable, with the reason) where triton is not installed.
@@ -96,4 +101,6 @@ BACKEND = Backend(
     backward=backward,
     availability=availability,
     refuse=refuse,
+    # torch.compile traces into the kernels (the bodies below only launch through wrap_triton).
+    triton_op=True,
 )

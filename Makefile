@@ -46,6 +46,10 @@ format: setup
 	$(VENV)/bin/ruff check --fix python kernels tests benchmarks
 	$(VENV)/bin/ruff format python kernels tests benchmarks
 
+# CPU kernel tests under AddressSanitizer + UndefinedBehaviorSanitizer (separate build dir).
+sanitize: setup
+	PY=$(PY) scripts/sanitize.sh
+
 # Compile-only check of the CUDA kernels for sm_80 and sm_90 (nvcc; no GPU, no CUDA torch).
 cuda-check:
 	scripts/cuda_check.sh

@@ -25,7 +25,7 @@ py::dict build_info() {
   std::string list = FUSEDATTN_CUDA_ARCHS;
   size_t start = 0;
   while (start < list.size()) {
-    size_t end = list.find(';', start);
+    size_t end = list.find_first_of(",;", start);  // CMake joins the list with commas
     if (end == std::string::npos) end = list.size();
     if (end > start) archs.push_back("sm_" + list.substr(start, end - start));
     start = end + 1;

@@ -1,0 +1,87 @@
+// The plain description of one attention call that the CPU kernels receive.
+//
+// This header includes no torch header on purpose: the kernel translation units are
+// compiled once per instruction set (generic, AVX2, AVX-512, ...) with their own flags,
+// and any inline function shared with the rest of the build could be merged by the
+// linker into a variant the running CPU lacks. The torch-facing code in
+// attention_cpu.cpp fills these structs; the kernels only read them.
+#pragma once
+
+#include <cstdint>
+
+namespace fusedattn::cpu {
+
+enum class ElementType : int32_t { float32 = 0, bfloat16 = 1, float16 = 2 };
+
+// A tensor read as [sequence, head, position, feature] through element strides.
+// Dense tensors (B, H, S, D) use all four strides. Packed varlen tensors (T, H, D) use
+// stride_batch = 0 and add the sequence's token offset to the position.
+struct TensorView {
+  void* data = nullptr;
+  int64_t stride_batch = 0;
+  int64_t stride_head = 0;
+  int64_t stride_position = 0;
+  int64_t stride_feature = 1;
+};
+
+enum class MaskKind : int32_t { none = 0, boolean = 1, additive = 2 };
+
+struct AttentionProblem {
+  ElementType element_type = ElementType::float32;
+  int64_t batch = 0;  // B, or the number of packed sequences for varlen
+  int64_t heads_q = 0;
+  int64_t heads_kv = 0;
+  int64_t head_dim = 0;
+  int64_t head_dim_v = 0;
+  int64_t seqlen_q = 0;  // dense Sq (varlen: per-sequence lengths come from cu_seqlens)
+  int64_t seqlen_k = 0;
+  const int32_t* cu_seqlens_q = nullptr;  // (batch + 1,) token offsets; null for dense calls
+  const int32_t* cu_seqlens_k = nullptr;
+
+  TensorView q, k, v;
+  TensorView out;  // forward output (also the saved output read by the backward)
+  TensorView lse;  // float32; stride_feature unused
+  TensorView grad_out, grad_q, grad_k, grad_v;
+
+  MaskKind mask_kind = MaskKind::none;
+  TensorView mask;  // (B, Hq, Sq, Sk) view: stride_feature is the key stride
+  const int32_t* key_lengths = nullptr;  // (B,) or null
+  const float* alibi_slopes = nullptr;   // (Hq,) or (B, Hq) float32, or null
+  int64_t alibi_batch_stride = 0;
+
+  float scale = 1.0f;
+  bool causal = false;
+  bool bottom_right = true;
+  int64_t window_left = -1;  // -1: unbounded
+  int64_t window_right = -1;
+  float softcap = 0.0f;  // 0: off
+
+  uint64_t dropout_threshold = 0;  // drop when hash < threshold; 0: no dropout
+  float dropout_keep_scale = 1.0f;
+  uint32_t dropout_seed_key = 0;
+
+  int num_threads = 1;
+};
+
+// One instruction-set variant of the kernels. Every variant computes the same function.
+struct KernelVariant {
+  const char* name;
+  void (*forward)(const AttentionProblem&);
+  void (*backward)(const AttentionProblem&);
+};
+
+// Each kernel translation unit defines one of these (see attention_kernel.inc).
+namespace generic {
+extern const KernelVariant kVariant;
+}
+namespace avx2 {
+extern const KernelVariant kVariant;
+}
+namespace avx512 {
+extern const KernelVariant kVariant;
+}
+namespace avx512bf16 {
+extern const KernelVariant kVariant;
+}
+
+}  // namespace fusedattn::cpu

@@ -1,0 +1,281 @@
+// Flash attention backward: one block per (key tile, kv head, sequence). The block keeps
+// its K and V tiles and the dK, dV accumulators in shared memory and walks every query
+// head of its GQA group and every query tile that can see its keys:
+//
+//   S = Q K^T, dP = dO V^T                     (warp tiles)
+//   P = exp(score(S) - lse), dropout on P and dP, dS = P (dP - delta) [softcap'] scale
+//                                              (one warp per row)
+//   dV += P_dropped^T dO, dK += dS^T Q          (warp tiles, shared accumulators)
+//   dQ += dS K                                  (warp tiles, atomicAdd into float32 dq_accum)
+//
+// delta = rowsum(dO * out) and the dq_accum buffer come from the caller. Summing dK/dV
+// over the group inside one block keeps those two outputs free of atomics.
+#pragma once
+
+#include "attention_common.cuh"
+
+namespace fusedattn::cuda {
+
+template <typename Element, int kHeadDim>
+struct BackwardConfig {
+  static constexpr bool kWide = sizeof(Element) == 4;
+  static constexpr int kBlockM = kWide ? (kHeadDim <= 128 ? 32 : 16) : (kHeadDim <= 64 ? 64 : 32);  // queries
+  static constexpr int kBlockN = kWide ? (kHeadDim <= 64 ? 64 : kHeadDim <= 128 ? 32 : 16)
+                                       : (kHeadDim <= 128 ? 64 : 32);  // keys
+  static constexpr int kInputPitch = padded_pitch<Element>(kHeadDim);  // K, V, Q, dO tiles
+  static constexpr int kScorePitch = padded_pitch<float>(kBlockN);
+  static constexpr int kProbabilityPitch = padded_pitch<Element>(kBlockN);
+  static constexpr int kGradientPitch = padded_pitch<float>(kHeadDim);  // dK, dV accumulators
+
+  static constexpr int kKeyOffset = 0;
+  static constexpr int kValueOffset = kKeyOffset + region_bytes<Element>(kBlockN, kInputPitch);
+  static constexpr int kQueryOffset = kValueOffset + region_bytes<Element>(kBlockN, kInputPitch);
+  static constexpr int kGradOutOffset = kQueryOffset + region_bytes<Element>(kBlockM, kInputPitch);
+  static constexpr int kScoreOffset = kGradOutOffset + region_bytes<Element>(kBlockM, kInputPitch);
+  static constexpr int kGradProbabilityOffset = kScoreOffset + region_bytes<float>(kBlockM, kScorePitch);
+  static constexpr int kProbabilityOffset = kGradProbabilityOffset + region_bytes<float>(kBlockM, kScorePitch);
+  static constexpr int kGradScoreOffset = kProbabilityOffset + region_bytes<Element>(kBlockM, kProbabilityPitch);
+  static constexpr int kGradKeyOffset = kGradScoreOffset + region_bytes<Element>(kBlockM, kProbabilityPitch);
+  static constexpr int kGradValueOffset = kGradKeyOffset + region_bytes<float>(kBlockN, kGradientPitch);
+  static constexpr int kScratchOffset = kGradValueOffset + region_bytes<float>(kBlockN, kGradientPitch);
+  static constexpr int kRowLseOffset = kScratchOffset + region_bytes<float>(kWarps * kTile, kTile);
+  static constexpr int kRowDeltaOffset = kRowLseOffset + region_bytes<float>(kBlockM, 1);
+  static constexpr int kSharedBytes = kRowDeltaOffset + region_bytes<float>(kBlockM, 1);
+
+  static_assert(kBlockM % kTile == 0 && kBlockN % kTile == 0, "tiles are made of 16x16 warp tiles");
+  static_assert(kHeadDim % 32 == 0, "head-dim buckets are multiples of 32");
+  static_assert(kSharedBytes <= kMaxSharedBytes, "backward tile does not fit sm_80 shared memory");
+};
+
+template <typename Element, int kHeadDim>
+__global__ void __launch_bounds__(kThreads) attention_backward_kernel(const AttentionBackwardParams bp) {
+  using Config = BackwardConfig<Element, kHeadDim>;
+  constexpr int kBlockM = Config::kBlockM;
+  constexpr int kBlockN = Config::kBlockN;
+  constexpr int kInputPitch = Config::kInputPitch;
+  constexpr int kScorePitch = Config::kScorePitch;
+  constexpr int kProbabilityPitch = Config::kProbabilityPitch;
+  constexpr int kGradientPitch = Config::kGradientPitch;
+  const AttentionParams& p = bp.forward;
+
+  extern __shared__ __align__(128) unsigned char shared[];
+  Element* key_tile = reinterpret_cast<Element*>(shared + Config::kKeyOffset);
+  Element* value_tile = reinterpret_cast<Element*>(shared + Config::kValueOffset);
+  Element* query_tile = reinterpret_cast<Element*>(shared + Config::kQueryOffset);
+  Element* grad_out_tile = reinterpret_cast<Element*>(shared + Config::kGradOutOffset);
+  float* scores = reinterpret_cast<float*>(shared + Config::kScoreOffset);
+  float* grad_probabilities = reinterpret_cast<float*>(shared + Config::kGradProbabilityOffset);
+  Element* probabilities = reinterpret_cast<Element*>(shared + Config::kProbabilityOffset);  // after dropout
+  Element* grad_scores = reinterpret_cast<Element*>(shared + Config::kGradScoreOffset);
+  float* grad_key = reinterpret_cast<float*>(shared + Config::kGradKeyOffset);
+  float* grad_value = reinterpret_cast<float*>(shared + Config::kGradValueOffset);
+  float* scratch = reinterpret_cast<float*>(shared + Config::kScratchOffset);
+  float* row_lse = reinterpret_cast<float*>(shared + Config::kRowLseOffset);
+  float* row_delta = reinterpret_cast<float*>(shared + Config::kRowDeltaOffset);
+
+  const int warp = threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  float* warp_scratch = scratch + warp * kTile * kTile;
+  const int key_block = blockIdx.x;
+  const int kv_head = blockIdx.y;
+  const int batch = blockIdx.z;
+  const SequenceView view = sequence_view(p, batch);
+  const int key_start = key_block * kBlockN;
+  if (key_start >= view.seqlen_k) return;
+  const int valid_keys = min(kBlockN, view.seqlen_k - key_start);
+  const int group = p.heads_q / p.heads_kv;
+  const bool dropout = p.dropout_p > 0.0f;
+  const int qk_tiles = tiles_of(p.head_dim);
+  const int value_tiles = tiles_of(p.head_dim_v);
+
+  const int64_t k_row = static_cast<int64_t>(view.k_row_base + key_start);
+  const Element* k = static_cast<const Element*>(p.k) + batch * p.k_strides.batch + kv_head * p.k_strides.head +
+                     k_row * p.k_strides.row;
+  const Element* v = static_cast<const Element*>(p.v) + batch * p.v_strides.batch + kv_head * p.v_strides.head +
+                     k_row * p.v_strides.row;
+  load_tile(key_tile, kInputPitch, k, p.k_strides.row, kBlockN, kHeadDim, valid_keys, p.head_dim, p.vector_loads);
+  load_tile(value_tile, kInputPitch, v, p.v_strides.row, kBlockN, kHeadDim, valid_keys, p.head_dim_v,
+            p.vector_loads);
+  fill_shared(grad_key, kBlockN * kGradientPitch, 0.0f);
+  fill_shared(grad_value, kBlockN * kGradientPitch, 0.0f);
+
+  // Query rows that can see some key of [key_start, last_key]: [row_begin, row_end).
+  const int last_key = min(key_start + kBlockN, view.key_limit) - 1;
+  int row_begin = 0;
+  int row_end = last_key >= key_start ? view.seqlen_q : 0;
+  if (view.has_right) row_begin = max(row_begin, key_start - view.right - view.query_offset);
+  if (view.has_left) row_end = min(row_end, last_key + view.left - view.query_offset + 1);
+  row_begin = row_begin / kBlockM * kBlockM;
+
+  for (int member = 0; member < group; ++member) {
+    const int head = kv_head * group + member;
+    const ScoreRule<Element> rule(p, view, batch, head);
+    const Element* q = static_cast<const Element*>(p.q) + batch * p.q_strides.batch + head * p.q_strides.head;
+    const Element* grad_out = static_cast<const Element*>(bp.grad_out) + batch * bp.grad_out_strides.batch +
+                              head * bp.grad_out_strides.head;
+    float* dq_accum = bp.dq_accum + batch * bp.dq_accum_strides.batch + head * bp.dq_accum_strides.head;
+
+    for (int first_row = row_begin; first_row < row_end; first_row += kBlockM) {
+      const int valid_rows = min(kBlockM, view.seqlen_q - first_row);
+      const int64_t q_row = static_cast<int64_t>(view.q_row_base + first_row);
+      __syncthreads();  // the previous tile's products are done with Q, dO, P and dS
+      load_tile(query_tile, kInputPitch, q + q_row * p.q_strides.row, p.q_strides.row, kBlockM, kHeadDim,
+                valid_rows, p.head_dim, p.vector_loads);
+      load_tile(grad_out_tile, kInputPitch, grad_out + q_row * bp.grad_out_strides.row, bp.grad_out_strides.row,
+                kBlockM, kHeadDim, valid_rows, p.head_dim_v, p.vector_loads);
+      for (int r = threadIdx.x; r < kBlockM; r += blockDim.x) {
+        float lse = -INFINITY;
+        float delta = 0.0f;
+        if (r < valid_rows) {
+          lse = p.lse[batch * p.lse_strides.batch + head * p.lse_strides.head + (q_row + r) * p.lse_strides.row];
+          delta = bp.delta[batch * bp.delta_strides.batch + head * bp.delta_strides.head +
+                           (q_row + r) * bp.delta_strides.row];
+        }
+        row_lse[r] = lse;
+        row_delta[r] = delta;
+      }
+      __syncthreads();
+
+      // S = Q K^T and dP = dO V^T (K and V stored (key, dim): column-major transposes).
+      constexpr int kScoreTiles = (kBlockM / kTile) * (kBlockN / kTile);
+      for (int tile = warp; tile < 2 * kScoreTiles; tile += kWarps) {
+        const bool is_grad = tile >= kScoreTiles;
+        const int index = is_grad ? tile - kScoreTiles : tile;
+        const int tile_m = index / (kBlockN / kTile);
+        const int tile_n = index % (kBlockN / kTile);
+        const int offset_a = tile_m * kTile * kInputPitch;
+        const int offset_b = tile_n * kTile * kInputPitch;
+        const int offset_c = tile_m * kTile * kScorePitch + tile_n * kTile;
+        if (!is_grad) {
+          tile_product<Element, true, false, TileOutput::Overwrite>(query_tile + offset_a, kInputPitch,
+                                                                    key_tile + offset_b, kInputPitch, qk_tiles,
+                                                                    {scores + offset_c, kScorePitch, 0, 0}, nullptr);
+        } else {
+          tile_product<Element, true, false, TileOutput::Overwrite>(
+              grad_out_tile + offset_a, kInputPitch, value_tile + offset_b, kInputPitch, value_tiles,
+              {grad_probabilities + offset_c, kScorePitch, 0, 0}, nullptr);
+        }
+      }
+      __syncthreads();
+
+      // Probabilities and score gradients, one warp per row.
+      for (int r = warp; r < kBlockM; r += kWarps) {
+        const int row = first_row + r;
+        const float lse = row_lse[r];
+        const float delta = row_delta[r];
+        const uint32_t row_hash = dropout ? dropout_row_hash(p.dropout_seed_key, batch, head, row) : 0u;
+        for (int column = lane; column < kBlockN; column += 32) {
+          const int key = key_start + column;
+          float kept_probability = 0.0f;
+          float grad_score = 0.0f;
+          float logit;
+          float capped_tanh;
+          // lse == -inf: the row saw no key in the forward pass; its gradients are 0.
+          if (lse != -INFINITY && view.visible(row, key) &&
+              rule.score(scores[r * kScorePitch + column], row, key, &logit, &capped_tanh)) {
+            const float probability = __expf(logit - lse);
+            float grad_probability = grad_probabilities[r * kScorePitch + column];
+            kept_probability = probability;
+            if (dropout) {
+              const bool keep = dropout_keeps(row_hash, key, p.dropout_threshold);
+              kept_probability = keep ? probability * p.dropout_keep_scale : 0.0f;
+              grad_probability = keep ? grad_probability * p.dropout_keep_scale : 0.0f;
+            }
+            grad_score = probability * (grad_probability - delta);
+            if (rule.softcap > 0.0f) grad_score *= 1.0f - capped_tanh * capped_tanh;
+            grad_score *= p.scale;  // gradient with respect to the raw dot product q . k
+          }
+          probabilities[r * kProbabilityPitch + column] = from_float<Element>(kept_probability);
+          grad_scores[r * kProbabilityPitch + column] = from_float<Element>(grad_score);
+        }
+      }
+      __syncthreads();
+
+      // dV += P^T dO, dK += dS^T Q (accumulated in shared), dQ += dS K (atomics).
+      const int value_grad_tiles = (kBlockN / kTile) * value_tiles;
+      const int key_grad_tiles = (kBlockN / kTile) * qk_tiles;
+      const int query_grad_tiles = (kBlockM / kTile) * qk_tiles;
+      for (int tile = warp; tile < value_grad_tiles + key_grad_tiles + query_grad_tiles; tile += kWarps) {
+        if (tile < value_grad_tiles) {
+          const int tile_n = tile / value_tiles;  // key tile
+          const int tile_d = tile % value_tiles;
+          tile_product<Element, false, true, TileOutput::Accumulate>(
+              probabilities + tile_n * kTile, kProbabilityPitch, grad_out_tile + tile_d * kTile, kInputPitch,
+              kBlockM / kTile, {grad_value + tile_n * kTile * kGradientPitch + tile_d * kTile, kGradientPitch, 0, 0},
+              nullptr);
+        } else if (tile < value_grad_tiles + key_grad_tiles) {
+          const int index = tile - value_grad_tiles;
+          const int tile_n = index / qk_tiles;
+          const int tile_d = index % qk_tiles;
+          tile_product<Element, false, true, TileOutput::Accumulate>(
+              grad_scores + tile_n * kTile, kProbabilityPitch, query_tile + tile_d * kTile, kInputPitch,
+              kBlockM / kTile, {grad_key + tile_n * kTile * kGradientPitch + tile_d * kTile, kGradientPitch, 0, 0},
+              nullptr);
+        } else {
+          const int index = tile - value_grad_tiles - key_grad_tiles;
+          const int tile_m = index / qk_tiles;
+          const int tile_d = index % qk_tiles;
+          const int tile_row = tile_m * kTile;
+          TileDestination destination{dq_accum + (q_row + tile_row) * bp.dq_accum_strides.row + tile_d * kTile,
+                                      bp.dq_accum_strides.row, valid_rows - tile_row, p.head_dim - tile_d * kTile};
+          if (destination.valid_rows > 0)
+            tile_product<Element, true, true, TileOutput::AtomicGlobal>(
+                grad_scores + tile_row * kProbabilityPitch, kProbabilityPitch, key_tile + tile_d * kTile, kInputPitch,
+                kBlockN / kTile, destination, warp_scratch);
+        }
+      }
+    }
+  }
+  __syncthreads();
+
+  // Every key row of this tile gets its dK and dV, zero when no query saw it.
+  Element* dk = static_cast<Element*>(bp.dk) + batch * bp.dk_strides.batch + kv_head * bp.dk_strides.head +
+                k_row * bp.dk_strides.row;
+  Element* dv = static_cast<Element*>(bp.dv) + batch * bp.dv_strides.batch + kv_head * bp.dv_strides.head +
+                k_row * bp.dv_strides.row;
+  for (int index = threadIdx.x; index < valid_keys * kHeadDim; index += blockDim.x) {
+    const int r = index / kHeadDim;
+    const int column = index % kHeadDim;
+    if (column < p.head_dim)
+      dk[r * bp.dk_strides.row + column] = from_float<Element>(grad_key[r * kGradientPitch + column]);
+    if (column < p.head_dim_v)
+      dv[r * bp.dv_strides.row + column] = from_float<Element>(grad_value[r * kGradientPitch + column]);
+  }
+}
+
+#if defined(__CUDACC__)  // launchers: nvcc only (the CPU emulation launches kernels itself)
+template <typename Element, int kHeadDim>
+const char* launch_attention_backward(const AttentionBackwardParams& bp, cudaStream_t stream) {
+  using Config = BackwardConfig<Element, kHeadDim>;
+  const AttentionParams& p = bp.forward;
+  const int key_blocks = (p.seqlen_k + Config::kBlockN - 1) / Config::kBlockN;
+  if (key_blocks == 0 || p.heads_kv == 0 || p.batch == 0) return nullptr;
+  if (p.batch > 65535 || p.heads_kv > 65535) return "fusedattn cuda: batch and heads must be at most 65535";
+  auto kernel = attention_backward_kernel<Element, kHeadDim>;
+  cudaError_t error =
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Config::kSharedBytes);
+  if (error != cudaSuccess) return cudaGetErrorString(error);
+  const dim3 grid(key_blocks, p.heads_kv, p.batch);
+  kernel<<<grid, kThreads, Config::kSharedBytes, stream>>>(bp);
+  error = cudaGetLastError();
+  return error == cudaSuccess ? nullptr : cudaGetErrorString(error);
+}
+
+// The head-dim switch for one element type (each element type is its own source file).
+template <typename Element>
+const char* attention_backward_for(const AttentionBackwardParams& bp, void* stream) {
+  const cudaStream_t cuda_stream = static_cast<cudaStream_t>(stream);
+  switch (head_dim_bucket(bp.forward.head_dim, bp.forward.head_dim_v)) {
+#define FUSEDATTN_BACKWARD_CASE(HEAD_DIM) \
+  case HEAD_DIM:                          \
+    return launch_attention_backward<Element, HEAD_DIM>(bp, cuda_stream);
+    FUSEDATTN_FOR_EACH_HEAD_DIM(FUSEDATTN_BACKWARD_CASE)
+#undef FUSEDATTN_BACKWARD_CASE
+    default:
+      return "fusedattn cuda: this build has no kernel for this head dim";
+  }
+}
+
+#endif  // __CUDACC__
+
+}  // namespace fusedattn::cuda

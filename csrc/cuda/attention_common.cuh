@@ -1,0 +1,380 @@
+// Building blocks shared by the forward and backward kernels: element conversions,
+// tile configurations, tile loads, the score rule of docs/semantics.md, the dropout hash,
+// and the 16x16 warp tile products (tensor cores for fp16/bf16 on sm_80+, FMA otherwise).
+//
+// Design: every tile lives in shared memory. Matrix products are split into 16x16 output
+// tiles handed to warps round-robin; each tile is computed by one warp (WMMA fragments or
+// FMA) and written back to shared memory as float. All elementwise work (masking, softmax,
+// dropout, gradients of the score rule) then reads and writes plain shared-memory arrays with
+// a known (row, column) layout, so no code depends on the opaque WMMA fragment layout.
+#pragma once
+
+#if defined(__CUDACC__)
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#include <mma.h>
+#endif
+// Without nvcc, the includer supplies the CUDA vocabulary (tests/cuda_emulation/ runs these
+// kernels on the CPU, one std::thread per CUDA thread, to test them where no GPU exists).
+
+#include <cmath>
+#include <cstdint>
+#include <type_traits>
+
+#include "attention_params.h"
+
+namespace fusedattn::cuda {
+
+constexpr int kWarps = 4;
+constexpr int kThreads = kWarps * 32;
+constexpr int kTile = 16;  // WMMA tile edge (m16n16k16)
+// Largest dynamic shared memory one block may opt into on sm_80 (A100: 163 KB); sm_90 allows more.
+constexpr int kMaxSharedBytes = 163 * 1024;
+
+// ---- elements ----------------------------------------------------------------------------
+template <typename Element>
+__device__ __forceinline__ float to_float(Element x);
+template <>
+__device__ __forceinline__ float to_float<float>(float x) {
+  return x;
+}
+template <>
+__device__ __forceinline__ float to_float<__half>(__half x) {
+  return __half2float(x);
+}
+template <>
+__device__ __forceinline__ float to_float<__nv_bfloat16>(__nv_bfloat16 x) {
+  return __bfloat162float(x);
+}
+
+template <typename Element>
+__device__ __forceinline__ Element from_float(float x);
+template <>
+__device__ __forceinline__ float from_float<float>(float x) {
+  return x;
+}
+template <>
+__device__ __forceinline__ __half from_float<__half>(float x) {
+  return __float2half_rn(x);
+}
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) {
+  return __float2bfloat16_rn(x);
+}
+
+template <typename Element>
+constexpr bool kIsFloat32 = std::is_same<Element, float>::value;
+
+// ---- shared-memory layout helpers --------------------------------------------------------
+constexpr int round_up(int value, int multiple) { return (value + multiple - 1) / multiple * multiple; }
+
+// Row pitch (elements) of a shared tile of `columns` elements: 16 extra bytes keep every row
+// 16-byte aligned (vector copies, WMMA ldm rules) and shift consecutive rows across banks.
+template <typename Element>
+constexpr int padded_pitch(int columns) {
+  return columns + 16 / static_cast<int>(sizeof(Element));
+}
+
+// Bytes of one shared region, rounded so the next region starts 128-byte aligned
+// (WMMA pointers must be 32-byte aligned).
+template <typename Element>
+constexpr int region_bytes(int rows, int pitch) {
+  return round_up(rows * pitch * static_cast<int>(sizeof(Element)), 128);
+}
+
+// ---- reductions ----------------------------------------------------------------------------
+__device__ __forceinline__ float warp_max(float value) {
+  for (int offset = 16; offset > 0; offset /= 2) value = fmaxf(value, __shfl_xor_sync(0xffffffffu, value, offset));
+  return value;
+}
+
+__device__ __forceinline__ float warp_sum(float value) {
+  for (int offset = 16; offset > 0; offset /= 2) value += __shfl_xor_sync(0xffffffffu, value, offset);
+  return value;
+}
+
+// ---- dropout: the counter-based hash of semantics.py -----------------------------------------
+// lowbias32; all arithmetic modulo 2^32.
+__device__ __forceinline__ uint32_t mix32(uint32_t x) {
+  x ^= x >> 16;
+  x *= 0x7FEB352Du;
+  x ^= x >> 15;
+  x *= 0x846CA68Bu;
+  x ^= x >> 16;
+  return x;
+}
+
+// mix32(mix32(mix32(seed_key ^ sequence) ^ head) ^ row): the part shared by a query row.
+__device__ __forceinline__ uint32_t dropout_row_hash(uint32_t seed_key, int sequence, int head, int row) {
+  uint32_t h = mix32(seed_key ^ static_cast<uint32_t>(sequence));
+  h = mix32(h ^ static_cast<uint32_t>(head));
+  return mix32(h ^ static_cast<uint32_t>(row));
+}
+
+__device__ __forceinline__ bool dropout_keeps(uint32_t row_hash, int key, uint64_t threshold) {
+  return static_cast<uint64_t>(mix32(row_hash ^ static_cast<uint32_t>(key))) >= threshold;
+}
+
+// ---- one sequence of a (dense or packed) batch ----------------------------------------------
+struct SequenceView {
+  int q_row_base;    // first token of this sequence in the packed layout (0 when dense)
+  int k_row_base;
+  int seqlen_q;      // this sequence's Sq and Sk
+  int seqlen_k;
+  int key_limit;     // keys j >= key_limit are masked (key_lengths), <= seqlen_k
+  int query_offset;  // key position of query row 0: Sk - Sq (bottom-right) or 0 (top-left)
+  bool has_left;     // window sides, with causal folded into the right side
+  bool has_right;
+  int left;
+  int right;
+
+  // Causal, window, key length and row range rules (not the boolean mask).
+  __device__ __forceinline__ bool visible(int row, int key) const {
+    if (row >= seqlen_q || key >= key_limit) return false;
+    const int position = row + query_offset;
+    if (has_right && key > position + right) return false;
+    if (has_left && key < position - left) return false;
+    return true;
+  }
+};
+
+__device__ __forceinline__ SequenceView sequence_view(const AttentionParams& p, int batch) {
+  SequenceView view;
+  if (p.cu_seqlens_q != nullptr) {
+    view.q_row_base = p.cu_seqlens_q[batch];
+    view.k_row_base = p.cu_seqlens_k[batch];
+    view.seqlen_q = p.cu_seqlens_q[batch + 1] - view.q_row_base;
+    view.seqlen_k = p.cu_seqlens_k[batch + 1] - view.k_row_base;
+  } else {
+    view.q_row_base = 0;
+    view.k_row_base = 0;
+    view.seqlen_q = p.seqlen_q;
+    view.seqlen_k = p.seqlen_k;
+  }
+  view.key_limit = view.seqlen_k;
+  if (p.key_lengths != nullptr) view.key_limit = max(0, min(view.seqlen_k, p.key_lengths[batch]));
+  view.query_offset = p.bottom_right ? view.seqlen_k - view.seqlen_q : 0;
+  view.has_left = p.window_left >= 0;
+  view.left = p.window_left;
+  view.has_right = p.causal || p.window_right >= 0;
+  // Windows are >= 0, so causal (right side 0) is always the tighter right bound.
+  view.right = p.causal ? 0 : p.window_right;
+  return view;
+}
+
+// ---- the score rule: scale, softcap, ALiBi, masks ---------------------------------------------
+// One per (sequence, query head). score() turns the raw dot product q_i . k_j into the
+// final logit and says whether the pair is visible at all.
+template <typename Element>
+struct ScoreRule {
+  float scale;
+  float softcap;      // 0: off
+  float alibi_slope;  // 0: off
+  int query_offset;
+  MaskKind mask_kind;
+  const unsigned char* mask;  // already offset to (batch, head); byte address
+  int64_t mask_row_stride;    // in elements
+  int64_t mask_key_stride;
+
+  __device__ __forceinline__ ScoreRule(const AttentionParams& p, const SequenceView& view, int batch, int head) {
+    scale = p.scale;
+    softcap = p.softcap;
+    alibi_slope = 0.0f;
+    if (p.alibi_slopes != nullptr)
+      alibi_slope = p.alibi_slopes[batch * p.alibi_batch_stride + head * p.alibi_head_stride];
+    query_offset = view.query_offset;
+    mask_kind = p.mask_kind;
+    mask = nullptr;
+    mask_row_stride = p.mask_strides[2];
+    mask_key_stride = p.mask_strides[3];
+    if (mask_kind != MaskKind::None) {
+      const int64_t element_bytes = mask_kind == MaskKind::Bool ? 1 : static_cast<int64_t>(sizeof(Element));
+      mask = static_cast<const unsigned char*>(p.mask) +
+             (batch * p.mask_strides[0] + head * p.mask_strides[1]) * element_bytes;
+    }
+  }
+
+  // Returns false when the boolean mask hides (row, key). Otherwise writes the logit to
+  // *logit and tanh(scaled / softcap) to *capped_tanh (for the softcap gradient).
+  __device__ __forceinline__ bool score(float dot, int row, int key, float* logit, float* capped_tanh) const {
+    const int64_t mask_index = row * mask_row_stride + key * mask_key_stride;
+    if (mask_kind == MaskKind::Bool && mask[mask_index] == 0) return false;
+    float s = dot * scale;
+    float t = 0.0f;
+    if (softcap > 0.0f) {
+      t = tanhf(s / softcap);
+      s = softcap * t;
+    }
+    if (alibi_slope != 0.0f) s -= alibi_slope * fabsf(static_cast<float>(row + query_offset - key));
+    if (mask_kind == MaskKind::Additive) s += to_float(reinterpret_cast<const Element*>(mask)[mask_index]);
+    *logit = s;
+    *capped_tanh = t;
+    return true;
+  }
+};
+
+// ---- tile loads ------------------------------------------------------------------------------
+// Copy `rows` x `columns` (columns a multiple of 16) from global rows `source` (row stride
+// in elements) into a shared tile with pitch `pitch`; rows >= valid_rows and columns >=
+// valid_columns are zero-filled, so padded products are exact.
+template <typename Element>
+__device__ __forceinline__ void load_tile(Element* tile, int pitch, const Element* source, int64_t row_stride,
+                                          int rows, int columns, int valid_rows, int valid_columns,
+                                          bool vector_loads) {
+  if (vector_loads) {
+    // 16-byte chunks; valid_columns is a multiple of the chunk, so chunks are all in or all out.
+    constexpr int kChunk = 16 / static_cast<int>(sizeof(Element));
+    const int chunks_per_row = columns / kChunk;
+    for (int index = threadIdx.x; index < rows * chunks_per_row; index += blockDim.x) {
+      const int row = index / chunks_per_row;
+      const int column = (index % chunks_per_row) * kChunk;
+      uint4 value = make_uint4(0u, 0u, 0u, 0u);
+      if (row < valid_rows && column < valid_columns)
+        value = *reinterpret_cast<const uint4*>(source + row * row_stride + column);
+      *reinterpret_cast<uint4*>(tile + row * pitch + column) = value;
+    }
+    return;
+  }
+  for (int index = threadIdx.x; index < rows * columns; index += blockDim.x) {
+    const int row = index / columns;
+    const int column = index % columns;
+    Element value = from_float<Element>(0.0f);
+    if (row < valid_rows && column < valid_columns) value = source[row * row_stride + column];
+    tile[row * pitch + column] = value;
+  }
+}
+
+template <typename T>
+__device__ __forceinline__ void fill_shared(T* data, int count, T value) {
+  for (int index = threadIdx.x; index < count; index += blockDim.x) data[index] = value;
+}
+
+// ---- 16x16 warp tile products -----------------------------------------------------------------
+// C(16x16) = A(16 x 16*k_steps) * B(16*k_steps x 16), computed by one warp.
+// A is row-major (A[m * lda + k]) or column-major (A[k * lda + m]); B likewise
+// (row-major B[k * ldb + n], column-major B[n * ldb + k]). Pointers are at the tile origin.
+enum class TileOutput {
+  Overwrite,     // shared float tile c = A B
+  Accumulate,    // shared float tile c += A B
+  AtomicGlobal,  // global float rows: atomicAdd of A B (bounded by valid rows/columns)
+};
+
+struct TileDestination {
+  float* data;       // shared tile origin, or global row 0 / column 0 of the tile
+  int64_t pitch;     // elements between rows
+  int valid_rows;    // AtomicGlobal only
+  int valid_columns;
+};
+
+template <bool kRowMajor>
+__device__ __forceinline__ int64_t a_index(int m, int k, int lda) {
+  return kRowMajor ? static_cast<int64_t>(m) * lda + k : static_cast<int64_t>(k) * lda + m;
+}
+template <bool kRowMajor>
+__device__ __forceinline__ int64_t b_index(int k, int n, int ldb) {
+  return kRowMajor ? static_cast<int64_t>(k) * ldb + n : static_cast<int64_t>(n) * ldb + k;
+}
+
+// FMA version: lane owns column lane % 16 and rows lane / 16 + 2 t, t = 0..7.
+template <typename Element, bool kARowMajor, bool kBRowMajor, TileOutput kOutput>
+__device__ __forceinline__ void tile_product_fma(const Element* a, int lda, const Element* b, int ldb, int k_steps,
+                                                 const TileDestination& destination) {
+  const int lane = threadIdx.x % 32;
+  const int column = lane % 16;
+  const int first_row = lane / 16;
+  float accumulator[8];
+#pragma unroll
+  for (int t = 0; t < 8; ++t) {
+    accumulator[t] = 0.0f;
+    if (kOutput == TileOutput::Accumulate)
+      accumulator[t] = destination.data[(first_row + 2 * t) * destination.pitch + column];
+  }
+  const int depth = k_steps * kTile;
+  for (int k = 0; k < depth; ++k) {
+    const float b_value = to_float(b[b_index<kBRowMajor>(k, column, ldb)]);
+#pragma unroll
+    for (int t = 0; t < 8; ++t)
+      accumulator[t] = fmaf(to_float(a[a_index<kARowMajor>(first_row + 2 * t, k, lda)]), b_value, accumulator[t]);
+  }
+#pragma unroll
+  for (int t = 0; t < 8; ++t) {
+    const int row = first_row + 2 * t;
+    if (kOutput == TileOutput::AtomicGlobal) {
+      if (row < destination.valid_rows && column < destination.valid_columns)
+        atomicAdd(destination.data + row * destination.pitch + column, accumulator[t]);
+    } else {
+      destination.data[row * destination.pitch + column] = accumulator[t];
+    }
+  }
+}
+
+// Tensor cores on sm_80+ device code (the CPU emulation sets it too, with its own wmma).
+#if !defined(FUSEDATTN_TENSOR_CORES)
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+#define FUSEDATTN_TENSOR_CORES 1
+#else
+#define FUSEDATTN_TENSOR_CORES 0
+#endif
+#endif
+
+// Tensor-core version (fp16/bf16 on sm_80+). `scratch` is this warp's 16x16 float buffer,
+// used to turn the fragment into addressable values for AtomicGlobal.
+template <typename Element, bool kARowMajor, bool kBRowMajor, TileOutput kOutput>
+__device__ __forceinline__ void tile_product(const Element* a, int lda, const Element* b, int ldb, int k_steps,
+                                             const TileDestination& destination, float* scratch) {
+#if FUSEDATTN_TENSOR_CORES
+  if constexpr (!kIsFloat32<Element>) {
+    namespace wmma = nvcuda::wmma;
+    using ALayout = typename std::conditional<kARowMajor, wmma::row_major, wmma::col_major>::type;
+    using BLayout = typename std::conditional<kBRowMajor, wmma::row_major, wmma::col_major>::type;
+    wmma::fragment<wmma::matrix_a, kTile, kTile, kTile, Element, ALayout> a_fragment;
+    wmma::fragment<wmma::matrix_b, kTile, kTile, kTile, Element, BLayout> b_fragment;
+    wmma::fragment<wmma::accumulator, kTile, kTile, kTile, float> accumulator;
+    if constexpr (kOutput == TileOutput::Accumulate) {
+      wmma::load_matrix_sync(accumulator, destination.data, static_cast<unsigned>(destination.pitch),
+                             wmma::mem_row_major);
+    } else {
+      wmma::fill_fragment(accumulator, 0.0f);
+    }
+    for (int step = 0; step < k_steps; ++step) {
+      const int k = step * kTile;
+      wmma::load_matrix_sync(a_fragment, a + a_index<kARowMajor>(0, k, lda), static_cast<unsigned>(lda));
+      wmma::load_matrix_sync(b_fragment, b + b_index<kBRowMajor>(k, 0, ldb), static_cast<unsigned>(ldb));
+      wmma::mma_sync(accumulator, a_fragment, b_fragment, accumulator);
+    }
+    if constexpr (kOutput == TileOutput::AtomicGlobal) {
+      const int lane = threadIdx.x % 32;
+      wmma::store_matrix_sync(scratch, accumulator, kTile, wmma::mem_row_major);
+      __syncwarp();
+      for (int index = lane; index < kTile * kTile; index += 32) {
+        const int row = index / kTile;
+        const int column = index % kTile;
+        if (row < destination.valid_rows && column < destination.valid_columns)
+          atomicAdd(destination.data + row * destination.pitch + column, scratch[index]);
+      }
+      __syncwarp();
+    } else {
+      wmma::store_matrix_sync(destination.data, accumulator, static_cast<unsigned>(destination.pitch),
+                              wmma::mem_row_major);
+    }
+    return;
+  }
+#endif
+  (void)scratch;
+  tile_product_fma<Element, kARowMajor, kBRowMajor, kOutput>(a, lda, b, ldb, k_steps, destination);
+}
+
+// Head-dim buckets: one kernel per bucket, the smallest multiple of 32 holding max(D, Dv).
+#define FUSEDATTN_FOR_EACH_HEAD_DIM(MACRO) \
+  MACRO(32) MACRO(64) MACRO(96) MACRO(128) MACRO(160) MACRO(192) MACRO(224) MACRO(256)
+
+inline int head_dim_bucket(int head_dim, int head_dim_v) {
+  const int largest = head_dim > head_dim_v ? head_dim : head_dim_v;
+  return (largest + 31) / 32 * 32;
+}
+
+// Round a head dim up to the 16-column tiles the products run over.
+__device__ __forceinline__ int tiles_of(int columns) { return (columns + kTile - 1) / kTile; }
+
+}  // namespace fusedattn::cuda

@@ -1,0 +1,255 @@
+// The torch side of the CUDA backend's operators, without any CUDA header: tensors in,
+// AttentionParams filled, kernels launched through attention_params.h. bindings.cpp
+// instantiates these bodies for CUDA tensors; the CPU emulation used by the tests
+// (csrc/cuda/emulation) instantiates the same bodies for CPU tensors.
+//
+// Arguments were validated by python/fusedattn/validation.py; outputs are allocated by
+// python/fusedattn/backends/cuda.py (through allocate_output) and written in place.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <optional>
+#include <vector>
+
+#include "attention_params.h"
+
+namespace fusedattn::cuda {
+namespace detail {
+
+inline ElementType element_type_of(const at::Tensor& tensor) {
+  switch (tensor.scalar_type()) {
+    case at::kHalf:
+      return ElementType::Float16;
+    case at::kBFloat16:
+      return ElementType::BFloat16;
+    case at::kFloat:
+      return ElementType::Float32;
+    default:
+      break;
+  }
+  TORCH_CHECK(false, "fusedattn cuda: unsupported dtype ", tensor.scalar_type());
+}
+
+// (batch, head, row) strides of a dense (B, H, S, ...) or packed (T, H, ...) tensor.
+inline RowStrides row_strides(const at::Tensor& tensor, bool varlen) {
+  if (varlen) return {0, tensor.stride(1), tensor.stride(0)};
+  return {tensor.stride(0), tensor.stride(1), tensor.stride(2)};
+}
+
+// lse is (B, Hq, Sq) dense and (Hq, Tq) packed.
+inline RowStrides lse_strides(const at::Tensor& lse, bool varlen) {
+  if (varlen) return {0, lse.stride(0), lse.stride(1)};
+  return {lse.stride(0), lse.stride(1), lse.stride(2)};
+}
+
+inline at::Tensor with_contiguous_rows(const at::Tensor& tensor) {
+  return tensor.size(-1) <= 1 || tensor.stride(-1) == 1 ? tensor : tensor.contiguous();
+}
+
+inline bool rows_are_vector_aligned(const at::Tensor& tensor, int64_t chunk) {
+  if (reinterpret_cast<uintptr_t>(tensor.data_ptr()) % 16 != 0) return false;
+  for (int64_t dim = 0; dim + 1 < tensor.dim(); ++dim)
+    if (tensor.size(dim) > 1 && tensor.stride(dim) % chunk != 0) return false;
+  return tensor.size(-1) % chunk == 0;
+}
+
+inline void require_output(const at::Tensor& output, const at::Tensor& like, at::ScalarType dtype, const char* name) {
+  TORCH_CHECK(output.device() == like.device() && output.scalar_type() == dtype, "fusedattn cuda: ", name,
+              " must be a ", dtype, " tensor on ", like.device());
+  TORCH_CHECK(output.size(-1) <= 1 || output.stride(-1) == 1, "fusedattn cuda: ", name,
+              " must be contiguous in its last dim");
+}
+
+// The options shared by forward and backward, as in fusedattn/ops.py's op schema.
+struct Options {
+  std::optional<at::Tensor> attn_mask, key_lengths, cu_seqlens_q, cu_seqlens_k, alibi_slopes;
+  int64_t max_seqlen_q, max_seqlen_k;
+  double scale;
+  bool causal, bottom_right;
+  int64_t window_left, window_right;
+  double softcap, dropout_p;
+  int64_t dropout_seed_key, dropout_threshold;
+};
+
+// Fill p from q, k, v and the options. `keep_alive` holds converted tensors until the launch.
+inline AttentionParams make_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                   const Options& options, std::vector<at::Tensor>& keep_alive) {
+  AttentionParams p;
+  const bool varlen = options.cu_seqlens_q.has_value();
+  p.element_type = element_type_of(q);
+  p.q = q.data_ptr();
+  p.k = k.data_ptr();
+  p.v = v.data_ptr();
+  p.q_strides = row_strides(q, varlen);
+  p.k_strides = row_strides(k, varlen);
+  p.v_strides = row_strides(v, varlen);
+  p.heads_q = static_cast<int>(q.size(-2 - (varlen ? 0 : 1)));
+  p.heads_kv = static_cast<int>(k.size(-2 - (varlen ? 0 : 1)));
+  p.head_dim = static_cast<int>(q.size(-1));
+  p.head_dim_v = static_cast<int>(v.size(-1));
+  if (varlen) {
+    const at::Tensor cu_q = options.cu_seqlens_q->to(at::kInt).contiguous();
+    const at::Tensor cu_k = options.cu_seqlens_k->to(at::kInt).contiguous();
+    keep_alive.push_back(cu_q);
+    keep_alive.push_back(cu_k);
+    p.cu_seqlens_q = cu_q.data_ptr<int32_t>();
+    p.cu_seqlens_k = cu_k.data_ptr<int32_t>();
+    p.batch = static_cast<int>(cu_q.size(0) - 1);
+    p.seqlen_q = static_cast<int>(options.max_seqlen_q);
+    p.seqlen_k = static_cast<int>(options.max_seqlen_k);
+  } else {
+    p.batch = static_cast<int>(q.size(0));
+    p.seqlen_q = static_cast<int>(q.size(2));
+    p.seqlen_k = static_cast<int>(k.size(2));
+  }
+  if (options.key_lengths.has_value()) {
+    const at::Tensor lengths = options.key_lengths->to(at::kInt).contiguous();
+    keep_alive.push_back(lengths);
+    p.key_lengths = lengths.data_ptr<int32_t>();
+  }
+  p.scale = static_cast<float>(options.scale);
+  p.causal = options.causal;
+  p.bottom_right = options.bottom_right;
+  // A window side wider than Sq + Sk hides nothing; clamping keeps position arithmetic in int.
+  const int64_t widest = static_cast<int64_t>(p.seqlen_q) + p.seqlen_k + 1;
+  p.window_left = options.window_left < 0 ? -1 : static_cast<int>(std::min(options.window_left, widest));
+  p.window_right = options.window_right < 0 ? -1 : static_cast<int>(std::min(options.window_right, widest));
+  p.softcap = static_cast<float>(options.softcap);
+  if (options.alibi_slopes.has_value()) {
+    const at::Tensor slopes = options.alibi_slopes->to(at::kFloat);
+    keep_alive.push_back(slopes);
+    p.alibi_slopes = slopes.data_ptr<float>();
+    p.alibi_batch_stride = slopes.dim() == 2 ? slopes.stride(0) : 0;
+    p.alibi_head_stride = slopes.stride(-1);
+  }
+  if (options.attn_mask.has_value()) {
+    const at::Tensor& mask = *options.attn_mask;
+    TORCH_CHECK(mask.dim() == 4, "fusedattn cuda: attn_mask must arrive as a 4-D (B, Hq, Sq, Sk) view");
+    p.mask_kind = mask.scalar_type() == at::kBool ? MaskKind::Bool : MaskKind::Additive;
+    TORCH_CHECK(p.mask_kind == MaskKind::Bool || mask.scalar_type() == q.scalar_type(),
+                "fusedattn cuda: an additive attn_mask must have q's dtype");
+    p.mask = mask.data_ptr();
+    for (int dim = 0; dim < 4; ++dim) p.mask_strides[dim] = mask.stride(dim);
+  }
+  p.dropout_p = static_cast<float>(options.dropout_p);
+  if (options.dropout_p > 0.0) {
+    p.dropout_threshold = static_cast<uint64_t>(options.dropout_threshold);
+    p.dropout_seed_key = static_cast<uint32_t>(options.dropout_seed_key & 0xFFFFFFFF);
+    p.dropout_keep_scale = options.dropout_p >= 1.0 ? 0.0f : static_cast<float>(1.0 / (1.0 - options.dropout_p));
+  }
+  return p;
+}
+
+// q, k, v with contiguous rows and the parameters every launch shares.
+struct PreparedCall {
+  at::Tensor q, k, v;
+  bool varlen;
+  std::vector<at::Tensor> keep_alive;  // converted option tensors, alive until the launch
+  AttentionParams params;
+
+  PreparedCall(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in, const Options& options)
+      : q(with_contiguous_rows(q_in)),
+        k(with_contiguous_rows(k_in)),
+        v(with_contiguous_rows(v_in)),
+        varlen(options.cu_seqlens_q.has_value()) {
+    params = make_params(q, k, v, options, keep_alive);
+    const int64_t chunk = 16 / q.element_size();
+    params.vector_loads =
+        rows_are_vector_aligned(q, chunk) && rows_are_vector_aligned(k, chunk) && rows_are_vector_aligned(v, chunk);
+  }
+};
+
+}  // namespace detail
+
+// The operator bodies, for a Device policy: Device::check(q) rejects other devices,
+// Device::guard(q) makes q's device current for the scope, Device::stream() is the
+// stream to launch on (bindings.cpp: CUDA; the CPU emulation of the tests: none).
+template <typename Device>
+void attention_forward_op(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in, at::Tensor& out,
+                          at::Tensor& lse, const std::optional<at::Tensor>& attn_mask,
+                          const std::optional<at::Tensor>& key_lengths,
+                          const std::optional<at::Tensor>& cu_seqlens_q,
+                          const std::optional<at::Tensor>& cu_seqlens_k,
+                          const std::optional<at::Tensor>& alibi_slopes, int64_t max_seqlen_q,
+                          int64_t max_seqlen_k, double scale, bool causal, bool bottom_right, int64_t window_left,
+                          int64_t window_right, double softcap, double dropout_p, int64_t dropout_seed_key,
+                          int64_t dropout_threshold) {
+  Device::check(q_in);
+  [[maybe_unused]] const auto device_guard = Device::guard(q_in);
+  detail::PreparedCall call(q_in, k_in, v_in,
+                            {attn_mask, key_lengths, cu_seqlens_q, cu_seqlens_k, alibi_slopes, max_seqlen_q,
+                             max_seqlen_k, scale, causal, bottom_right, window_left, window_right, softcap,
+                             dropout_p, dropout_seed_key, dropout_threshold});
+  detail::require_output(out, call.q, call.q.scalar_type(), "out");
+  detail::require_output(lse, call.q, at::kFloat, "lse");
+  AttentionParams& p = call.params;
+  p.out = out.data_ptr();
+  p.out_strides = detail::row_strides(out, call.varlen);
+  p.lse = lse.data_ptr<float>();
+  p.lse_strides = detail::lse_strides(lse, call.varlen);
+  const char* error = attention_forward(p, Device::stream());
+  TORCH_CHECK(error == nullptr, "fusedattn cuda forward: ", error);
+}
+
+template <typename Device>
+void attention_backward_op(const at::Tensor& grad_out_in, const at::Tensor& q_in, const at::Tensor& k_in,
+                           const at::Tensor& v_in, const at::Tensor& out, const at::Tensor& lse, at::Tensor& dq,
+                           at::Tensor& dk, at::Tensor& dv, const std::optional<at::Tensor>& attn_mask,
+                           const std::optional<at::Tensor>& key_lengths,
+                           const std::optional<at::Tensor>& cu_seqlens_q,
+                           const std::optional<at::Tensor>& cu_seqlens_k,
+                           const std::optional<at::Tensor>& alibi_slopes, int64_t max_seqlen_q,
+                           int64_t max_seqlen_k, double scale, bool causal, bool bottom_right, int64_t window_left,
+                           int64_t window_right, double softcap, double dropout_p, int64_t dropout_seed_key,
+                           int64_t dropout_threshold) {
+  using namespace detail;
+  Device::check(q_in);
+  [[maybe_unused]] const auto device_guard = Device::guard(q_in);
+  PreparedCall call(q_in, k_in, v_in,
+                    {attn_mask, key_lengths, cu_seqlens_q, cu_seqlens_k, alibi_slopes, max_seqlen_q, max_seqlen_k,
+                     scale, causal, bottom_right, window_left, window_right, softcap, dropout_p, dropout_seed_key,
+                     dropout_threshold});
+  const at::Tensor grad_out = with_contiguous_rows(grad_out_in);
+  const at::Tensor& q = call.q;
+  const bool varlen = call.varlen;
+  require_output(dq, q, q.scalar_type(), "dq");
+  require_output(dk, q, q.scalar_type(), "dk");
+  require_output(dv, q, q.scalar_type(), "dv");
+  TORCH_CHECK(lse.scalar_type() == at::kFloat, "fusedattn cuda: lse must be float32");
+  AttentionBackwardParams bp;
+  bp.forward = call.params;
+  bp.forward.out = const_cast<void*>(out.data_ptr());
+  bp.forward.out_strides = row_strides(out, varlen);
+  bp.forward.lse = const_cast<float*>(lse.data_ptr<float>());
+  bp.forward.lse_strides = lse_strides(lse, varlen);
+  bp.forward.vector_loads = call.params.vector_loads && rows_are_vector_aligned(grad_out, 16 / q.element_size());
+
+  // delta_i = sum_c dO_ic out_ic in float32: (B, Hq, Sq) dense, (Tq, Hq) packed.
+  const at::Tensor delta = (grad_out.to(at::kFloat) * out.to(at::kFloat)).sum(-1);
+  const at::Tensor dq_accum = at::zeros(q.sizes(), q.options().dtype(at::kFloat));
+  bp.grad_out = grad_out.data_ptr();
+  bp.grad_out_strides = row_strides(grad_out, varlen);
+  bp.delta = delta.data_ptr<float>();
+  bp.delta_strides = varlen ? RowStrides{0, delta.stride(1), delta.stride(0)}
+                            : RowStrides{delta.stride(0), delta.stride(1), delta.stride(2)};
+  bp.dq_accum = dq_accum.data_ptr<float>();
+  bp.dq_accum_strides = row_strides(dq_accum, varlen);
+  bp.dk = dk.data_ptr();
+  bp.dk_strides = row_strides(dk, varlen);
+  bp.dv = dv.data_ptr();
+  bp.dv_strides = row_strides(dv, varlen);
+  const char* error = attention_backward(bp, Device::stream());
+  TORCH_CHECK(error == nullptr, "fusedattn cuda backward: ", error);
+  dq.copy_(dq_accum);
+}
+
+// The option arguments of both operator schemas.
+#define FUSEDATTN_CUDA_OPTIONS                                                                                 \
+  "Tensor? attn_mask, Tensor? key_lengths, Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, Tensor? alibi_slopes, " \
+  "int max_seqlen_q, int max_seqlen_k, float scale, bool causal, bool bottom_right, int window_left, "          \
+  "int window_right, float softcap, float dropout_p, int dropout_seed_key, int dropout_threshold"
+
+}  // namespace fusedattn::cuda

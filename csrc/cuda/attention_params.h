@@ -1,0 +1,102 @@
+// The interface between the torch binding (bindings.cpp) and the CUDA kernels.
+//
+// Plain C++ only: no torch and no CUDA headers, so the kernel sources compile on their
+// own (scripts/cuda_check.sh) and the binding needs nothing from the kernels but this.
+// Every tensor is described by a pointer and strides counted in elements; the last
+// (head) dimension of q, k, v, out, grad_out, dq, dk, dv is contiguous.
+#pragma once
+
+#include <cstdint>
+
+namespace fusedattn::cuda {
+
+enum class ElementType : int { Float16 = 0, BFloat16 = 1, Float32 = 2 };
+enum class MaskKind : int { None = 0, Bool = 1, Additive = 2 };
+
+// Strides of a tensor addressed as (batch, head, row[, column]).
+// Dense (B, H, S, D) tensors use all three; packed varlen (T, H, D) tensors set batch = 0
+// and the kernel adds the sequence's first token (cu_seqlens[b]) to the row.
+struct RowStrides {
+  int64_t batch = 0;
+  int64_t head = 0;
+  int64_t row = 0;
+};
+
+// One forward call. The same struct carries the options of a backward call.
+struct AttentionParams {
+  ElementType element_type = ElementType::Float16;
+
+  const void* q = nullptr;  // (B, Hq, Sq, D) or (Tq, Hq, D)
+  const void* k = nullptr;  // (B, Hkv, Sk, D) or (Tk, Hkv, D)
+  const void* v = nullptr;  // (B, Hkv, Sk, Dv) or (Tk, Hkv, Dv)
+  RowStrides q_strides, k_strides, v_strides;
+  void* out = nullptr;  // like q with Dv columns
+  RowStrides out_strides;
+  float* lse = nullptr;  // (B, Hq, Sq) or (Hq, Tq), natural log
+  RowStrides lse_strides;
+
+  int batch = 0;     // B, or the number of packed sequences N
+  int heads_q = 0;   // Hq
+  int heads_kv = 0;  // Hkv, divides Hq
+  int seqlen_q = 0;  // Sq, or max_seqlen_q for varlen
+  int seqlen_k = 0;  // Sk, or max_seqlen_k for varlen
+  int head_dim = 0;  // D
+  int head_dim_v = 0;  // Dv
+
+  const int32_t* cu_seqlens_q = nullptr;  // (N + 1,) for varlen, else null
+  const int32_t* cu_seqlens_k = nullptr;
+  const int32_t* key_lengths = nullptr;  // (B,) or null
+
+  float scale = 1.0f;
+  bool causal = false;
+  bool bottom_right = true;  // query i sits at key position i + Sk - Sq (else i)
+  int window_left = -1;      // -1: unbounded
+  int window_right = -1;
+  float softcap = 0.0f;  // 0: off
+
+  const float* alibi_slopes = nullptr;  // (Hq,) or (B, Hq)
+  int64_t alibi_batch_stride = 0;
+  int64_t alibi_head_stride = 0;
+
+  MaskKind mask_kind = MaskKind::None;
+  const void* mask = nullptr;  // bool (1 byte) or the element type, read through strides
+  int64_t mask_strides[4] = {0, 0, 0, 0};  // (batch, head, query, key)
+
+  float dropout_p = 0.0f;
+  uint64_t dropout_threshold = 0;  // drop when hash < floor(p * 2^32); may equal 2^32
+  uint32_t dropout_seed_key = 0;   // semantics.dropout_seed_key(seed)
+  float dropout_keep_scale = 1.0f;  // 1 / (1 - p), 0 when p == 1
+
+  // True when every row start of q/k/v/out/grad_out is 16-byte aligned and the head dims
+  // are multiples of 16 bytes: tiles are then copied with 16-byte vector loads.
+  bool vector_loads = false;
+};
+
+struct AttentionBackwardParams {
+  AttentionParams forward;  // q, k, v, out, lse and every option
+
+  const void* grad_out = nullptr;  // like out
+  RowStrides grad_out_strides;
+  const float* delta = nullptr;  // rowsum(grad_out * out) in float32, indexed like lse
+  RowStrides delta_strides;
+  float* dq_accum = nullptr;  // float32 like q, zero-filled; the kernels add into it
+  RowStrides dq_accum_strides;
+  void* dk = nullptr;  // like k
+  RowStrides dk_strides;
+  void* dv = nullptr;  // like v
+  RowStrides dv_strides;
+};
+
+// Launch on `stream` (a cudaStream_t). Return nullptr on success, else a static message.
+const char* attention_forward(const AttentionParams& params, void* stream);
+const char* attention_backward(const AttentionBackwardParams& params, void* stream);
+
+// Per element type, used by the two functions above (one source file each, compiled in parallel).
+const char* attention_forward_float16(const AttentionParams& params, void* stream);
+const char* attention_forward_bfloat16(const AttentionParams& params, void* stream);
+const char* attention_forward_float32(const AttentionParams& params, void* stream);
+const char* attention_backward_float16(const AttentionBackwardParams& params, void* stream);
+const char* attention_backward_bfloat16(const AttentionBackwardParams& params, void* stream);
+const char* attention_backward_float32(const AttentionBackwardParams& params, void* stream);
+
+}  // namespace fusedattn::cuda

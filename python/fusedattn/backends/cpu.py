@@ -1,0 +1,93 @@
+"""The C++ CPU backend: fused flash-style attention kernels in fusedattn._C.
+
+The kernels (csrc/cpu/) tile over queries and keys with an online softmax, never build
+the (Sq x Sk) score matrix, run in parallel with OpenMP and use the widest SIMD variant
+the CPU supports, chosen at run time (FUSEDATTN_CPU_ISA=generic|avx2|avx512|avx512bf16
+forces one). Every feature of the semantics is served, forward and backward, for float32,
+bfloat16 and float16 (accumulating in float32).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .. import semantics
+from .._native import native, native_error
+from ..ops import op_arguments
+from ..semantics import AttentionCall
+from .base import Backend, Capabilities, allocate_output
+
+
+def _available() -> tuple[bool, str]:
+    if native() is None:
+        return False, native_error() or "fusedattn._C is not built"
+    if not hasattr(torch.ops.fusedattn_native, "cpu_forward"):
+        return False, "fusedattn._C was built without the CPU kernels"
+    return True, ""
+
+
+def selected_isa() -> str:
+    """Name of the kernel variant the native code runs on this CPU (e.g. 'avx512')."""
+    native()
+    return torch.ops.fusedattn_native.cpu_isa()
+
+
+def _options(call: AttentionCall) -> tuple:
+    """The option tail shared by cpu_forward and cpu_backward.
+
+    The custom op's flattened options (ops.op_arguments: masks, varlen offsets, ALiBi,
+    max lengths, scale, causal, alignment, window, softcap), with ALiBi slopes as
+    contiguous float32 and dropout as the integers the kernels hash with.
+    """
+    options = list(op_arguments(call)[3:16])
+    alibi_position = 4
+    if options[alibi_position] is not None:
+        options[alibi_position] = options[alibi_position].to(torch.float32).contiguous()
+    if call.dropout_p > 0.0:
+        dropout = (
+            semantics.dropout_threshold(call.dropout_p),
+            semantics.dropout_keep_scale(call.dropout_p),
+            semantics.dropout_seed_key(int(call.dropout_seed)),
+        )
+    else:
+        dropout = (0, 1.0, 0)
+    return (*options, *dropout)
+
+
+def forward(call: AttentionCall) -> tuple[torch.Tensor, torch.Tensor]:
+    """out (*q.shape[:-1], Dv) in q's dtype and lse float32 (B, Hq, Sq) or (Hq, Tq)."""
+    native()
+    out = allocate_output(call.out_shape, call.dtype, call.device)
+    lse = allocate_output(call.lse_shape, torch.float32, call.device)
+    torch.ops.fusedattn_native.cpu_forward(call.q, call.k, call.v, out, lse, *_options(call))
+    return out, lse
+
+
+def backward(
+    call: AttentionCall, grad_out: torch.Tensor, out: torch.Tensor, lse: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv) shaped like (q, k, v); dk/dv summed over each GQA group."""
+    native()
+    grad_q = allocate_output(tuple(call.q.shape), call.dtype, call.device)
+    grad_k = allocate_output(tuple(call.k.shape), call.dtype, call.device)
+    grad_v = allocate_output(tuple(call.v.shape), call.dtype, call.device)
+    torch.ops.fusedattn_native.cpu_backward(
+        grad_out.to(call.dtype), call.q, call.k, call.v, out, lse, grad_q, grad_k, grad_v, *_options(call)
+    )
+    return grad_q, grad_k, grad_v
+
+
+BACKEND = Backend(
+    name="cpu",
+    description="fused C++ CPU kernels: tiled online softmax, OpenMP, SIMD chosen at run time",
+    capabilities=Capabilities(
+        devices=frozenset({"cpu"}),
+        dtypes=frozenset({torch.float32, torch.bfloat16, torch.float16}),
+        features=frozenset(semantics.FEATURES),
+        max_head_dim=semantics.MAX_HEAD_DIM,
+        priority={"cpu": 20},
+    ),
+    forward=forward,
+    backward=backward,
+    availability=_available,
+)

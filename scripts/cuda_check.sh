@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Compile-only check of the CUDA kernels (`make cuda-check`): builds the torch-free sources
+# in csrc/cuda as an OBJECT library with nvcc for sm_80 and sm_90, in its own build dir.
+# Needs nvcc (and cmake, ninja from .venv when present); needs neither torch nor a GPU.
+# Fails on any compile error or warning.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+BUILD_DIR="${FUSEDATTN_CUDA_CHECK_DIR:-$ROOT/build/cuda-check}"
+ARCHITECTURES="${FUSEDATTN_CUDA_CHECK_ARCHITECTURES:-80;90}"
+JOBS="${MAX_JOBS:-$(nproc)}"
+
+# Prefer the project's virtual environment for cmake and ninja.
+if [ -x "$ROOT/.venv/bin/cmake" ]; then export PATH="$ROOT/.venv/bin:$PATH"; fi
+NVCC="${CUDACXX:-$(command -v nvcc || true)}"
+if [ -z "$NVCC" ] && [ -x /usr/local/cuda/bin/nvcc ]; then NVCC=/usr/local/cuda/bin/nvcc; fi
+if [ -z "$NVCC" ]; then
+  echo "cuda-check: nvcc not found (set CUDACXX or put nvcc on PATH)" >&2
+  exit 2
+fi
+GENERATOR=()
+if command -v ninja >/dev/null 2>&1; then GENERATOR=(-G Ninja); fi
+
+start=$(date +%s)
+cmake -S "$ROOT/csrc/cuda" -B "$BUILD_DIR" "${GENERATOR[@]}" \
+  -DCMAKE_CUDA_COMPILER="$NVCC" -DCMAKE_CUDA_ARCHITECTURES="$ARCHITECTURES" -DCMAKE_BUILD_TYPE=Release >/dev/null
+cmake --build "$BUILD_DIR" --parallel "$JOBS" --clean-first
+echo "cuda-check: csrc/cuda compiled for sm_${ARCHITECTURES//;/, sm_} with $("$NVCC" --version | tail -n 2 | head -n 1) in $(( $(date +%s) - start ))s"

@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# `make sanitize`: build fusedattn._C with AddressSanitizer and UndefinedBehaviorSanitizer
+# into its own build dir (build/sanitize; the editable build is untouched) and run a subset
+# of the CPU kernel tests against it. Exits nonzero on any sanitizer report.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PY=${PY:-.venv/bin/python}
+# Absolute, but not resolved: a venv's python is a symlink to the base interpreter.
+PY="$(cd "$(dirname "$PY")" && pwd)/$(basename "$PY")"
+BUILD_DIR=${FUSEDATTN_SANITIZE_BUILD_DIR:-build/sanitize}
+LOG="$BUILD_DIR/sanitize.log"
+# The subset: every feature in float32 and bfloat16, varlen, decoding splits, masked rows,
+# strided inputs and every compiled instruction-set variant.
+SUBSET=${FUSEDATTN_SANITIZE_TESTS:-"(features and not float16) or varlen or decode or fully_masked or non_contiguous or instruction_set or head_dims or value_head_dim"}
+
+generator=()
+if "$PY" -c "import ninja" 2>/dev/null; then generator=(-G Ninja); fi
+cmake -S . -B "$BUILD_DIR" "${generator[@]}" \
+  -DPython_EXECUTABLE="$PY" \
+  -DCMAKE_LIBRARY_OUTPUT_DIRECTORY="$(realpath -m "$BUILD_DIR/lib")" \
+  -DCMAKE_BUILD_TYPE=RelWithDebInfo \
+  -DFUSEDATTN_CUDA=OFF \
+  -DFUSEDATTN_SANITIZE=ON >/dev/null
+PATH="$(dirname "$PY"):$PATH" cmake --build "$BUILD_DIR" --parallel "${MAX_JOBS:-$(nproc)}"
+library=$(ls "$BUILD_DIR"/lib/_C*.so)
+
+compiler=${CXX:-c++}
+preload="$($compiler -print-file-name=libasan.so) $($compiler -print-file-name=libubsan.so)"
+export ASAN_OPTIONS="detect_leaks=0:halt_on_error=1:abort_on_error=0:exitcode=86${ASAN_OPTIONS:+:$ASAN_OPTIONS}"
+export UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1:exitcode=87${UBSAN_OPTIONS:+:$UBSAN_OPTIONS}"
+# OpenMP threads as in normal runs (2 keeps the test time down on small machines).
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
+
+status=0
+# --capture=sys: sanitizer reports go to the real stderr (fd capture would swallow them).
+LD_PRELOAD="$preload" "$PY" tests/sanitize/run_sanitized.py "$library" -q -p no:cacheprovider --capture=sys \
+  tests/test_cpu_backend.py -k "$SUBSET" 2>&1 | tee "$LOG" || status=$?
+if grep -qE "ERROR: AddressSanitizer|runtime error:|ERROR: LeakSanitizer" "$LOG"; then
+  echo "sanitize: sanitizer report found (see $LOG)" >&2
+  exit 1
+fi
+if [ "$status" -ne 0 ]; then
+  echo "sanitize: tests failed under the sanitizers (exit $status, see $LOG)" >&2
+  exit "$status"
+fi
+echo "sanitize: no sanitizer report"

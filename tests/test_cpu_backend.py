@@ -1,0 +1,265 @@
+"""The C++ CPU backend against the float64 reference, feature by feature.
+
+Every check goes through fusedattn.testing.assert_backend_matches: outputs are poisoned
+with NaN before the kernels run and out, lse, dq, dk, dv are compared with the oracle.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from fusedattn import semantics
+from fusedattn.backends.base import poisoned_outputs
+from fusedattn.backends.cpu import BACKEND, selected_isa
+from fusedattn.backends.reference import reference_attention
+from fusedattn.testing import assert_backend_matches
+from fusedattn.validation import validate_attention
+
+available, why = BACKEND.availability()
+pytestmark = pytest.mark.skipif(not available, reason=f"cpu backend unavailable: {why}")
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+def make_qkv(batch=2, heads_q=4, heads_kv=2, seqlen_q=17, seqlen_k=33, dim=40, dim_v=None, dtype=torch.float32):
+    """Random dense q (B, Hq, Sq, D), k (B, Hkv, Sk, D), v (B, Hkv, Sk, Dv)."""
+    dim_v = dim if dim_v is None else dim_v
+    q = torch.randn(batch, heads_q, seqlen_q, dim, dtype=dtype)
+    k = torch.randn(batch, heads_kv, seqlen_k, dim, dtype=dtype)
+    v = torch.randn(batch, heads_kv, seqlen_k, dim_v, dtype=dtype)
+    return q, k, v
+
+
+FEATURE_CASES = {
+    "plain": {},
+    "causal_bottom_right": {"causal": True},
+    "causal_top_left": {"causal": True, "causal_alignment": "top_left"},
+    "window": {"window": (5, 3)},
+    "window_left_only_causal": {"window": (4, None), "causal": True},
+    "window_top_left": {"window": (2, 6), "causal_alignment": "top_left"},
+    "alibi": {"alibi_slopes": "per_head"},
+    "alibi_per_batch_causal": {"alibi_slopes": "per_batch", "causal": True},
+    "softcap": {"softcap": 2.0},
+    "dropout": {"dropout_p": 0.3},
+    "bool_mask": {"attn_mask": "bool"},
+    "additive_mask": {"attn_mask": "additive"},
+    "key_lengths": {"key_lengths": True},
+    "everything": {
+        "causal": True,
+        "window": (9, None),
+        "alibi_slopes": "per_head",
+        "softcap": 3.0,
+        "attn_mask": "bool",
+        "key_lengths": True,
+        "dropout_p": 0.2,
+    },
+    "additive_alibi_softcap_dropout": {
+        "attn_mask": "additive",
+        "alibi_slopes": "per_batch",
+        "softcap": 1.5,
+        "dropout_p": 0.4,
+        "causal": True,
+        "causal_alignment": "top_left",
+    },
+}
+
+
+def materialize(options: dict, q: torch.Tensor, k: torch.Tensor) -> dict:
+    """Turn the symbolic options of FEATURE_CASES into tensors for these inputs."""
+    batch, heads_q, seqlen_q, _ = q.shape
+    seqlen_k = k.shape[2]
+    options = dict(options)
+    if options.get("alibi_slopes") == "per_head":
+        options["alibi_slopes"] = torch.rand(heads_q) * 0.5
+    elif options.get("alibi_slopes") == "per_batch":
+        options["alibi_slopes"] = torch.rand(batch, heads_q) * 0.5
+    if options.get("attn_mask") == "bool":
+        # Broadcast over heads, one row fully masked.
+        mask = torch.rand(batch, 1, seqlen_q, seqlen_k) > 0.3
+        mask[:, :, 0] = False
+        options["attn_mask"] = mask
+    elif options.get("attn_mask") == "additive":
+        mask = torch.randn(seqlen_q, seqlen_k).to(q.dtype)
+        mask[1, ::2] = float("-inf")
+        options["attn_mask"] = mask
+    if options.get("key_lengths") is True:
+        options["key_lengths"] = torch.randint(1, seqlen_k + 1, (batch,), dtype=torch.int32)
+    return options
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+@pytest.mark.parametrize("case", list(FEATURE_CASES), ids=list(FEATURE_CASES))
+def test_features(case: str, dtype: torch.dtype) -> None:
+    q, k, v = make_qkv(dtype=dtype)
+    assert_backend_matches("cpu", q, k, v, **materialize(FEATURE_CASES[case], q, k))
+
+
+@pytest.mark.parametrize(
+    ("seqlen_q", "seqlen_k"),
+    [(1, 1), (1, 7), (7, 1), (7, 17), (17, 7), (127, 127), (1, 127), (127, 17)],
+)
+@pytest.mark.parametrize("causal", [False, True])
+def test_awkward_lengths(seqlen_q: int, seqlen_k: int, causal: bool) -> None:
+    q, k, v = make_qkv(batch=1, heads_q=2, heads_kv=1, seqlen_q=seqlen_q, seqlen_k=seqlen_k, dim=24)
+    assert_backend_matches("cpu", q, k, v, causal=causal)
+
+
+@pytest.mark.parametrize("dim", [1, 16, 40, 80, 96, 112, 192, 256])
+def test_head_dims(dim: int) -> None:
+    q, k, v = make_qkv(batch=1, heads_q=2, heads_kv=1, seqlen_q=9, seqlen_k=70, dim=dim)
+    assert_backend_matches("cpu", q, k, v, causal=True)
+
+
+@pytest.mark.parametrize(("dim", "dim_v"), [(64, 32), (16, 80), (40, 256), (256, 8)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+def test_value_head_dim(dim: int, dim_v: int, dtype: torch.dtype) -> None:
+    q, k, v = make_qkv(batch=1, heads_q=2, heads_kv=2, seqlen_q=19, seqlen_k=45, dim=dim, dim_v=dim_v, dtype=dtype)
+    assert_backend_matches("cpu", q, k, v, causal=True)
+
+
+@pytest.mark.parametrize(("heads_q", "heads_kv"), [(8, 8), (8, 4), (8, 2), (8, 1), (6, 3)])
+def test_gqa(heads_q: int, heads_kv: int) -> None:
+    q, k, v = make_qkv(batch=2, heads_q=heads_q, heads_kv=heads_kv, seqlen_q=21, seqlen_k=30, dim=32)
+    assert_backend_matches("cpu", q, k, v, causal=True, dropout_p=0.1)
+
+
+def test_non_contiguous_inputs() -> None:
+    # (B, S, H, D) storage viewed as (B, H, S, D), and a strided feature dimension.
+    q = torch.randn(2, 13, 4, 32).transpose(1, 2)
+    k = torch.randn(2, 29, 2, 64)[..., ::2].transpose(1, 2)
+    v = torch.randn(2, 2, 48, 29).transpose(-1, -2)
+    assert not (q.is_contiguous() or k.is_contiguous() or v.is_contiguous())
+    mask = (torch.rand(2, 4, 29, 13) > 0.2).transpose(-1, -2)  # non-contiguous key stride
+    assert_backend_matches("cpu", q, k, v, attn_mask=mask, causal=True)
+
+
+def test_fully_masked_rows() -> None:
+    q, k, v = make_qkv(batch=2, heads_q=2, heads_kv=1, seqlen_q=10, seqlen_k=10, dim=16)
+    mask = torch.ones(2, 2, 10, 10, dtype=torch.bool)
+    mask[0, :, 3] = False
+    mask[1, 1] = False  # a whole head
+    assert_backend_matches("cpu", q, k, v, attn_mask=mask)
+    # Key length 0 masks every row of that batch; a window can leave rows with no key.
+    assert_backend_matches("cpu", q, k, v, key_lengths=torch.tensor([0, 4], dtype=torch.int32))
+    q2, k2, v2 = make_qkv(batch=1, heads_q=2, heads_kv=2, seqlen_q=12, seqlen_k=5, dim=16)
+    assert_backend_matches("cpu", q2, k2, v2, causal=True)  # bottom-right: first rows see nothing
+    assert_backend_matches("cpu", q2, k2, v2, window=(0, 0), causal_alignment="top_left")
+    mask_add = torch.zeros(1, 1, 12, 5)
+    mask_add[..., 2, :] = float("-inf")
+    assert_backend_matches("cpu", q2, k2, v2, attn_mask=mask_add)
+    with poisoned_outputs():
+        out, lse = BACKEND.forward(validate_attention(q2, k2, v2, attn_mask=mask_add))
+    assert torch.all(out[:, :, 2] == 0) and torch.all(torch.isneginf(lse[:, :, 2]))
+
+
+def _varlen(lengths_q, lengths_k, heads_q=4, heads_kv=2, dim=32, dim_v=None, dtype=torch.float32):
+    dim_v = dim if dim_v is None else dim_v
+    cu_q = torch.tensor([0, *torch.tensor(lengths_q).cumsum(0).tolist()], dtype=torch.int32)
+    cu_k = torch.tensor([0, *torch.tensor(lengths_k).cumsum(0).tolist()], dtype=torch.int32)
+    q = torch.randn(int(cu_q[-1]), heads_q, dim, dtype=dtype)
+    k = torch.randn(int(cu_k[-1]), heads_kv, dim, dtype=dtype)
+    v = torch.randn(int(cu_k[-1]), heads_kv, dim_v, dtype=dtype)
+    varlen = {
+        "cu_seqlens_q": cu_q,
+        "cu_seqlens_k": cu_k,
+        "max_seqlen_q": max(lengths_q),
+        "max_seqlen_k": max(lengths_k),
+    }
+    return q, k, v, varlen
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {},
+        {"causal": True},
+        {"causal": True, "causal_alignment": "top_left", "window": (3, None)},
+        {"alibi_slopes": "per_batch", "softcap": 2.0},
+        {"dropout_p": 0.25, "causal": True},
+    ],
+    ids=["plain", "causal", "window_top_left", "alibi_softcap", "dropout"],
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["float32", "float16"])
+def test_varlen(options: dict, dtype: torch.dtype) -> None:
+    lengths_q, lengths_k = [5, 1, 0, 70, 9], [5, 12, 3, 90, 2]
+    q, k, v, varlen = _varlen(lengths_q, lengths_k, dtype=dtype)
+    options = dict(options)
+    if options.get("alibi_slopes") == "per_batch":
+        options["alibi_slopes"] = torch.rand(len(lengths_q), q.shape[1]) * 0.5
+    assert_backend_matches("cpu", q, k, v, **varlen, **options)
+
+
+def test_varlen_value_head_dim_gqa() -> None:
+    q, k, v, varlen = _varlen([3, 40], [50, 40], heads_q=6, heads_kv=2, dim=48, dim_v=20)
+    assert_backend_matches("cpu", q, k, v, **varlen, causal=True)
+
+
+@pytest.mark.parametrize("dropout_p", [0.1, 0.5, 0.9])
+def test_dropout_mask_is_the_reference_mask(dropout_p: float) -> None:
+    # In float32 one differing keep bit moves the output far beyond this tolerance.
+    q, k, v = make_qkv(batch=2, heads_q=4, heads_kv=2, seqlen_q=20, seqlen_k=150, dim=16)
+    call = validate_attention(q, k, v, dropout_p=dropout_p, dropout_seed=987654321987)
+    out, lse = BACKEND.forward(call)
+    ref_out, ref_lse, _ = reference_attention(call, torch.float64)
+    torch.testing.assert_close(out.double(), ref_out, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(lse.double(), ref_lse, atol=2e-5, rtol=1e-5)
+    # A different seed gives a different output.
+    other, _ = BACKEND.forward(validate_attention(q, k, v, dropout_p=dropout_p, dropout_seed=5))
+    assert not torch.allclose(other, out)
+
+
+def test_dropout_everything_dropped() -> None:
+    q, k, v = make_qkv(seqlen_q=5, seqlen_k=9, dim=8)
+    assert_backend_matches("cpu", q, k, v, dropout_p=1.0)
+
+
+@pytest.mark.parametrize("heads_kv", [1, 8], ids=["one_kv_head", "eight_kv_heads"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+def test_decode_split_keys(heads_kv: int, dtype: torch.dtype) -> None:
+    # One query over many keys: the forward splits the keys and merges partial results,
+    # and the backward spreads key blocks of one KV head over threads.
+    q, k, v = make_qkv(batch=1, heads_q=8, heads_kv=heads_kv, seqlen_q=1, seqlen_k=1100, dim=64, dtype=dtype)
+    lengths = {"key_lengths": torch.tensor([700], dtype=torch.int32)}
+    assert_backend_matches("cpu", q, k, v, **lengths)
+    assert_backend_matches("cpu", q, k, v, window=(300, None), dropout_p=0.2, alibi_slopes=torch.rand(8))
+
+
+def test_sliding_window_long() -> None:
+    q, k, v = make_qkv(batch=1, heads_q=2, heads_kv=1, seqlen_q=300, seqlen_k=300, dim=32)
+    assert_backend_matches("cpu", q, k, v, causal=True, window=(40, None))
+
+
+@pytest.mark.parametrize("isa", ["generic", "avx2", "avx512", "avx512bf16"])
+def test_every_instruction_set_variant(isa: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    import fusedattn
+
+    variants = [s.split()[0] for s in fusedattn._native.build_info().get("simd", []) if "runtime" in s]
+    if isa not in variants:
+        pytest.skip(f"{isa} variant not compiled")
+    monkeypatch.setenv("FUSEDATTN_CPU_ISA", isa)
+    try:
+        assert selected_isa() == isa
+    except RuntimeError as error:  # this CPU lacks the instructions
+        pytest.skip(str(error))
+    for dtype in DTYPES:
+        q, k, v = make_qkv(batch=1, heads_q=4, heads_kv=2, seqlen_q=70, seqlen_k=75, dim=40, dim_v=24, dtype=dtype)
+        assert_backend_matches("cpu", q, k, v, causal=True, softcap=5.0, alibi_slopes=torch.rand(4), dropout_p=0.1)
+        # Decoding shapes (two rows per KV head) take the dot-product path.
+        q, k, v = make_qkv(batch=2, heads_q=4, heads_kv=2, seqlen_q=1, seqlen_k=300, dim=32, dim_v=48, dtype=dtype)
+        assert_backend_matches("cpu", q, k, v, key_lengths=torch.tensor([300, 41], dtype=torch.int32))
+        q, k, v = make_qkv(batch=1, heads_q=2, heads_kv=2, seqlen_q=1, seqlen_k=77, dim=20, dtype=dtype)
+        assert_backend_matches("cpu", q, k, v, window=(30, None), softcap=3.0)
+
+
+def test_dispatch_prefers_cpu_backend() -> None:
+    import fusedattn
+
+    q, k, v = make_qkv()
+    out_auto = fusedattn.attention(q, k, v, causal=True)
+    out_cpu = fusedattn.attention(q, k, v, causal=True, backend="cpu")
+    torch.testing.assert_close(out_auto, out_cpu, rtol=0, atol=0)
+
+
+def test_dropout_threshold_encoding() -> None:
+    # The native op takes floor(p * 2**32) as an int; p = 1 reaches 2**32 exactly.
+    assert semantics.dropout_threshold(1.0) == 2**32

@@ -71,6 +71,9 @@ RESERVE_S=200 run_step tests_triton 110 "$OUT_DIR/tests.log" \
   $PYTHON -m pytest -q -n 8 -p no:cacheprovider --durations=10 tests/test_triton_backend.py
 RESERVE_S=180 run_step tests_gpu 60 "$OUT_DIR/tests.log" \
   $PYTHON -m pytest -q -n 8 -p no:cacheprovider -m gpu tests --ignore=tests/test_triton_backend.py
+# Issue 7: a tiny Llama with attn_implementation="fusedattn" under torch.compile(fullgraph=True) on cuda.
+RESERVE_S=170 run_step tests_compile_llama 45 "$OUT_DIR/tests.log" \
+  $PYTHON -m pytest -q -p no:cacheprovider tests/test_compile_llama.py
 
 # ---- 3. parity harness on cuda, one backend at a time, merged into one JSON ----
 # The GPU backends first (the reference last: it is the oracle itself), in case time runs out.

@@ -2,10 +2,10 @@
 
 Three kernels:
   * preprocess: delta = rowsum(dO * O), one float per query row;
-  * dK/dV: one program per (key block, batch x KV head); it loops over the query heads
+  * dK/dV: one program per (key block, KV head, batch); it loops over the query heads
     of its GQA group and over the query blocks that can see its keys, so dK/dV are
     reduced over the group inside the program, with no atomics;
-  * dQ: one program per (query block, batch x query head), looping over key blocks.
+  * dQ: one program per (query block, query head, batch), looping over key blocks.
 
 Default mode folds dQ into the dK/dV kernel with float32 atomic adds (one pass over the
 score matrix instead of two; the order of the adds is not fixed). Deterministic mode,
@@ -71,9 +71,8 @@ def attention_backward_preprocess_kernel(
 ):
     """delta[row] = sum_d dO[row, d] * O[row, d] in float32."""
     block_m = tl.program_id(0)
-    batch_head = tl.program_id(1)
-    batch = batch_head // heads_q
-    head = batch_head % heads_q
+    head = tl.program_id(1)  # heads and batch on their own grid axes (each at most 65535)
+    batch = tl.program_id(2)
     if IS_VARLEN:
         q_start = tl.load(CuSeqlensQ + batch)
         len_q = tl.load(CuSeqlensQ + batch + 1) - q_start
@@ -85,12 +84,20 @@ def attention_backward_preprocess_kernel(
     valid = (rows < len_q)[:, None] & (offs_dv < HEAD_DIM_V)[None, :]
     row_offsets = (q_start + rows)[:, None].to(tl.int64)
     out = tl.load(
-        Out + batch.to(tl.int64) * stride_ob + head * stride_oh + row_offsets * stride_os + offs_dv[None, :],
+        Out
+        + batch.to(tl.int64) * stride_ob
+        + head.to(tl.int64) * stride_oh
+        + row_offsets * stride_os
+        + offs_dv[None, :],
         mask=valid,
         other=0.0,
     )
     grad_out = tl.load(
-        GradOut + batch.to(tl.int64) * stride_gb + head * stride_gh + row_offsets * stride_gs + offs_dv[None, :],
+        GradOut
+        + batch.to(tl.int64) * stride_gb
+        + head.to(tl.int64) * stride_gh
+        + row_offsets * stride_gs
+        + offs_dv[None, :],
         mask=valid,
         other=0.0,
     )
@@ -149,8 +156,9 @@ def score_gradients(
 ):
     """(kept probabilities, dS) of one (BLOCK_M, BLOCK_N) tile, recomputed from lse.
 
-    kept = P with dropout applied (what multiplied V in the forward); dS = P * (dP - delta)
-    with dP = dO . v masked and rescaled like P, times 1 - tanh^2 under softcap.
+    kept = P with the dropout mask applied but not yet rescaled by 1 / (1 - p) (the caller
+    scales dV once at the end: P / (1 - p) can pass fp16's range for p near 1); dS =
+    P * (dP - delta) with dP = dO . v masked and rescaled like P, times 1 - tanh^2 under softcap.
     """
     qk = tl.dot(q, tl.trans(k_tile), input_precision=INPUT_PRECISION)
     logits, softcap_tanh = attention_logits(
@@ -163,7 +171,7 @@ def score_gradients(
     kept = probabilities
     if HAS_DROPOUT:
         keep = dropout_keep(row_hash, keys, dropout_threshold)
-        kept = tl.where(keep, probabilities * dropout_keep_scale, 0.0)
+        kept = tl.where(keep, probabilities, 0.0)
         grad_probabilities = tl.where(keep, grad_probabilities * dropout_keep_scale, 0.0)
     grad_scores = probabilities * (grad_probabilities - delta[:, None])
     if HAS_SOFTCAP:
@@ -248,9 +256,8 @@ def attention_backward_dkdv_kernel(
     BLOCK_N: tl.constexpr,
 ):
     block_n = tl.program_id(0)
-    batch_kv_head = tl.program_id(1)
-    batch = batch_kv_head // heads_kv
-    kv_head = batch_kv_head % heads_kv
+    kv_head = tl.program_id(1)  # heads and batch on their own grid axes (each at most 65535)
+    batch = tl.program_id(2)
     q_start, k_start, len_q, len_k, key_limit, position_offset = sequence_bounds(
         batch, CuSeqlensQ, CuSeqlensK, KeyLengths, seqlen_q, seqlen_k, IS_VARLEN, HAS_KEY_LENGTHS, BOTTOM_RIGHT
     )
@@ -336,6 +343,8 @@ def attention_backward_dkdv_kernel(
                 tl.atomic_add(accumulator_pointers, grad_q, mask=row_valid[:, None] & d_valid[None, :], sem="relaxed")
 
     grad_k = grad_k * scale
+    if HAS_DROPOUT:
+        grad_v = grad_v * dropout_keep_scale
     tl.store(
         GradK + batch64 * stride_dkb + kv_head.to(tl.int64) * stride_dkh + k_rows * stride_dks + offs_d[None, :],
         grad_k.to(GradK.dtype.element_ty),
@@ -416,9 +425,8 @@ def attention_backward_dq_kernel(
     BLOCK_N: tl.constexpr,
 ):
     block_m = tl.program_id(0)
-    batch_head = tl.program_id(1)
-    batch = batch_head // heads_q
-    head = batch_head % heads_q
+    head = tl.program_id(1)  # heads and batch on their own grid axes (each at most 65535)
+    batch = tl.program_id(2)
     kv_head = head // group
     q_start, k_start, len_q, len_k, key_limit, position_offset = sequence_bounds(
         batch, CuSeqlensQ, CuSeqlensK, KeyLengths, seqlen_q, seqlen_k, IS_VARLEN, HAS_KEY_LENGTHS, BOTTOM_RIGHT
@@ -471,11 +479,14 @@ def attention_backward_dq_kernel(
     for start_n in range(lo, hi, BLOCK_N):
         keys = start_n + offs_n
         key_valid = keys < len_k
+        key_offsets = keys.to(tl.int64)  # key * stride may pass 2**31
         k_tile = tl.load(
-            k_base + keys[:, None] * stride_ks + offs_d[None, :], mask=key_valid[:, None] & d_valid[None, :], other=0.0
+            k_base + key_offsets[:, None] * stride_ks + offs_d[None, :],
+            mask=key_valid[:, None] & d_valid[None, :],
+            other=0.0,
         )
         v_tile = tl.load(
-            v_base + keys[:, None] * stride_vs + offs_dv[None, :],
+            v_base + key_offsets[:, None] * stride_vs + offs_dv[None, :],
             mask=key_valid[:, None] & dv_valid[None, :],
             other=0.0,
         )
@@ -523,7 +534,7 @@ def backward(
     statistics_strides = dict(zip(("stride_lb", "stride_lh", "stride_ls"), lse_strides(lse, varlen)))
     launch(
         attention_backward_preprocess_kernel,
-        (triton.cdiv(problem.seqlen_q, block_m), problem.batch * problem.heads_q),
+        (triton.cdiv(problem.seqlen_q, block_m), problem.heads_q, problem.batch),
         Out=out,
         GradOut=grad_out,
         Delta=delta,
@@ -570,7 +581,7 @@ def backward(
     )
     launch(
         attention_backward_dkdv_kernel,
-        (triton.cdiv(problem.seqlen_k, block_n), problem.batch * problem.heads_kv),
+        (triton.cdiv(problem.seqlen_k, block_n), problem.heads_kv, problem.batch),
         GradQAccumulator=grad_q_accumulator,
         GradK=grad_k,
         GradV=grad_v,
@@ -584,7 +595,7 @@ def backward(
     if deterministic:
         launch(
             attention_backward_dq_kernel,
-            (triton.cdiv(problem.seqlen_q, block_m), problem.batch * problem.heads_q),
+            (triton.cdiv(problem.seqlen_q, block_m), problem.heads_q, problem.batch),
             GradQ=grad_q,
             **_strides("stride_dq", grad_q, varlen),
             heads_q=problem.heads_q,

@@ -1,7 +1,7 @@
 """Decode attention: few query rows against a long KV, split over the keys (split-KV).
 
 With Sq <= 16 the forward kernel would run one mostly empty query block per head and
-leave most of the GPU idle. Here one program serves a (KV split, batch x KV head) pair:
+leave most of the GPU idle. Here one program serves a (KV split, KV head, batch) triple:
 its rows are all the query rows of all the query heads of the GQA group (each K/V tile
 is loaded once for the whole group), and it covers one slice of the keys. Each program
 writes a partial output normalized by its own softmax sum, plus that slice's lse; the
@@ -93,9 +93,8 @@ def attention_decode_split_kernel(
     BLOCK_N: tl.constexpr,
 ):
     split = tl.program_id(0)
-    batch_kv_head = tl.program_id(1)
-    batch = batch_kv_head // heads_kv
-    kv_head = batch_kv_head % heads_kv
+    kv_head = tl.program_id(1)  # heads and batch on their own grid axes (each at most 65535)
+    batch = tl.program_id(2)
     _q_start, _k_start, len_q, len_k, key_limit, position_offset = sequence_bounds(
         batch, CuSeqlensQ, CuSeqlensK, KeyLengths, seqlen_q, seqlen_k, IS_VARLEN, HAS_KEY_LENGTHS, BOTTOM_RIGHT
     )
@@ -205,11 +204,11 @@ def attention_decode_combine_kernel(
     lse = tl.where(empty, float("-inf"), safe_largest + tl.log(tl.where(empty, 1.0, total)))
     batch64 = batch.to(tl.int64)
     tl.store(
-        Out + batch64 * stride_ob + head * stride_oh + row * stride_os + offs_dv,
+        Out + batch64 * stride_ob + head.to(tl.int64) * stride_oh + row.to(tl.int64) * stride_os + offs_dv,
         out.to(Out.dtype.element_ty),
         mask=offs_dv < HEAD_DIM_V,
     )
-    tl.store(Lse + batch64 * stride_lb + head * stride_lh + row * stride_ls, lse)
+    tl.store(Lse + batch64 * stride_lb + head.to(tl.int64) * stride_lh + row.to(tl.int64) * stride_ls, lse)
 
 
 def split_count(problem: Problem, block_n: int, device: torch.device) -> int:
@@ -236,7 +235,7 @@ def run_decode(call: AttentionCall, problem: Problem, out: torch.Tensor, lse: to
     partial_lse = torch.empty((rows, splits), dtype=torch.float32, device=q.device)
     launch(
         attention_decode_split_kernel,
-        (splits, problem.batch * problem.heads_kv),
+        (splits, problem.heads_kv, problem.batch),
         Q=q,
         K=k,
         V=v,

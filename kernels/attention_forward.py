@@ -1,5 +1,5 @@
 """Forward attention: a FlashAttention-2-style tiled online softmax, one program per
-(query block, batch x query head).
+(query block, query head, batch).
 
 Every feature of semantics.py is handled inside the tile loop: the key range is cut to
 the tiles causal masking / windows / key lengths leave visible (the others are never
@@ -137,11 +137,13 @@ def attend_tile(
     """
     keys = start_n + tl.arange(0, BLOCK_N)
     key_valid = keys < len_k
+    # 64-bit row offsets: key * stride passes 2**31 for long K/V with wide rows (varlen, BSHD views).
+    key_offsets = keys.to(tl.int64)
     if USE_TMA:
         k_tile = tl.trans(k_source.load([start_n, 0]))
     else:
         k_tile = tl.load(
-            k_source + keys[None, :] * stride_ks + offs_d[:, None],
+            k_source + key_offsets[None, :] * stride_ks + offs_d[:, None],
             mask=key_valid[None, :] & d_valid[:, None],
             other=0.0,
         )
@@ -163,7 +165,7 @@ def attend_tile(
         v_tile = v_source.load([start_n, 0])
     else:
         v_tile = tl.load(
-            v_source + keys[:, None] * stride_vs + offs_dv[None, :],
+            v_source + key_offsets[:, None] * stride_vs + offs_dv[None, :],
             mask=key_valid[:, None] & dv_valid[None, :],
             other=0.0,
         )
@@ -240,9 +242,10 @@ def attention_forward_kernel(
     if CAUSAL:
         # Later query blocks see more keys: start them first for a better tail.
         block_m = tl.num_programs(0) - 1 - block_m
-    batch_head = tl.program_id(1)
-    batch = batch_head // heads_q
-    head = batch_head % heads_q
+    # Heads and batch on grid axes 1 and 2 (at most 65535 each): their product on one axis
+    # failed to launch for B * H > 65535.
+    head = tl.program_id(1)
+    batch = tl.program_id(2)
     kv_head = head // group
     q_start, k_start, len_q, len_k, key_limit, position_offset = sequence_bounds(
         batch, CuSeqlensQ, CuSeqlensK, KeyLengths, seqlen_q, seqlen_k, IS_VARLEN, HAS_KEY_LENGTHS, BOTTOM_RIGHT
@@ -252,6 +255,7 @@ def attention_forward_kernel(
         return
 
     rows = first_row + tl.arange(0, BLOCK_M)
+    row_offsets = rows.to(tl.int64)  # row * stride may pass 2**31 (see attend_tile)
     row_valid = rows < len_q
     heads = tl.full((BLOCK_M,), 0, tl.int32) + head
     offs_d = tl.arange(0, BLOCK_D)
@@ -263,7 +267,9 @@ def attention_forward_kernel(
     k_base = K + batch.to(tl.int64) * stride_kb + kv_head.to(tl.int64) * stride_kh + k_start.to(tl.int64) * stride_ks
     v_base = V + batch.to(tl.int64) * stride_vb + kv_head.to(tl.int64) * stride_vh + k_start.to(tl.int64) * stride_vs
     q = tl.load(
-        q_base + rows[:, None] * stride_qs + offs_d[None, :], mask=row_valid[:, None] & d_valid[None, :], other=0.0
+        q_base + row_offsets[:, None] * stride_qs + offs_d[None, :],
+        mask=row_valid[:, None] & d_valid[None, :],
+        other=0.0,
     )
 
     if USE_TMA:
@@ -331,12 +337,12 @@ def attention_forward_kernel(
     lse = tl.where(empty, float("-inf"), (row_max + tl.math.log2(tl.where(empty, 1.0, row_sum))) * LN2)
     out_base = Out + batch.to(tl.int64) * stride_ob + head.to(tl.int64) * stride_oh + q_start.to(tl.int64) * stride_os
     tl.store(
-        out_base + rows[:, None] * stride_os + offs_dv[None, :],
+        out_base + row_offsets[:, None] * stride_os + offs_dv[None, :],
         out.to(Out.dtype.element_ty),
         mask=row_valid[:, None] & dv_valid[None, :],
     )
     lse_base = Lse + batch.to(tl.int64) * stride_lb + head.to(tl.int64) * stride_lh + q_start.to(tl.int64) * stride_ls
-    tl.store(lse_base + rows * stride_ls, lse, mask=row_valid)
+    tl.store(lse_base + row_offsets * stride_ls, lse, mask=row_valid)
 
 
 _TUNE_KEY = [
@@ -388,13 +394,12 @@ def _run_forward_kernel(call: AttentionCall, problem: Problem, q, k, v, out, lse
         BLOCK_DV=block_dv,
         **feature_arguments(call),
     )
-    batch_heads = problem.batch * problem.heads_q
     use_tma = tma_eligible(k, v)
     if use_tma:
         _install_descriptor_allocator()
     if interpreting() or q.device.type != "cuda":
         block = configs.INTERPRETER_BLOCK
-        grid = (triton.cdiv(problem.seqlen_q, block), batch_heads)
+        grid = (triton.cdiv(problem.seqlen_q, block), problem.heads_q, problem.batch)
         options = dict(BLOCK_M=block, BLOCK_N=block, num_warps=4, num_stages=1)
         launch(attention_forward_kernel, grid, USE_TMA=use_tma, **options, **arguments)
         return
@@ -402,7 +407,7 @@ def _run_forward_kernel(call: AttentionCall, problem: Problem, q, k, v, out, lse
     kernel = _tuned_forward_kernel(max(block_d, block_dv), q.dtype, heavy)
 
     def grid(meta):
-        return (triton.cdiv(problem.seqlen_q, meta["BLOCK_M"]), batch_heads)
+        return (triton.cdiv(problem.seqlen_q, meta["BLOCK_M"]), problem.heads_q, problem.batch)
 
     if use_tma:
         try:

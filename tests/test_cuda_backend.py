@@ -324,3 +324,34 @@ def test_larger_problem_matches_reference(dtype):
 def test_this_gpu_is_not_refused():
     profile = CallProfile("cuda", torch.float16, 128, 128, frozenset({"backward"}))
     assert cuda_backend.refuse(profile) is None
+
+
+def test_emulated_nan_query_row_stays_nan(emulated):
+    # A NaN in one query row: that row's out and lse are NaN (not lse -inf, which the
+    # backward reads as "fully masked" and would turn into zero gradients).
+    q, k, v = _inputs(1, 2, 1, 20, 20, 32, dtype=torch.float32, device="cpu")
+    q[0, 1, 3, 5] = float("nan")
+    call = validate_attention(q, k, v, causal=True)
+    backend = dispatch.registry()[emulated]
+    out, lse = backend.forward(call)
+    nan_row = torch.zeros(1, 2, 20, dtype=torch.bool)
+    nan_row[0, 1, 3] = True
+    assert torch.equal(out.isnan().any(-1), nan_row) and torch.equal(lse.isnan(), nan_row)
+    grad_q, _grad_k, _grad_v = backend.backward(call, torch.randn_like(out), out, lse)
+    assert torch.equal(grad_q.isnan().any(-1), nan_row)
+
+
+def test_emulated_dropout_near_one_stays_in_fp16_range(emulated):
+    # p = 0.99999: a kept probability times 1 / (1 - p) = 1e5 passes fp16's range, while
+    # out and dv (1e5 * 0.01) do not; scaling before the fp16 store used to give inf.
+    dropout_p, seed = 0.99999, 11291
+    zero = torch.zeros((), dtype=torch.int64)
+    assert semantics.dropout_hash(seed, zero, zero, zero, zero) >= semantics.dropout_threshold(dropout_p)  # kept
+    q, k = (torch.randn(1, 1, 1, 16, dtype=torch.float16, device="cpu") for _ in range(2))
+    v = torch.full((1, 1, 1, 16), 0.01, dtype=torch.float16, device="cpu")
+    inputs = [t.requires_grad_(True) for t in (q, k, v)]
+    out = fusedattn.attention(*inputs, dropout_p=dropout_p, dropout_seed=seed, backend=emulated)
+    out.backward(torch.full_like(out, 0.01))
+    expected = torch.full((1, 1, 1, 16), 0.01 / (1 - dropout_p))
+    torch.testing.assert_close(out.detach().float().cpu(), expected, rtol=2e-3, atol=0)
+    torch.testing.assert_close(inputs[2].grad.float().cpu(), expected, rtol=2e-3, atol=0)

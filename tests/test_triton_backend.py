@@ -273,6 +273,30 @@ def test_fully_masked_rows(dtype):
     assert torch.all(out[:, :, 3] == 0) and torch.all(lse[:, :, 3] == float("-inf"))
 
 
+@pytest.mark.parametrize("window", [(None, 2**31 - 1), (2**31 - 1, 2**31 - 1)], ids=["right", "both"])
+def test_widest_windows_hide_nothing(window):
+    # position + window_right + 1 is int32 arithmetic in the kernels: 2**31 - 1 used to wrap
+    # and mask every key. (Windows near 2**63 overflow the int64 reference itself.)
+    q, k, v = _inputs(1, 1, 1, 5, 7, 16)
+    assert_backend_matches("triton", q, k, v, window=window)
+
+
+def test_dropout_near_one_stays_in_fp16_range():
+    # p = 0.99999: a kept probability times 1 / (1 - p) = 1e5 passes fp16's range, while
+    # out and dv (1e5 * 0.01) do not; scaling before the fp16 store used to give inf.
+    dropout_p, seed = 0.99999, 11291
+    zero = torch.zeros((), dtype=torch.int64)
+    assert semantics.dropout_hash(seed, zero, zero, zero, zero) >= semantics.dropout_threshold(dropout_p)  # kept
+    q, k = (torch.randn(1, 1, 1, 16, dtype=torch.float16, device=DEVICE) for _ in range(2))
+    v = torch.full((1, 1, 1, 16), 0.01, dtype=torch.float16, device=DEVICE)
+    inputs = [t.requires_grad_(True) for t in (q, k, v)]
+    out = fusedattn.attention(*inputs, dropout_p=dropout_p, dropout_seed=seed, backend="triton")
+    out.backward(torch.full_like(out, 0.01))
+    expected = torch.full((1, 1, 1, 16), 0.01 / (1 - dropout_p))
+    torch.testing.assert_close(out.detach().float().cpu(), expected, rtol=2e-3, atol=0)
+    torch.testing.assert_close(inputs[2].grad.float().cpu(), expected, rtol=2e-3, atol=0)
+
+
 def test_deterministic_backward(monkeypatch):
     monkeypatch.setenv("FUSEDATTN_DETERMINISTIC", "1")
     q, k, v = _inputs(1, 4, 1, 20, 33, 16)

@@ -203,3 +203,9 @@ def test_sdpa_specific_errors():
         )
     with pytest.raises(ValueError, match="query: expected a 3-D"):
         fusedattn.scaled_dot_product_attention(q[0, 0], k[0, 0], v[0, 0])
+
+
+def test_huge_window_sides_hide_nothing():
+    q, k, v = _qkv()
+    call = fusedattn.validation.validate_attention(q, k, v, window=(2**70, 2**63 - 1))
+    assert (call.window_left, call.window_right) == (2**30, 2**30)

@@ -65,7 +65,7 @@ __global__ void __launch_bounds__(kThreads) attention_backward_kernel(const Atte
   Element* grad_out_tile = reinterpret_cast<Element*>(shared + Config::kGradOutOffset);
   float* scores = reinterpret_cast<float*>(shared + Config::kScoreOffset);
   float* grad_probabilities = reinterpret_cast<float*>(shared + Config::kGradProbabilityOffset);
-  Element* probabilities = reinterpret_cast<Element*>(shared + Config::kProbabilityOffset);  // after dropout
+  Element* probabilities = reinterpret_cast<Element*>(shared + Config::kProbabilityOffset);  // dropout mask, unscaled
   Element* grad_scores = reinterpret_cast<Element*>(shared + Config::kGradScoreOffset);
   float* grad_key = reinterpret_cast<float*>(shared + Config::kGradKeyOffset);
   float* grad_value = reinterpret_cast<float*>(shared + Config::kGradValueOffset);
@@ -178,7 +178,7 @@ __global__ void __launch_bounds__(kThreads) attention_backward_kernel(const Atte
             kept_probability = probability;
             if (dropout) {
               const bool keep = dropout_keeps(row_hash, key, p.dropout_threshold);
-              kept_probability = keep ? probability * p.dropout_keep_scale : 0.0f;
+              kept_probability = keep ? probability : 0.0f;  // dV is scaled by 1 / (1 - p) at the end
               grad_probability = keep ? grad_probability * p.dropout_keep_scale : 0.0f;
             }
             grad_score = probability * (grad_probability - delta);
@@ -233,13 +233,14 @@ __global__ void __launch_bounds__(kThreads) attention_backward_kernel(const Atte
                 k_row * bp.dk_strides.row;
   Element* dv = static_cast<Element*>(bp.dv) + batch * bp.dv_strides.batch + kv_head * bp.dv_strides.head +
                 k_row * bp.dv_strides.row;
+  const float value_scale = dropout ? p.dropout_keep_scale : 1.0f;  // P was stored unscaled
   for (int index = threadIdx.x; index < valid_keys * kHeadDim; index += blockDim.x) {
     const int r = index / kHeadDim;
     const int column = index % kHeadDim;
     if (column < p.head_dim)
       dk[r * bp.dk_strides.row + column] = from_float<Element>(grad_key[r * kGradientPitch + column]);
     if (column < p.head_dim_v)
-      dv[r * bp.dv_strides.row + column] = from_float<Element>(grad_value[r * kGradientPitch + column]);
+      dv[r * bp.dv_strides.row + column] = from_float<Element>(grad_value[r * kGradientPitch + column] * value_scale);
   }
 }
 

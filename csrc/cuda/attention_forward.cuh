@@ -150,11 +150,10 @@ __global__ void __launch_bounds__(kThreads) attention_forward_kernel(const Atten
         if (column < kBlockN) {
           const float probability = __expf(logits[t] - reference);
           tile_sum += probability;
+          // Dropped probabilities are zeroed here; 1 / (1 - p) is applied to the finished row
+          // (P / (1 - p) passes fp16's range for p near 1).
           float kept = probability;
-          if (dropout)
-            kept = dropout_keeps(row_hash, key_start + column, p.dropout_threshold)
-                       ? probability * p.dropout_keep_scale
-                       : 0.0f;
+          if (dropout && !dropout_keeps(row_hash, key_start + column, p.dropout_threshold)) kept = 0.0f;
           probabilities[r * kProbabilityPitch + column] = from_float<Element>(kept);
         }
       }
@@ -181,19 +180,21 @@ __global__ void __launch_bounds__(kThreads) attention_forward_kernel(const Atten
   }
   __syncthreads();
 
-  // out = O / l; lse = max + log(l). Rows that saw no key: out 0, lse -inf.
+  // out = O / l; lse = max + log(l). Rows that saw no key (l == 0): out 0, lse -inf. A NaN
+  // sum (NaN input) must stay NaN in out and lse: the backward reads lse -inf as "no key".
   Element* out = static_cast<Element*>(p.out) + batch * p.out_strides.batch + head * p.out_strides.head;
   for (int r = warp; r < valid_rows; r += kWarps) {
     const int row = first_row + r;
     const float sum = row_sum[r];
-    const float inverse = sum > 0.0f ? 1.0f / sum : 0.0f;
+    const bool empty = sum == 0.0f;
+    const float inverse = empty ? 0.0f : (dropout ? p.dropout_keep_scale : 1.0f) / sum;
     Element* out_row = out + static_cast<int64_t>(view.q_row_base + row) * p.out_strides.row;
     for (int column = lane; column < p.head_dim_v; column += 32)
       out_row[column] = from_float<Element>(output[r * kOutputPitch + column] * inverse);
     if (lane == 0) {
       p.lse[batch * p.lse_strides.batch + head * p.lse_strides.head +
             static_cast<int64_t>(view.q_row_base + row) * p.lse_strides.row] =
-          sum > 0.0f ? row_max[r] + logf(sum) : -INFINITY;
+          empty ? -INFINITY : row_max[r] + logf(sum);
     }
   }
 }

@@ -16,6 +16,7 @@ import torch
 from .semantics import CAUSAL_ALIGNMENTS, MAX_HEAD_DIM, AttentionCall
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+WIDEST_WINDOW = 2**30
 
 
 def _is_compiling() -> bool:
@@ -98,7 +99,9 @@ def _window(window: object) -> tuple[int | None, int | None]:
             raise TypeError(f"window: expected the {side_name} side to be an int or None, got {_describe(side)}")
         if side < 0:
             raise ValueError(f"window: expected the {side_name} side to be >= 0 or None, got {side}")
-        sides.append(int(side))
+        # Any side at least this wide hides nothing (no sequence is that long); capping it
+        # keeps position arithmetic in every kernel and in the reference free of overflow.
+        sides.append(min(int(side), WIDEST_WINDOW))
     return sides[0], sides[1]
 
 

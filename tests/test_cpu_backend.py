@@ -224,6 +224,18 @@ def test_decode_split_keys(heads_kv: int, dtype: torch.dtype) -> None:
     assert_backend_matches("cpu", q, k, v, window=(300, None), dropout_p=0.2, alibi_slopes=torch.rand(8))
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_decode_reads_key_rows_in_place(dtype: torch.dtype) -> None:
+    # Decoding with a GQA group of 4 and D=128 reads K/V rows in place (all 4 rows of a
+    # group per K/V vector, bfloat16 pair products on AVX512-BF16), also with an odd tile
+    # tail (the last pair of V rows is padded) and with Dv larger than D.
+    q, k, v = make_qkv(batch=1, heads_q=8, heads_kv=2, seqlen_q=1, seqlen_k=201, dim=128, dtype=dtype)
+    assert_backend_matches("cpu", q, k, v)
+    assert_backend_matches("cpu", q, k, v, softcap=4.0, key_lengths=torch.tensor([131], dtype=torch.int32))
+    q, k, v = make_qkv(batch=2, heads_q=6, heads_kv=1, seqlen_q=1, seqlen_k=77, dim=32, dim_v=192, dtype=dtype)
+    assert_backend_matches("cpu", q, k, v)
+
+
 def test_sliding_window_long() -> None:
     q, k, v = make_qkv(batch=1, heads_q=2, heads_kv=1, seqlen_q=300, seqlen_k=300, dim=32)
     assert_backend_matches("cpu", q, k, v, causal=True, window=(40, None))

@@ -369,11 +369,6 @@ def dropout_seed_tensor(seed: int | torch.Tensor, like: torch.Tensor) -> torch.T
     return torch.tensor([seed], dtype=torch.int64, device=like.device)
 
 
-# Window sides are clamped to this: wider windows hide nothing (sequences are shorter), and
-# the kernels' position + window arithmetic is int32 (window_right = 2**31 - 1 used to wrap).
-WIDEST_WINDOW = 2**30
-
-
 def feature_arguments(call: AttentionCall) -> dict[str, Any]:
     """Kernel arguments for every optional feature, shared by all attention kernels.
 
@@ -407,8 +402,8 @@ def feature_arguments(call: AttentionCall) -> dict[str, Any]:
         seqlen_k=call.seqlen_k,
         scale=float(call.scale),
         softcap=float(call.softcap or 1.0),
-        window_left=min(int(call.window_left or 0), WIDEST_WINDOW),
-        window_right=min(int(call.window_right or 0), WIDEST_WINDOW),
+        window_left=int(call.window_left or 0),  # validation caps sides at 2**30: int32-safe
+        window_right=int(call.window_right or 0),
         # A 32-bit value; the threshold is clamped below 2**32 (p = 1 keeps nothing: scale 0).
         DropoutSeed=dropout_seed_tensor(call.dropout_seed, placeholder) if dropout else placeholder,
         dropout_threshold=min(semantics.dropout_threshold(call.dropout_p), 0xFFFFFFFF) if dropout else 0,

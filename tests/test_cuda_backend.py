@@ -112,7 +112,7 @@ def test_native_options_follow_the_op_contract():
     assert seed_key == semantics.dropout_seed_key(2**40 + 7) and 0 <= seed_key < 2**32
     assert threshold == semantics.dropout_threshold(0.25) == 2**30
     plain = cuda_backend._native_options(validate_attention(q, k, v, window=(None, 2**70)))
-    assert plain[10] == -1 and plain[11] == 2**62  # unbounded left; an over-wide right side fits int64
+    assert plain[10] == -1 and plain[11] == 2**30  # unbounded left; validation caps an over-wide side
     assert plain[-2:] == (0, 0)
 
 

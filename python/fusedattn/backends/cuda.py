@@ -24,7 +24,6 @@ from ..semantics import AttentionCall
 from .base import Backend, CallProfile, Capabilities, allocate_output
 
 _UNBOUNDED = -1  # window side encoding of the native op
-_WIDEST_WINDOW = 2**62  # any wider window hides nothing; keeps the value in int64
 # Shared memory per block of the largest tile configuration in csrc/cuda (the fp16/bf16
 # backward for head dims 225..256). Every configuration fits sm_80's 163 KB (a
 # static_assert there); GPUs that offer less (sm_86/sm_89: 99 KB) are refused.
@@ -110,8 +109,8 @@ def _native_options(call: AttentionCall) -> tuple[object, ...]:
         float(call.scale),
         bool(call.causal),
         call.causal_alignment == "bottom_right",
-        _UNBOUNDED if call.window_left is None else min(call.window_left, _WIDEST_WINDOW),
-        _UNBOUNDED if call.window_right is None else min(call.window_right, _WIDEST_WINDOW),
+        _UNBOUNDED if call.window_left is None else call.window_left,
+        _UNBOUNDED if call.window_right is None else call.window_right,
         0.0 if call.softcap is None else float(call.softcap),
         float(call.dropout_p),
         semantics.dropout_seed_key(int(call.dropout_seed)) if dropout else 0,

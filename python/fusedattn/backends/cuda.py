@@ -20,10 +20,10 @@ import torch
 
 from .. import semantics
 from .._native import build_info, native_error
+from ..ops import op_arguments
 from ..semantics import AttentionCall
 from .base import Backend, CallProfile, Capabilities, allocate_output
 
-_UNBOUNDED = -1  # window side encoding of the native op
 # Shared memory per block of the largest tile configuration in csrc/cuda (the fp16/bf16
 # backward for head dims 225..256). Every configuration fits sm_80's 163 KB (a
 # static_assert there); GPUs that offer less (sm_86/sm_89: 99 KB) are refused.
@@ -96,23 +96,12 @@ def refuse(profile: CallProfile) -> str | None:
 
 
 def _native_options(call: AttentionCall) -> tuple[object, ...]:
-    """The option arguments shared by both native ops (see csrc/cuda/bindings.cpp)."""
+    """The option arguments shared by both native ops (see csrc/cuda/bindings.cpp): the
+    custom op's flattened options (ops.op_arguments, masks through dropout_p), then
+    dropout as the integers the kernels hash with."""
     dropout = call.dropout_p > 0.0
     return (
-        call.attn_mask,
-        call.key_lengths,
-        call.cu_seqlens_q,
-        call.cu_seqlens_k,
-        call.alibi_slopes,
-        int(call.max_seqlen_q),
-        int(call.max_seqlen_k),
-        float(call.scale),
-        bool(call.causal),
-        call.causal_alignment == "bottom_right",
-        _UNBOUNDED if call.window_left is None else call.window_left,
-        _UNBOUNDED if call.window_right is None else call.window_right,
-        0.0 if call.softcap is None else float(call.softcap),
-        float(call.dropout_p),
+        *op_arguments(call)[3:17],
         semantics.dropout_seed_key(int(call.dropout_seed)) if dropout else 0,
         semantics.dropout_threshold(call.dropout_p) if dropout else 0,
     )

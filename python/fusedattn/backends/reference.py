@@ -35,7 +35,7 @@ def _attend_dense(
     seqlen_k = k.shape[2]
     if seqlen_k == 0:
         # Every row is fully masked: output 0, lse -inf (docs/semantics.md, "Empty").
-        out = q.new_zeros(batch, heads_q, seqlen_q, v.shape[-1]) + 0 * q.sum() + 0 * v.sum()
+        out = q.new_zeros(batch, heads_q, seqlen_q, v.shape[-1])
         return out, q.new_full((batch, heads_q, seqlen_q), float("-inf"))
     group = heads_q // k.shape[1]
     if group > 1:
@@ -155,7 +155,10 @@ def reference_attention(
     with torch.enable_grad():
         inputs = [t.detach().to(compute_dtype).requires_grad_(True) for t in (call.q, call.k, call.v)]
         out, lse = _compute(call.with_tensors(q=inputs[0], k=inputs[1], v=inputs[2]), compute_dtype)
-        grads = torch.autograd.grad(out, inputs, grad_out.to(compute_dtype), allow_unused=True)
+        if out.requires_grad:
+            grads = torch.autograd.grad(out, inputs, grad_out.to(compute_dtype), allow_unused=True)
+        else:  # no keys at all: the output is constant 0
+            grads = (None, None, None)
     grads = tuple(torch.zeros_like(x) if g is None else g for g, x in zip(grads, inputs))
     return out.detach(), lse.detach(), grads
 

@@ -5,7 +5,7 @@ PIP := $(PY) -m pip
 NATIVE_SOURCES := $(shell find csrc -type f) CMakeLists.txt setup.py
 PYTEST_WORKERS ?= 2
 
-.PHONY: setup build test bench bench-suite parity cuda-check triton-compile-check device-check sanitize lint format clean
+.PHONY: setup build test bench bench-suite parity cuda-check triton-compile-check device-check sanitize fuzz fuzz-ci lint format clean
 
 setup: $(VENV)/.deps build
 
@@ -14,7 +14,7 @@ $(VENV)/.deps: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q "torch==2.13.0" triton numpy pybind11 cmake ninja \
-		pytest pytest-xdist pytest-benchmark ruff rich matplotlib "transformers==5.23.0"
+		pytest pytest-xdist pytest-benchmark hypothesis ruff rich matplotlib "transformers==5.23.0"
 	touch $@
 
 # The native extension is rebuilt whenever a C++/CUDA source or the build description changes.
@@ -49,6 +49,16 @@ format: setup
 # CPU kernel tests under AddressSanitizer + UndefinedBehaviorSanitizer (separate build dir).
 sanitize: setup
 	PY=$(PY) scripts/sanitize.sh
+
+# The fuzz campaign (tests/fuzz, docs/reliability.md) for SECONDS: `make fuzz SECONDS=3600`.
+SECONDS ?= 600
+FUZZ_JSON ?= build/fuzz/fuzz.json
+fuzz: setup
+	$(PY) -m tests.fuzz --seconds $(SECONDS) --json $(FUZZ_JSON) $(if $(SEED),--seed $(SEED))
+
+# The bounded CI slice: the campaign under AddressSanitizer + UBSan (part of `make sanitize`).
+fuzz-ci: setup
+	PY=$(PY) FUSEDATTN_SANITIZE_TESTS="$${FUSEDATTN_SANITIZE_TESTS:-instruction_set}" scripts/sanitize.sh
 
 # Compile-only check of the CUDA kernels for sm_80 and sm_90 (nvcc; no GPU, no CUDA torch).
 cuda-check:

@@ -27,7 +27,10 @@ py::dict build_info() {
   while (start < list.size()) {
     size_t end = list.find_first_of(",;", start);  // CMake joins the list with commas
     if (end == std::string::npos) end = list.size();
-    if (end > start) archs.push_back("sm_" + list.substr(start, end - start));
+    std::string arch = list.substr(start, end - start);
+    // CMake writes nvcc's names (sm_80, sm_90+PTX, compute_90); a bare number means sm_<number>.
+    bool named = arch.rfind("sm_", 0) == 0 || arch.rfind("compute_", 0) == 0;
+    if (!arch.empty()) archs.push_back(named ? arch : "sm_" + arch);
     start = end + 1;
   }
   info["cuda_architectures"] = archs;

@@ -40,6 +40,7 @@ from .utils import (
     last_dim_contiguous,
     launch,
     lse_strides,
+    packed_span,
     padded_dim,
     query_range,
     sequence_bounds,
@@ -62,7 +63,7 @@ def attention_backward_preprocess_kernel(
     stride_lb,
     stride_lh,
     stride_ls,
-    seqlen_q,
+    extent_q,
     heads_q,
     HEAD_DIM_V: tl.constexpr,
     BLOCK_DV: tl.constexpr,
@@ -74,11 +75,10 @@ def attention_backward_preprocess_kernel(
     head = tl.program_id(1)  # heads and batch on their own grid axes (each at most 65535)
     batch = tl.program_id(2)
     if IS_VARLEN:
-        q_start = tl.load(CuSeqlensQ + batch)
-        len_q = tl.load(CuSeqlensQ + batch + 1) - q_start
+        q_start, len_q = packed_span(CuSeqlensQ, batch, extent_q)
     else:
         q_start = batch * 0
-        len_q = batch * 0 + seqlen_q
+        len_q = batch * 0 + extent_q
     rows = block_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_dv = tl.arange(0, BLOCK_DV)
     valid = (rows < len_q)[:, None] & (offs_dv < HEAD_DIM_V)[None, :]
@@ -225,8 +225,8 @@ def attention_backward_dkdv_kernel(
     stride_mk,
     stride_ab,
     stride_ah,
-    seqlen_q,
-    seqlen_k,
+    extent_q,
+    extent_k,
     heads_kv,
     group,
     scale,
@@ -259,7 +259,7 @@ def attention_backward_dkdv_kernel(
     kv_head = tl.program_id(1)  # heads and batch on their own grid axes (each at most 65535)
     batch = tl.program_id(2)
     q_start, k_start, len_q, len_k, key_limit, position_offset = sequence_bounds(
-        batch, CuSeqlensQ, CuSeqlensK, KeyLengths, seqlen_q, seqlen_k, IS_VARLEN, HAS_KEY_LENGTHS, BOTTOM_RIGHT
+        batch, CuSeqlensQ, CuSeqlensK, KeyLengths, extent_q, extent_k, IS_VARLEN, HAS_KEY_LENGTHS, BOTTOM_RIGHT
     )
     first_key = block_n * BLOCK_N
     if first_key >= len_k:
@@ -395,8 +395,8 @@ def attention_backward_dq_kernel(
     stride_mk,
     stride_ab,
     stride_ah,
-    seqlen_q,
-    seqlen_k,
+    extent_q,
+    extent_k,
     heads_q,
     group,
     scale,
@@ -429,7 +429,7 @@ def attention_backward_dq_kernel(
     batch = tl.program_id(2)
     kv_head = head // group
     q_start, k_start, len_q, len_k, key_limit, position_offset = sequence_bounds(
-        batch, CuSeqlensQ, CuSeqlensK, KeyLengths, seqlen_q, seqlen_k, IS_VARLEN, HAS_KEY_LENGTHS, BOTTOM_RIGHT
+        batch, CuSeqlensQ, CuSeqlensK, KeyLengths, extent_q, extent_k, IS_VARLEN, HAS_KEY_LENGTHS, BOTTOM_RIGHT
     )
     first_row = block_m * BLOCK_M
     if first_row >= len_q:
@@ -542,7 +542,7 @@ def backward(
         **_strides("stride_o", out, varlen),
         **_strides("stride_g", grad_out, varlen),
         **statistics_strides,
-        seqlen_q=problem.seqlen_q,
+        extent_q=features["extent_q"],
         heads_q=problem.heads_q,
         HEAD_DIM_V=problem.head_dim_v,
         BLOCK_DV=block_dv,

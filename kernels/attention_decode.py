@@ -60,8 +60,8 @@ def attention_decode_split_kernel(
     stride_mk,
     stride_ab,
     stride_ah,
-    seqlen_q,
-    seqlen_k,
+    extent_q,
+    extent_k,
     heads_q,
     heads_kv,
     group,
@@ -96,7 +96,7 @@ def attention_decode_split_kernel(
     kv_head = tl.program_id(1)  # heads and batch on their own grid axes (each at most 65535)
     batch = tl.program_id(2)
     _q_start, _k_start, len_q, len_k, key_limit, position_offset = sequence_bounds(
-        batch, CuSeqlensQ, CuSeqlensK, KeyLengths, seqlen_q, seqlen_k, IS_VARLEN, HAS_KEY_LENGTHS, BOTTOM_RIGHT
+        batch, CuSeqlensQ, CuSeqlensK, KeyLengths, extent_q, extent_k, IS_VARLEN, HAS_KEY_LENGTHS, BOTTOM_RIGHT
     )
     # Row r of this program is query row r % Sq of query head kv_head * group + r // Sq.
     slots = tl.arange(0, BLOCK_M)

@@ -207,8 +207,8 @@ def attention_forward_kernel(
     stride_mk,
     stride_ab,
     stride_ah,
-    seqlen_q,
-    seqlen_k,
+    extent_q,
+    extent_k,
     heads_q,
     group,
     scale,
@@ -248,7 +248,7 @@ def attention_forward_kernel(
     batch = tl.program_id(2)
     kv_head = head // group
     q_start, k_start, len_q, len_k, key_limit, position_offset = sequence_bounds(
-        batch, CuSeqlensQ, CuSeqlensK, KeyLengths, seqlen_q, seqlen_k, IS_VARLEN, HAS_KEY_LENGTHS, BOTTOM_RIGHT
+        batch, CuSeqlensQ, CuSeqlensK, KeyLengths, extent_q, extent_k, IS_VARLEN, HAS_KEY_LENGTHS, BOTTOM_RIGHT
     )
     first_row = block_m * BLOCK_M
     if first_row >= len_q:

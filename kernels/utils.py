@@ -148,37 +148,49 @@ def attention_logits(
 
 # ---- sequences and tile ranges -------------------------------------------------------------
 @triton.jit
+def packed_span(Offsets, index, extent):
+    """(start, length) of packed sequence index, clamped into [0, extent).
+
+    Offsets the host could not check (compiled or captured calls) may hold anything; the
+    clamp keeps every row inside the tensor, and the op layer turns the results of invalid
+    offsets into NaN (docs/semantics.md, "Invalid metadata").
+    """
+    start = tl.minimum(tl.maximum(tl.load(Offsets + index), 0), extent)
+    end = tl.minimum(tl.maximum(tl.load(Offsets + index + 1), start), extent)
+    return start, end - start
+
+
+@triton.jit
 def sequence_bounds(
     batch,
     CuSeqlensQ,
     CuSeqlensK,
     KeyLengths,
-    seqlen_q,
-    seqlen_k,
+    extent_q,
+    extent_k,
     IS_VARLEN: tl.constexpr,
     HAS_KEY_LENGTHS: tl.constexpr,
     BOTTOM_RIGHT: tl.constexpr,
 ):
     """(q_start, k_start, len_q, len_k, key_limit, position_offset) of one sequence.
 
-    Dense calls start at 0 with the full Sq / Sk; varlen calls read cu_seqlens. key_limit
-    is the number of keys not cut by key_lengths; position_offset is the key position of
-    query row 0 (Sk - Sq bottom-right, 0 top-left).
+    extent_q / extent_k are Sq / Sk for dense calls and the packed token counts Tq / Tk for
+    varlen calls, whose sequences come from cu_seqlens. key_limit is the number of keys not
+    cut by key_lengths; position_offset is the key position of query row 0 (Sk - Sq
+    bottom-right, 0 top-left).
     """
     if IS_VARLEN:
-        q_start = tl.load(CuSeqlensQ + batch)
-        len_q = tl.load(CuSeqlensQ + batch + 1) - q_start
-        k_start = tl.load(CuSeqlensK + batch)
-        len_k = tl.load(CuSeqlensK + batch + 1) - k_start
+        q_start, len_q = packed_span(CuSeqlensQ, batch, extent_q)
+        k_start, len_k = packed_span(CuSeqlensK, batch, extent_k)
     else:
         # Tensors, not Python ints: integer arguments equal to 1 arrive as constexprs.
         q_start = batch * 0
         k_start = batch * 0
-        len_q = batch * 0 + seqlen_q
-        len_k = batch * 0 + seqlen_k
+        len_q = batch * 0 + extent_q
+        len_k = batch * 0 + extent_k
     key_limit = len_k
     if HAS_KEY_LENGTHS:
-        key_limit = tl.minimum(key_limit, tl.load(KeyLengths + batch))
+        key_limit = tl.minimum(key_limit, tl.maximum(tl.load(KeyLengths + batch), 0))
     if BOTTOM_RIGHT:
         position_offset = len_k - len_q
     else:
@@ -398,8 +410,9 @@ def feature_arguments(call: AttentionCall) -> dict[str, Any]:
         stride_mk=mask_strides[3],
         stride_ab=alibi_strides[0],
         stride_ah=alibi_strides[1],
-        seqlen_q=call.seqlen_q,
-        seqlen_k=call.seqlen_k,
+        # Sq / Sk, or the packed token counts: every row a kernel addresses is below these.
+        extent_q=call.q.shape[0] if call.is_varlen else call.seqlen_q,
+        extent_k=call.k.shape[0] if call.is_varlen else call.seqlen_k,
         scale=float(call.scale),
         softcap=float(call.softcap or 1.0),
         window_left=int(call.window_left or 0),  # validation caps sides at 2**30: int32-safe

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # `make sanitize`: build fusedattn._C with AddressSanitizer and UndefinedBehaviorSanitizer
 # into its own build dir (build/sanitize; the editable build is untouched) and run a subset
-# of the CPU kernel tests against it. Exits nonzero on any sanitizer report.
+# of the CPU kernel tests against it, then the fuzz campaign (FUSEDATTN_FUZZ_SECONDS, default
+# 120; 0 skips it). Exits nonzero on any sanitizer report, test failure, crash or wrong result.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -11,8 +12,9 @@ PY="$(cd "$(dirname "$PY")" && pwd)/$(basename "$PY")"
 BUILD_DIR=${FUSEDATTN_SANITIZE_BUILD_DIR:-build/sanitize}
 LOG="$BUILD_DIR/sanitize.log"
 # The subset: every feature in float32 and bfloat16, varlen, decoding splits, masked rows,
-# strided inputs and every compiled instruction-set variant.
-SUBSET=${FUSEDATTN_SANITIZE_TESTS:-"(features and not float16) or varlen or decode or fully_masked or non_contiguous or instruction_set or head_dims or value_head_dim"}
+# strided inputs, every compiled instruction-set variant, and the native operators' own
+# checks of metadata and sizes (tests/test_metadata.py).
+SUBSET=${FUSEDATTN_SANITIZE_TESTS:-"(features and not float16) or varlen or decode or fully_masked or non_contiguous or instruction_set or head_dims or value_head_dim or native_cpu_operator or direct_op_calls"}
 
 generator=()
 if "$PY" -c "import ninja" 2>/dev/null; then generator=(-G Ninja); fi
@@ -35,7 +37,18 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
 status=0
 # --capture=sys: sanitizer reports go to the real stderr (fd capture would swallow them).
 LD_PRELOAD="$preload" "$PY" tests/sanitize/run_sanitized.py "$library" -q -p no:cacheprovider --capture=sys \
-  tests/test_cpu_backend.py -k "$SUBSET" 2>&1 | tee "$LOG" || status=$?
+  tests/test_cpu_backend.py tests/test_metadata.py -k "$SUBSET" 2>&1 | tee "$LOG" || status=$?
+# Then the fuzz campaign (tests/fuzz) for FUSEDATTN_FUZZ_SECONDS against the same sanitized
+# extension: its workers load it too (run_sanitized.py passes the path on), and a worker
+# that a sanitizer stops is reported as a crash of the case it was running.
+FUZZ_SECONDS=${FUSEDATTN_FUZZ_SECONDS:-120}
+fuzz_status=0
+if [ "$FUZZ_SECONDS" != "0" ]; then
+  LD_PRELOAD="$preload" "$PY" tests/sanitize/run_sanitized.py "$library" --module tests.fuzz \
+    --seconds "$FUZZ_SECONDS" --seed "${FUSEDATTN_FUZZ_SEED:-2026}" \
+    --compiled-fraction "${FUSEDATTN_FUZZ_COMPILED_FRACTION:-0.02}" \
+    --json "$BUILD_DIR/fuzz.json" 2>&1 | tee -a "$LOG" || fuzz_status=$?
+fi
 if grep -qE "ERROR: AddressSanitizer|runtime error:|ERROR: LeakSanitizer" "$LOG"; then
   echo "sanitize: sanitizer report found (see $LOG)" >&2
   exit 1
@@ -43,5 +56,9 @@ fi
 if [ "$status" -ne 0 ]; then
   echo "sanitize: tests failed under the sanitizers (exit $status, see $LOG)" >&2
   exit "$status"
+fi
+if [ "$fuzz_status" -ne 0 ]; then
+  echo "sanitize: the fuzz campaign found crashes or wrong results (exit $fuzz_status, see $BUILD_DIR/fuzz.json)" >&2
+  exit "$fuzz_status"
 fi
 echo "sanitize: no sanitizer report"

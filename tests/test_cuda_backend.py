@@ -10,13 +10,18 @@ Three groups:
     fp32 the FMA path. The launchers and the real hardware are all it leaves out;
   * marked gpu: the compiled kernels on a GPU for every claimed feature, forward and
     backward, skipped unless the backend is available (fusedattn._C built with CUDA).
-Both kernel groups go through fusedattn.testing.assert_backend_matches.
+Both kernel groups go through fusedattn.testing.assert_backend_matches. At the end, the
+emulated native ops are called directly (as a compiled graph calls them) with invalid
+metadata, checking that no access leaves the tensors, and on grids past 65535 sequences
+or heads.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import math
+import random
 import shutil
 from pathlib import Path
 
@@ -355,3 +360,289 @@ def test_emulated_dropout_near_one_stays_in_fp16_range(emulated):
     expected = torch.full((1, 1, 1, 16), 0.01 / (1 - dropout_p))
     torch.testing.assert_close(out.detach().float().cpu(), expected, rtol=2e-3, atol=0)
     torch.testing.assert_close(inputs[2].grad.float().cpu(), expected, rtol=2e-3, atol=0)
+
+
+# ---- invalid metadata and large grids, on the emulated native ops ---------------------------
+# Under torch.compile or CUDA graph capture the host cannot read the values of cu_seqlens,
+# key_lengths and max_seqlen: the native ops get them unchecked, and the kernels clamp every
+# bound into the tensors (docs/semantics.md, "Invalid metadata"; the op layer then poisons
+# the outputs). These tests call the emulated native ops directly, skipping validation, with
+# every tensor in the middle of a larger buffer: inputs guarded by NaN (an out-of-bounds read
+# turns up as a NaN in some output), outputs by a sentinel (an out-of-bounds write changes it).
+_GUARD = 1 << 18  # elements on each side, more than the offsets of the cases below reach
+_SENTINEL = 1024.0  # exact in every float format; no output of these cases comes near it
+
+
+class _Guarded:
+    """A contiguous tensor in the middle of a buffer whose two guard regions hold `fill`."""
+
+    def __init__(self, shape, dtype, fill, values=None):
+        numel = math.prod(shape)
+        self.buffer = torch.full((numel + 2 * _GUARD,), fill, dtype=dtype)
+        self.tensor = self.buffer[_GUARD : _GUARD + numel].view(shape)
+        if values is not None:
+            self.tensor.copy_(values)
+
+    def assert_guards_untouched(self):
+        guards = torch.cat([self.buffer[:_GUARD], self.buffer[-_GUARD:]])
+        assert bool((guards == _SENTINEL).all()), "an output was written outside its tensor"
+
+    def assert_no_nan(self):
+        assert not bool(self.buffer.isnan().any()), "an input was read outside its tensor (NaN guard)"
+
+
+def _native_call(name, *tensors, key_lengths=None, cu=(None, None), max_seqlens=(0, 0), options=None, scale=0.25):
+    options = options or {}
+    dropout_p = options.get("dropout_p", 0.0)
+    getattr(torch.ops.fusedattn_cuda_emulation, name)(
+        *tensors, None, key_lengths, *cu, options.get("alibi"), *max_seqlens, scale, options.get("causal", False),
+        True, *options.get("window", (-1, -1)), 0.0, dropout_p,
+        semantics.dropout_seed_key(5) if dropout_p else 0, semantics.dropout_threshold(dropout_p) if dropout_p else 0,
+    )  # fmt: skip
+
+
+def _guarded_inputs(shapes, dtype):
+    """q, k, v (or any tensors) of random values inside NaN-guarded buffers."""
+    return [_Guarded(shape, dtype, float("nan"), torch.randn(shape)) for shape in shapes]
+
+
+def _run_forward_and_backward(q_shape, k_shape, v_shape, lse_shape, dtype, **call):
+    """The native forward and backward on guarded buffers; returns the output buffers."""
+    q, k, v = _guarded_inputs([q_shape, k_shape, v_shape], dtype)
+    out_shape = (*q_shape[:-1], v_shape[-1])
+    out = _Guarded(out_shape, dtype, _SENTINEL)
+    lse = _Guarded(lse_shape, torch.float32, _SENTINEL)
+    _native_call("cuda_attention_forward", q.tensor, k.tensor, v.tensor, out.tensor, lse.tensor, **call)
+    # The backward reads out and lse: fresh guarded inputs, lse large enough that every
+    # exp(logit - lse) stays finite (the gradients are then finite wherever they are written).
+    grad_out, out_in = _guarded_inputs([out_shape, out_shape], dtype)
+    lse_in = _Guarded(lse_shape, torch.float32, float("nan"), torch.full(lse_shape, 20.0))
+    grads = [_Guarded(shape, dtype, _SENTINEL) for shape in (q_shape, k_shape, v_shape)]
+    _native_call(
+        "cuda_attention_backward", grad_out.tensor, q.tensor, k.tensor, v.tensor, out_in.tensor, lse_in.tensor,
+        *(g.tensor for g in grads), **call,
+    )  # fmt: skip
+    for written in (out, lse, *grads):
+        written.assert_guards_untouched()
+        written.assert_no_nan()
+    return out, lse, *grads
+
+
+def _clamped_sequences(cu, total):
+    """(start, end) of each packed sequence by the kernels' clamping rule."""
+    bounds = []
+    for i in range(len(cu) - 1):
+        start = min(max(cu[i], 0), total)
+        bounds.append((start, min(max(cu[i + 1], start), total)))
+    return bounds
+
+
+def _row_masks(cu, total, max_seqlen):
+    """Rows inside some clamped sequence (the only ones a kernel may write), and the rows of
+    clamped sequences no longer than max_seqlen (which must be written)."""
+    inside = torch.zeros(total, dtype=torch.bool)
+    required = torch.zeros(total, dtype=torch.bool)
+    for start, end in _clamped_sequences(cu, total):
+        inside[start:end] = True
+        if end - start <= min(max(max_seqlen, 0), total):
+            required[start:end] = True
+    return inside, required
+
+
+def _assert_rows_written(written_rows, inside, required, what):
+    assert not bool((written_rows & ~inside).any()), f"{what}: a row outside every clamped sequence was written"
+    assert bool(written_rows[required].all()), f"{what}: a row of a sequence within max_seqlen was not computed"
+
+
+INVALID_OPTIONS = {
+    "plain": {},
+    "causal_window_alibi_dropout": {"causal": True, "window": (4, -1), "alibi": True, "dropout_p": 0.2},
+}
+# (total_q, total_k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k). A max_seqlen
+# above the packed length is taken as the packed length (else a grid sized for 2**31 - 1
+# rows would take the emulation hours).
+INVALID_VARLEN = {
+    "offset_beyond_total": (10, 12, [0, 5, 4000], [0, 6, 12], 4000, 4000),
+    "negative_offsets": (70, 80, [0, -7, 70], [-5, 3, 80], 70, 80),
+    "non_monotone": (70, 80, [0, 68, 3, 70], [0, 79, 2, 80], 68, 79),
+    "last_beyond_total": (70, 80, [0, 40, 90], [0, 6, 85], 50, 79),
+    "last_below_total": (70, 80, [0, 40, 45], [0, 3, 50], 40, 47),
+    "first_not_zero": (70, 80, [3, 6, 70], [9, 10, 80], 64, 70),
+    "max_seqlen_below_longest": (70, 80, [0, 3, 70], [0, 2, 80], 2, 3),
+    "max_seqlen_negative": (70, 80, [0, 3, 70], [0, 2, 80], -5, -(2**40)),
+    "huge": (70, 80, [0, 2**31 - 1, 2**31 - 1], [0, -(2**31), 2**31 - 1], 2**31 - 1, 2**40),
+    "huge_negative": (70, 80, [-(2**31), -(2**31), -1], [2**31 - 1, 0, -(2**31)], 2**31 - 1, 2**31 - 1),
+}
+
+
+# Every case in fp32 (FMA path) with and without options; a few in fp16 (tensor-core path,
+# vector loads: the same clamped bounds).
+INVALID_VARLEN_CALLS = [
+    *(pytest.param(case, torch.float32, name, id=f"{case}-fp32-{name}") for case in INVALID_VARLEN
+      for name in INVALID_OPTIONS),
+    *(pytest.param(case, torch.float16, "plain", id=f"{case}-fp16-plain") for case in
+      ("offset_beyond_total", "negative_offsets", "non_monotone", "huge")),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("case", "dtype", "option_name"), INVALID_VARLEN_CALLS)
+def test_emulated_invalid_varlen_metadata_stays_in_bounds(emulated, case, dtype, option_name):
+    total_q, total_k, cu_q, cu_k, max_q, max_k = INVALID_VARLEN[case]
+    heads_q, heads_kv, head_dim = 2, 1, 16
+    options = dict(INVALID_OPTIONS[option_name])
+    if options.get("alibi"):
+        options["alibi"] = torch.rand(len(cu_q) - 1, heads_q)
+    out, lse, dq, dk, dv = _run_forward_and_backward(
+        (total_q, heads_q, head_dim), (total_k, heads_kv, head_dim), (total_k, heads_kv, head_dim),
+        (heads_q, total_q), dtype, cu=(torch.tensor(cu_q, dtype=torch.int32), torch.tensor(cu_k, dtype=torch.int32)),
+        max_seqlens=(max_q, max_k), options=options,
+    )  # fmt: skip
+    inside_q, required_q = _row_masks(cu_q, total_q, max_q)
+    inside_k, required_k = _row_masks(cu_k, total_k, max_k)
+    _assert_rows_written((out.tensor != _SENTINEL).any(-1).any(-1), inside_q, required_q, "out")
+    _assert_rows_written((lse.tensor != _SENTINEL).any(0), inside_q, required_q, "lse")
+    # dq is zero-filled and accumulated into only inside the clamped sequences.
+    assert bool(dq.tensor.isfinite().all()) and bool((dq.tensor[~inside_q] == 0).all())
+    for grad, name in ((dk, "dk"), (dv, "dv")):
+        _assert_rows_written((grad.tensor != _SENTINEL).any(-1).any(-1), inside_k, required_k, name)
+
+
+@pytest.mark.parametrize("option_name", list(INVALID_OPTIONS))
+@pytest.mark.parametrize("key_lengths", [[-3, 1000], [2**31 - 1, -(2**31)], [0, 81]], ids=str)
+def test_emulated_invalid_key_lengths_stay_in_bounds(emulated, key_lengths, option_name):
+    batch, heads_q, heads_kv, seqlen_q, seqlen_k, head_dim = 2, 2, 1, 70, 80, 16
+    options = dict(INVALID_OPTIONS[option_name])
+    if options.get("alibi"):
+        options["alibi"] = torch.rand(heads_q)
+    outputs = _run_forward_and_backward(
+        (batch, heads_q, seqlen_q, head_dim), (batch, heads_kv, seqlen_k, head_dim),
+        (batch, heads_kv, seqlen_k, head_dim), (batch, heads_q, seqlen_q), torch.float32,
+        key_lengths=torch.tensor(key_lengths, dtype=torch.int32), options=options,
+    )  # fmt: skip
+    # Dense calls have no sequence bounds to clamp: every row is computed, and finite
+    # (lse is -inf for rows that see no key).
+    for output in outputs:
+        values = output.tensor
+        assert bool((values != _SENTINEL).all()) and not bool((values == float("inf")).any())
+
+
+def test_emulated_native_ops_check_shapes(emulated):
+    # Shapes cost the host nothing to check: a direct call with inconsistent ones raises.
+    q, k, v = (torch.randn(8, 2, 16) for _ in range(3))
+    cu = torch.tensor([0, 3, 8], dtype=torch.int32)
+    out, lse = torch.empty(8, 2, 16), torch.empty(2, 8)
+    varlen = {"cu": (cu, cu), "max_seqlens": (8, 8)}
+    _native_call("cuda_attention_forward", q, k, v, out, lse, **varlen)  # consistent: runs
+    bad_calls = [
+        ((q, k, v, torch.empty(8, 2, 15), lse), varlen),  # out
+        ((q, k, v, out, torch.empty(2, 7)), varlen),  # lse
+        ((q, k[:7], v[:7], out, lse), {**varlen, "cu": (cu, cu[:2])}),  # cu_seqlens_k's length
+        ((q, k[:7], v, out, lse), varlen),  # k and v tokens
+        ((q, torch.randn(8, 2, 8), v, out, lse), varlen),  # head dims
+        ((q, k, v, out, lse), {**varlen, "key_lengths": torch.tensor([1, 2, 3], dtype=torch.int32)}),
+        ((q, k, v, out, lse), {**varlen, "options": {"alibi": torch.rand(3, 2)}}),
+    ]
+    for tensors, call in bad_calls:
+        with pytest.raises(RuntimeError, match="fusedattn cuda: .* (must|need)"):
+            _native_call("cuda_attention_forward", *tensors, **call)
+    grads = [torch.empty(8, 2, 16), torch.empty(8, 1, 16), torch.empty(8, 2, 16)]  # dk: one head short
+    with pytest.raises(RuntimeError, match="fusedattn cuda: dk must have shape"):
+        _native_call("cuda_attention_backward", torch.randn_like(out), q, k, v, out, lse, *grads, **varlen)
+
+
+# Grids past the 65535 limit of grid.y / grid.z: the launchers flatten (tile, head, sequence)
+# onto grid.x. Emulating 10^5 blocks takes minutes, so the emulation runs a sample of block
+# indices (sample_blocks) on both sides of 65535, and the test checks that exactly the tiles
+# those indices decode to were computed, and computed right. Tiles of ForwardConfig<float, 32>
+# (64 query rows) and BackwardConfig<float, 32> (64 keys): the buckets of head dim 1.
+_FORWARD_TILE_ROWS = 64
+_BACKWARD_TILE_KEYS = 64
+
+
+def _sampled_blocks(blocks):
+    chosen = {0, 1, 2, 65534, 65535, 65536, 65537, blocks - 2, blocks - 1}
+    chosen.update(random.Random(blocks).sample(range(blocks), 6))
+    return sorted(b for b in chosen if 0 <= b < blocks)
+
+
+def _decode(block, tiles, heads):
+    """(tile, head, sequence) of a flat block index: index = (sequence * heads + head) * tiles + tile."""
+    return block % tiles, (block // tiles) % heads, block // (tiles * heads)
+
+
+def _run_sampled(samples, name, *arguments, **call):
+    operators = torch.ops.fusedattn_cuda_emulation
+    operators.sample_blocks(samples)
+    try:
+        _native_call(name, *arguments, **call)
+    finally:
+        operators.sample_blocks([])
+
+
+@pytest.mark.parametrize(
+    ("batch", "heads_q", "heads_kv", "seqlen_q", "seqlen_k"),
+    [(66000, 2, 1, 65, 3), (2, 70000, 35000, 3, 70)],
+    ids=["batch-66000", "heads-70000"],
+)
+def test_emulated_grids_past_65535_decode_every_block(emulated, batch, heads_q, heads_kv, seqlen_q, seqlen_k):
+    group, scale = heads_q // heads_kv, 0.5
+    q = torch.randn(batch, heads_q, seqlen_q, 1)
+    k = torch.randn(batch, heads_kv, seqlen_k, 1)
+    v = torch.randn(batch, heads_kv, seqlen_k, 1)
+
+    def reference(b, h):  # float64 probabilities, out, lse of one (sequence, query head)
+        scores = (q[b, h].double() @ k[b, h // group].double().T) * scale
+        lse = scores.logsumexp(-1)
+        probabilities = (scores - lse[:, None]).exp()
+        return probabilities, probabilities @ v[b, h // group].double(), lse
+
+    # Forward: reversed query tiles within each (sequence, head).
+    tiles = -(-seqlen_q // _FORWARD_TILE_ROWS)
+    samples = _sampled_blocks(tiles * heads_q * batch)
+    assert samples[-1] > 65535
+    out = torch.full((batch, heads_q, seqlen_q, 1), _SENTINEL)
+    lse = torch.full((batch, heads_q, seqlen_q), _SENTINEL)
+    _run_sampled(samples, "cuda_attention_forward", q, k, v, out, lse, scale=scale)
+    computed = torch.zeros(batch, heads_q, seqlen_q, dtype=torch.bool)
+    for block in samples:
+        tile, h, b = _decode(block, tiles, heads_q)
+        rows = slice((tiles - 1 - tile) * _FORWARD_TILE_ROWS, (tiles - tile) * _FORWARD_TILE_ROWS)
+        computed[b, h, rows] = True
+        _probabilities, expected_out, expected_lse = reference(b, h)
+        torch.testing.assert_close(out[b, h, rows, 0].double(), expected_out[rows, 0], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(lse[b, h, rows].double(), expected_lse[rows], rtol=1e-5, atol=1e-5)
+    assert bool((out[~computed] == _SENTINEL).all()) and bool((lse[~computed] == _SENTINEL).all())
+
+    # Backward: one block per (key tile, kv head, sequence), over its whole GQA group.
+    tiles = -(-seqlen_k // _BACKWARD_TILE_KEYS)
+    samples = _sampled_blocks(tiles * heads_kv * batch)
+    grad_out = torch.randn(batch, heads_q, seqlen_q, 1)
+    out_in, lse_in = torch.zeros(batch, heads_q, seqlen_q, 1), torch.zeros(batch, heads_q, seqlen_q)
+    expected = {}  # (b, h): probabilities, dS of the whole sequence
+    for block in samples:
+        _tile, kv_head, b = _decode(block, tiles, heads_kv)
+        for h in range(kv_head * group, (kv_head + 1) * group):
+            probabilities, out_bh, lse_bh = reference(b, h)
+            out_in[b, h], lse_in[b, h] = out_bh.float(), lse_bh.float()
+            grad_probabilities = grad_out[b, h].double() @ v[b, kv_head].double().T
+            delta = (grad_out[b, h].double() * out_in[b, h].double()).sum(-1, keepdim=True)
+            expected[b, h] = probabilities, probabilities * (grad_probabilities - delta) * scale
+    dq, dk, dv = (torch.full_like(t, _SENTINEL) for t in (q, k, v))
+    _run_sampled(samples, "cuda_attention_backward", grad_out, q, k, v, out_in, lse_in, dq, dk, dv, scale=scale)
+    computed = torch.zeros(batch, heads_kv, seqlen_k, dtype=torch.bool)
+    expected_dq = torch.zeros(batch, heads_q, seqlen_q, 1, dtype=torch.float64)
+    for block in samples:
+        tile, kv_head, b = _decode(block, tiles, heads_kv)
+        keys = slice(tile * _BACKWARD_TILE_KEYS, (tile + 1) * _BACKWARD_TILE_KEYS)
+        computed[b, kv_head, keys] = True
+        expected_dk = torch.zeros(seqlen_k, 1, dtype=torch.float64)
+        expected_dv = torch.zeros(seqlen_k, 1, dtype=torch.float64)
+        for h in range(kv_head * group, (kv_head + 1) * group):
+            probabilities, grad_scores = expected[b, h]
+            expected_dv += probabilities.T @ grad_out[b, h].double()
+            expected_dk += grad_scores.T @ q[b, h].double()
+            expected_dq[b, h] += grad_scores[:, keys] @ k[b, kv_head, keys].double()
+        torch.testing.assert_close(dk[b, kv_head, keys].double(), expected_dk[keys], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(dv[b, kv_head, keys].double(), expected_dv[keys], rtol=1e-4, atol=1e-5)
+    assert bool((dk[~computed] == _SENTINEL).all()) and bool((dv[~computed] == _SENTINEL).all())
+    torch.testing.assert_close(dq.double(), expected_dq, rtol=1e-4, atol=1e-5)

@@ -446,3 +446,67 @@ def test_gpu_larger_shapes(dtype, causal):
     assert_backend_matches("triton", q, k, v, causal=causal)
     q, k, v = _inputs(1, 4, 4, 513, 513, 64, dtype=dtype)
     assert_backend_matches("triton", q, k, v, causal=causal, dropout_p=0.1, dropout_seed=1)
+
+
+# ---- invalid metadata: clamped reads, poisoned results (docs/semantics.md) ------------------
+BAD_OFFSETS = [[0, 5, 4000], [0, -7, 10], [3, 2, 10], [0, 5, 9], [0, 2**31 - 1, 10], [-(2**31), 0, 10], [0, 10, 10]]
+
+
+def _guarded(shape, dtype=torch.float32, guard=64):
+    """A tensor in the middle of a NaN-filled buffer: any read outside it turns a result NaN."""
+    buffer = torch.full((shape[0] + 2 * guard, *shape[1:]), float("nan"), dtype=dtype, device=DEVICE)
+    tensor = buffer[guard : guard + shape[0]]
+    tensor.copy_(torch.randn(shape, dtype=dtype, device=DEVICE))
+    return tensor
+
+
+@pytest.mark.parametrize("offsets", BAD_OFFSETS, ids=str)
+@pytest.mark.parametrize("side", ["q", "k"])
+def test_kernels_never_read_outside_the_tensors_whatever_the_offsets(offsets, side):
+    from dataclasses import replace
+
+    from fusedattn.kernels.attention_backward import backward as run_backward
+    from fusedattn.kernels.attention_forward import forward as run_forward
+    from fusedattn.validation import validate_varlen
+
+    q, k, v = _guarded((10, 2, 16)), _guarded((10, 1, 16)), _guarded((10, 1, 16))
+    good = torch.tensor([0, 4, 10], dtype=torch.int32, device=DEVICE)
+    call = validate_varlen(q, k, v, good, good, 6, 6, causal=True)
+    bad = torch.tensor(offsets, dtype=torch.int32, device=DEVICE)
+    call = replace(call, **{f"cu_seqlens_{side}": bad}, max_seqlen_q=5, max_seqlen_k=5, metadata_checked=False)
+    with fusedattn.backends.base.poisoned_outputs(0.0):  # unwritten rows stay 0, never NaN
+        out, lse = run_forward(call)
+        grads = run_backward(call, torch.randn_like(out), out, lse.nan_to_num(neginf=0.0))
+    assert not out.isnan().any(), "a kernel read outside q, k or v"
+    assert not any(g.isnan().any() for g in grads), "a backward kernel read outside its inputs"
+
+
+@pytest.mark.parametrize("lengths", [[-5, 3], [3, 4000], [2**31 - 1, -(2**31)]], ids=str)
+def test_kernels_clamp_key_lengths(lengths):
+    from dataclasses import replace
+
+    from fusedattn.kernels.attention_backward import backward as run_backward
+    from fusedattn.kernels.attention_forward import forward as run_forward
+
+    q, k, v = (_guarded((6, 2, 9, 16)).transpose(0, 1) for _ in range(3))  # NaN beyond every sequence
+    call = validate_attention(q, k, v, key_lengths=torch.tensor([9, 9], device=DEVICE))
+    call = replace(call, key_lengths=torch.tensor(lengths, dtype=torch.int32, device=DEVICE), metadata_checked=False)
+    out, lse = run_forward(call)
+    grads = run_backward(call, torch.randn_like(out), out, lse.nan_to_num(neginf=0.0))
+    assert not out.isnan().any() and not any(g.isnan().any() for g in grads)
+
+
+def test_compiled_invalid_offsets_give_nan_and_valid_ones_the_result():
+    torch._dynamo.reset()
+    q, k, v = (torch.randn(10, 2, 16, device=DEVICE) for _ in range(3))
+    good = torch.tensor([0, 4, 10], dtype=torch.int32, device=DEVICE)
+
+    def packed(q, k, v, cu_q, cu_k):
+        return fusedattn.attention_varlen(q, k, v, cu_q, cu_k, 6, 6, causal=True, backend="triton")
+
+    compiled = torch.compile(packed, fullgraph=True, backend="aot_eager", dynamic=False)
+    torch.testing.assert_close(compiled(q, k, v, good, good), packed(q, k, v, good, good), atol=2e-6, rtol=1e-5)
+    for offsets in BAD_OFFSETS[:4]:
+        bad = torch.tensor(offsets, dtype=torch.int32, device=DEVICE)
+        assert compiled(q, k, v, bad, good).isnan().all()
+        assert compiled(q, k, v, good, bad).isnan().all()

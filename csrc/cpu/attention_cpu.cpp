@@ -8,7 +8,9 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cstdlib>
+#include <utility>
 #include <initializer_list>
 #include <string>
 #include <vector>
@@ -81,7 +83,7 @@ ElementType element_type_of(const at::Tensor& tensor) {
     case at::kHalf:
       return ElementType::float16;
     default:
-      TORCH_CHECK(false, "fusedattn cpu: unsupported dtype ", tensor.scalar_type());
+      TORCH_CHECK_TYPE(false, "q: expected dtype float32, bfloat16 or float16, got ", tensor.scalar_type());
   }
 }
 
@@ -118,6 +120,58 @@ TensorView lse_view(const at::Tensor& lse) {
   return view;
 }
 
+// ---- checks -----------------------------------------------------------------------------
+// The native ops check every size and every metadata value they index with (O(batch)),
+// with the errors of python/fusedattn/validation.py: a call that skipped Python's checks
+// (a compiled graph, a direct torch.ops call) gets a ValueError, never an out-of-bounds read.
+
+std::string shape_of(const at::Tensor& tensor) {
+  std::string text = "(";
+  for (int64_t dim = 0; dim < tensor.dim(); ++dim) text += (dim ? ", " : "") + std::to_string(tensor.size(dim));
+  return text + (tensor.dim() == 1 ? ",)" : ")");
+}
+
+void check_shape(const char* name, const at::Tensor& tensor, std::initializer_list<int64_t> expected) {
+  bool same = tensor.dim() == static_cast<int64_t>(expected.size());
+  int64_t dim = 0;
+  std::string text = "(";
+  for (int64_t size : expected) {
+    if (same && tensor.size(dim) != size) same = false;
+    text += (dim ? ", " : "") + std::to_string(size);
+    ++dim;
+  }
+  text += expected.size() == 1 ? ",)" : ")";
+  TORCH_CHECK_VALUE(same, name, ": expected shape ", text, ", got ", shape_of(tensor));
+}
+
+void check_cpu_int32(const char* name, const at::Tensor& tensor) {
+  TORCH_CHECK_VALUE(tensor.device().is_cpu(), name, ": expected a CPU tensor, got one on ", tensor.device());
+  TORCH_CHECK_TYPE(tensor.scalar_type() == at::kInt, name, ": expected dtype torch.int32, got ", tensor.scalar_type());
+  TORCH_CHECK_VALUE(tensor.is_contiguous(), name, ": expected a contiguous tensor");
+}
+
+// cu_seqlens: N + 1 offsets from 0 to the packed length, non-decreasing, no sequence longer
+// than max_seqlen.
+void check_offsets(const char* name, const at::Tensor& offsets, int64_t total, const char* max_name,
+                   int64_t max_seqlen) {
+  check_cpu_int32(name, offsets);
+  TORCH_CHECK_VALUE(offsets.dim() == 1 && offsets.size(0) >= 1, name,
+                    ": expected a 1-D tensor of N + 1 offsets, got shape ", shape_of(offsets));
+  const int32_t* values = offsets.data_ptr<int32_t>();
+  const int64_t count = offsets.size(0);
+  TORCH_CHECK_VALUE(values[0] == 0, name, ": expected the first offset to be 0, got ", values[0]);
+  int64_t longest = 0;
+  for (int64_t i = 1; i < count; ++i) {
+    TORCH_CHECK_VALUE(values[i] >= values[i - 1], name, ": expected non-decreasing offsets, got ", values[i - 1],
+                      " then ", values[i], " at index ", i);
+    longest = std::max<int64_t>(longest, static_cast<int64_t>(values[i]) - values[i - 1]);
+  }
+  TORCH_CHECK_VALUE(values[count - 1] == total, name, ": expected the last offset to equal the packed length ", total,
+                    ", got ", values[count - 1]);
+  TORCH_CHECK_VALUE(max_seqlen >= longest, max_name, ": expected at least the longest sequence (", longest, "), got ",
+                    max_seqlen);
+}
+
 AttentionProblem describe(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                           const std::optional<at::Tensor>& attn_mask, const std::optional<at::Tensor>& key_lengths,
                           const std::optional<at::Tensor>& cu_seqlens_q, const std::optional<at::Tensor>& cu_seqlens_k,
@@ -125,39 +179,65 @@ AttentionProblem describe(const at::Tensor& q, const at::Tensor& k, const at::Te
                           double scale, bool causal, bool bottom_right, int64_t window_left, int64_t window_right,
                           double softcap, int64_t dropout_threshold, double dropout_keep_scale,
                           int64_t dropout_seed_key) {
-  TORCH_CHECK(q.device().is_cpu() && k.device().is_cpu() && v.device().is_cpu(), "fusedattn cpu: CPU tensors only");
+  for (const auto& [name, tensor] : {std::pair<const char*, const at::Tensor*>{"q", &q}, {"k", &k}, {"v", &v}})
+    TORCH_CHECK_VALUE(tensor->device().is_cpu(), name, ": expected a CPU tensor, got one on ", tensor->device());
   AttentionProblem problem;
   problem.element_type = element_type_of(q);
+  TORCH_CHECK_TYPE(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(),
+                   "k, v: expected the dtype of q (", q.scalar_type(), "), got k ", k.scalar_type(), " and v ",
+                   v.scalar_type());
   const bool varlen = cu_seqlens_q.has_value();
+  TORCH_CHECK_VALUE(varlen == cu_seqlens_k.has_value(), "cu_seqlens_k: expected together with cu_seqlens_q");
+  const int64_t rank = varlen ? 3 : 4;
+  for (const auto& [name, tensor] : {std::pair<const char*, const at::Tensor*>{"q", &q}, {"k", &k}, {"v", &v}})
+    TORCH_CHECK_VALUE(tensor->dim() == rank, name, ": expected a ", rank, "-D tensor, got shape ", shape_of(*tensor));
+  const int64_t head_dim = q.size(-1);
+  const int64_t heads_q = q.size(-2 - (varlen ? 0 : 1));
+  const int64_t heads_kv = k.size(-2 - (varlen ? 0 : 1));
+  TORCH_CHECK_VALUE(head_dim >= 1 && v.size(-1) >= 1, "q, v: expected head dims >= 1, got ", head_dim, " and ",
+                    v.size(-1));
+  TORCH_CHECK_VALUE(heads_kv >= 1 && heads_q % heads_kv == 0,
+                    "k: expected a number of heads that divides the ", heads_q, " query heads, got ", heads_kv);
+  if (varlen) {
+    check_shape("k", k, {k.size(0), heads_kv, head_dim});
+    check_shape("v", v, {k.size(0), heads_kv, v.size(-1)});
+  } else {
+    check_shape("k", k, {q.size(0), heads_kv, k.size(2), head_dim});
+    check_shape("v", v, {q.size(0), heads_kv, k.size(2), v.size(-1)});
+  }
   problem.q = token_view(q);
   problem.k = token_view(k);
   problem.v = token_view(v);
-  problem.head_dim = q.size(-1);
+  problem.head_dim = head_dim;
   problem.head_dim_v = v.size(-1);
+  problem.heads_q = heads_q;
+  problem.heads_kv = heads_kv;
+  TORCH_CHECK_VALUE(max_seqlen_q >= 0 && max_seqlen_k >= 0, "max_seqlen_q, max_seqlen_k: expected values >= 0, got ",
+                    max_seqlen_q, " and ", max_seqlen_k);
   if (varlen) {
-    TORCH_CHECK(cu_seqlens_k.has_value(), "fusedattn cpu: cu_seqlens_k is required with cu_seqlens_q");
-    TORCH_CHECK(cu_seqlens_q->scalar_type() == at::kInt && cu_seqlens_q->is_contiguous() &&
-                    cu_seqlens_k->scalar_type() == at::kInt && cu_seqlens_k->is_contiguous(),
-                "fusedattn cpu: cu_seqlens must be contiguous int32");
+    check_offsets("cu_seqlens_q", *cu_seqlens_q, q.size(0), "max_seqlen_q", max_seqlen_q);
+    check_offsets("cu_seqlens_k", *cu_seqlens_k, k.size(0), "max_seqlen_k", max_seqlen_k);
+    TORCH_CHECK_VALUE(cu_seqlens_k->size(0) == cu_seqlens_q->size(0), "cu_seqlens_k: expected ",
+                      cu_seqlens_q->size(0), " offsets (as many as cu_seqlens_q), got ", cu_seqlens_k->size(0));
     problem.batch = cu_seqlens_q->size(0) - 1;
-    problem.heads_q = q.size(1);
-    problem.heads_kv = k.size(1);
-    problem.seqlen_q = max_seqlen_q;
-    problem.seqlen_k = max_seqlen_k;
+    // The kernels size per-sequence work by these; no sequence is longer than its tensor.
+    problem.seqlen_q = std::min<int64_t>(max_seqlen_q, q.size(0));
+    problem.seqlen_k = std::min<int64_t>(max_seqlen_k, k.size(0));
     problem.cu_seqlens_q = cu_seqlens_q->data_ptr<int32_t>();
     problem.cu_seqlens_k = cu_seqlens_k->data_ptr<int32_t>();
   } else {
     problem.batch = q.size(0);
-    problem.heads_q = q.size(1);
-    problem.heads_kv = k.size(1);
     problem.seqlen_q = q.size(2);
     problem.seqlen_k = k.size(2);
   }
   if (attn_mask.has_value()) {
     const at::Tensor& mask = *attn_mask;
-    TORCH_CHECK(mask.dim() == 4, "fusedattn cpu: attn_mask must be a 4-D (B, Hq, Sq, Sk) view");
-    TORCH_CHECK(mask.scalar_type() == at::kBool || mask.scalar_type() == q.scalar_type(),
-                "fusedattn cpu: attn_mask must be bool or q's dtype");
+    TORCH_CHECK_VALUE(!varlen, "attn_mask: expected None for varlen calls");
+    TORCH_CHECK_VALUE(mask.device().is_cpu(), "attn_mask: expected a CPU tensor, got one on ", mask.device());
+    TORCH_CHECK_TYPE(mask.scalar_type() == at::kBool || mask.scalar_type() == q.scalar_type(),
+                     "attn_mask: expected dtype torch.bool or ", q.scalar_type(), " (that of q), got ",
+                     mask.scalar_type());
+    check_shape("attn_mask", mask, {problem.batch, heads_q, problem.seqlen_q, problem.seqlen_k});
     problem.mask_kind = mask.scalar_type() == at::kBool ? MaskKind::boolean : MaskKind::additive;
     problem.mask.data = mask.data_ptr();
     problem.mask.stride_batch = mask.stride(0);
@@ -166,29 +246,64 @@ AttentionProblem describe(const at::Tensor& q, const at::Tensor& k, const at::Te
     problem.mask.stride_feature = mask.stride(3);
   }
   if (key_lengths.has_value()) {
-    TORCH_CHECK(key_lengths->scalar_type() == at::kInt && key_lengths->is_contiguous(),
-                "fusedattn cpu: key_lengths must be contiguous int32");
-    problem.key_lengths = key_lengths->data_ptr<int32_t>();
+    TORCH_CHECK_VALUE(!varlen, "key_lengths: expected None for varlen calls");
+    check_cpu_int32("key_lengths", *key_lengths);
+    check_shape("key_lengths", *key_lengths, {problem.batch});
+    const int32_t* lengths = key_lengths->data_ptr<int32_t>();
+    for (int64_t b = 0; b < problem.batch; ++b)
+      TORCH_CHECK_VALUE(lengths[b] >= 0 && lengths[b] <= problem.seqlen_k, "key_lengths: expected values in [0, ",
+                        problem.seqlen_k, "] (Sk), got ", lengths[b], " at index ", b);
+    problem.key_lengths = lengths;
   }
   if (alibi_slopes.has_value()) {
-    TORCH_CHECK(alibi_slopes->scalar_type() == at::kFloat && alibi_slopes->is_contiguous(),
-                "fusedattn cpu: alibi_slopes must be contiguous float32");
-    problem.alibi_slopes = alibi_slopes->data_ptr<float>();
-    problem.alibi_batch_stride = alibi_slopes->dim() == 2 ? alibi_slopes->size(1) : 0;
+    const at::Tensor& slopes = *alibi_slopes;
+    TORCH_CHECK_VALUE(slopes.device().is_cpu(), "alibi_slopes: expected a CPU tensor, got one on ", slopes.device());
+    TORCH_CHECK_TYPE(slopes.scalar_type() == at::kFloat && slopes.is_contiguous(),
+                     "alibi_slopes: expected a contiguous float32 tensor, got ", slopes.scalar_type());
+    TORCH_CHECK_VALUE((slopes.dim() == 1 && slopes.size(0) == heads_q) ||
+                          (slopes.dim() == 2 && slopes.size(0) == problem.batch && slopes.size(1) == heads_q),
+                      "alibi_slopes: expected shape (", heads_q, ",) or (", problem.batch, ", ", heads_q, "), got ",
+                      shape_of(slopes));
+    problem.alibi_slopes = slopes.data_ptr<float>();
+    problem.alibi_batch_stride = slopes.dim() == 2 ? slopes.size(1) : 0;
   }
   problem.scale = static_cast<float>(scale);
   problem.causal = causal;
   problem.bottom_right = bottom_right;
-  problem.window_left = window_left;
-  problem.window_right = window_right;
+  TORCH_CHECK_VALUE(window_left >= -1 && window_right >= -1, "window: expected sides >= 0 or -1 (unbounded), got (",
+                    window_left, ", ", window_right, ")");
+  // A side this wide hides nothing (as in validation.py): capping keeps position arithmetic exact.
+  constexpr int64_t kWidestWindow = int64_t(1) << 30;
+  problem.window_left = std::min(window_left, kWidestWindow);
+  problem.window_right = std::min(window_right, kWidestWindow);
   problem.softcap = static_cast<float>(softcap);
-  TORCH_CHECK(dropout_threshold >= 0 && dropout_threshold <= (int64_t(1) << 32),
-              "fusedattn cpu: dropout_threshold must be in [0, 2**32]");
+  TORCH_CHECK_VALUE(dropout_threshold >= 0 && dropout_threshold <= (int64_t(1) << 32),
+                    "dropout_threshold: expected a value in [0, 2**32], got ", dropout_threshold);
   problem.dropout_threshold = static_cast<uint64_t>(dropout_threshold);
   problem.dropout_keep_scale = static_cast<float>(dropout_keep_scale);
   problem.dropout_seed_key = static_cast<uint32_t>(dropout_seed_key & 0xffffffff);
   problem.num_threads = at::get_num_threads();
   return problem;
+}
+
+// out-like tensors (out, grad_out, grad_q/k/v) have the shape and dtype of what they mirror.
+void check_like(const char* name, const at::Tensor& tensor, const at::Tensor& like, int64_t last_dim) {
+  TORCH_CHECK_VALUE(tensor.device().is_cpu(), name, ": expected a CPU tensor, got one on ", tensor.device());
+  TORCH_CHECK_TYPE(tensor.scalar_type() == like.scalar_type(), name, ": expected dtype ", like.scalar_type(), ", got ",
+                   tensor.scalar_type());
+  std::vector<int64_t> expected(like.sizes().begin(), like.sizes().end());
+  expected.back() = last_dim;
+  TORCH_CHECK_VALUE(tensor.sizes() == at::IntArrayRef(expected), name, ": expected shape ", at::IntArrayRef(expected),
+                    ", got ", tensor.sizes());
+}
+
+void check_lse(const at::Tensor& lse, const at::Tensor& q, bool varlen) {
+  TORCH_CHECK_VALUE(lse.device().is_cpu(), "lse: expected a CPU tensor, got one on ", lse.device());
+  TORCH_CHECK_TYPE(lse.scalar_type() == at::kFloat, "lse: expected dtype torch.float32, got ", lse.scalar_type());
+  if (varlen)
+    check_shape("lse", lse, {q.size(1), q.size(0)});
+  else
+    check_shape("lse", lse, {q.size(0), q.size(1), q.size(2)});
 }
 
 void cpu_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& out, at::Tensor& lse,
@@ -201,7 +316,8 @@ void cpu_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, 
       describe(q, k, v, attn_mask, key_lengths, cu_seqlens_q, cu_seqlens_k, alibi_slopes, max_seqlen_q, max_seqlen_k,
                scale, causal, bottom_right, window_left, window_right, softcap, dropout_threshold,
                dropout_keep_scale, dropout_seed_key);
-  TORCH_CHECK(out.scalar_type() == q.scalar_type(), "fusedattn cpu: out must have q's dtype");
+  check_like("out", out, q, v.size(-1));
+  check_lse(lse, q, cu_seqlens_q.has_value());
   problem.out = token_view(out);
   problem.lse = lse_view(lse);
   select_variant().forward(problem);
@@ -219,8 +335,12 @@ void cpu_backward(const at::Tensor& grad_out, const at::Tensor& q, const at::Ten
       describe(q, k, v, attn_mask, key_lengths, cu_seqlens_q, cu_seqlens_k, alibi_slopes, max_seqlen_q, max_seqlen_k,
                scale, causal, bottom_right, window_left, window_right, softcap, dropout_threshold,
                dropout_keep_scale, dropout_seed_key);
-  for (const at::Tensor* tensor : std::initializer_list<const at::Tensor*>{&grad_out, &out, &grad_q, &grad_k, &grad_v})
-    TORCH_CHECK(tensor->scalar_type() == q.scalar_type(), "fusedattn cpu: gradients and out must have q's dtype");
+  check_like("grad_out", grad_out, q, v.size(-1));
+  check_like("out", out, q, v.size(-1));
+  check_lse(lse, q, cu_seqlens_q.has_value());
+  check_like("grad_q", grad_q, q, q.size(-1));
+  check_like("grad_k", grad_k, k, k.size(-1));
+  check_like("grad_v", grad_v, v, v.size(-1));
   problem.grad_out = token_view(grad_out);
   problem.out = token_view(out);
   problem.lse = lse_view(lse);

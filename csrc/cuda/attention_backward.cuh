@@ -1,6 +1,7 @@
-// Flash attention backward: one block per (key tile, kv head, sequence). The block keeps
-// its K and V tiles and the dK, dV accumulators in shared memory and walks every query
-// head of its GQA group and every query tile that can see its keys:
+// Flash attention backward: one block per (key tile, kv head, sequence), flattened onto
+// grid.x (grid_block). The block keeps its K and V tiles and the dK, dV accumulators in
+// shared memory and walks every query head of its GQA group and every query tile that can
+// see its keys:
 //
 //   S = Q K^T, dP = dO V^T                     (warp tiles)
 //   P = exp(score(S) - lse), dropout on P and dP, dS = P (dP - delta) [softcap'] scale
@@ -76,9 +77,10 @@ __global__ void __launch_bounds__(kThreads) attention_backward_kernel(const Atte
   const int warp = threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
   float* warp_scratch = scratch + warp * kTile * kTile;
-  const int key_block = blockIdx.x;
-  const int kv_head = blockIdx.y;
-  const int batch = blockIdx.z;
+  const GridBlock block = grid_block(tile_count(p.seqlen_k, kBlockN), p.heads_kv);
+  const int key_block = block.tile;
+  const int kv_head = block.head;
+  const int batch = block.batch;
   const SequenceView view = sequence_view(p, batch);
   const int key_start = key_block * kBlockN;
   if (key_start >= view.seqlen_k) return;
@@ -88,7 +90,7 @@ __global__ void __launch_bounds__(kThreads) attention_backward_kernel(const Atte
   const int qk_tiles = tiles_of(p.head_dim);
   const int value_tiles = tiles_of(p.head_dim_v);
 
-  const int64_t k_row = static_cast<int64_t>(view.k_row_base + key_start);
+  const int64_t k_row = int64_t{view.k_row_base} + key_start;
   const Element* k = static_cast<const Element*>(p.k) + batch * p.k_strides.batch + kv_head * p.k_strides.head +
                      k_row * p.k_strides.row;
   const Element* v = static_cast<const Element*>(p.v) + batch * p.v_strides.batch + kv_head * p.v_strides.head +
@@ -99,12 +101,12 @@ __global__ void __launch_bounds__(kThreads) attention_backward_kernel(const Atte
   fill_shared(grad_key, kBlockN * kGradientPitch, 0.0f);
   fill_shared(grad_value, kBlockN * kGradientPitch, 0.0f);
 
-  // Query rows that can see some key of [key_start, last_key]: [row_begin, row_end).
-  const int last_key = min(key_start + kBlockN, view.key_limit) - 1;
-  int row_begin = 0;
-  int row_end = last_key >= key_start ? view.seqlen_q : 0;
-  if (view.has_right) row_begin = max(row_begin, key_start - view.right - view.query_offset);
-  if (view.has_left) row_end = min(row_end, last_key + view.left - view.query_offset + 1);
+  // Query rows that can see some key of [key_start, last_key]: [row_begin, row_end),
+  // row_end <= seqlen_q (row i sees key j when lowest <= j - i <= highest).
+  const int last_key = key_start + min(kBlockN, view.key_limit - key_start) - 1;
+  int row_begin = static_cast<int>(clamp_int64(int64_t{key_start} - view.highest, 0, kMaxRows));
+  const int row_end =
+      last_key >= key_start ? static_cast<int>(clamp_int64(int64_t{last_key} - view.lowest + 1, 0, view.seqlen_q)) : 0;
   row_begin = row_begin / kBlockM * kBlockM;
 
   for (int member = 0; member < group; ++member) {
@@ -115,9 +117,10 @@ __global__ void __launch_bounds__(kThreads) attention_backward_kernel(const Atte
                               head * bp.grad_out_strides.head;
     float* dq_accum = bp.dq_accum + batch * bp.dq_accum_strides.batch + head * bp.dq_accum_strides.head;
 
-    for (int first_row = row_begin; first_row < row_end; first_row += kBlockM) {
+    for (int64_t tile_start = row_begin; tile_start < row_end; tile_start += kBlockM) {  // int64: no overflow
+      const int first_row = static_cast<int>(tile_start);
       const int valid_rows = min(kBlockM, view.seqlen_q - first_row);
-      const int64_t q_row = static_cast<int64_t>(view.q_row_base + first_row);
+      const int64_t q_row = int64_t{view.q_row_base} + first_row;
       __syncthreads();  // the previous tile's products are done with Q, dO, P and dS
       load_tile(query_tile, kInputPitch, q + q_row * p.q_strides.row, p.q_strides.row, kBlockM, kHeadDim,
                 valid_rows, p.head_dim, p.vector_loads);
@@ -244,19 +247,24 @@ __global__ void __launch_bounds__(kThreads) attention_backward_kernel(const Atte
   }
 }
 
+// Blocks of the backward grid, as flat_grid_blocks (the launcher and the CPU emulation).
+template <typename Element, int kHeadDim>
+int64_t backward_grid_blocks(const AttentionParams& p) {
+  return flat_grid_blocks(tile_count(p.seqlen_k, BackwardConfig<Element, kHeadDim>::kBlockN), p.heads_kv, p.batch);
+}
+
 #if defined(__CUDACC__)  // launchers: nvcc only (the CPU emulation launches kernels itself)
 template <typename Element, int kHeadDim>
 const char* launch_attention_backward(const AttentionBackwardParams& bp, cudaStream_t stream) {
   using Config = BackwardConfig<Element, kHeadDim>;
-  const AttentionParams& p = bp.forward;
-  const int key_blocks = (p.seqlen_k + Config::kBlockN - 1) / Config::kBlockN;
-  if (key_blocks == 0 || p.heads_kv == 0 || p.batch == 0) return nullptr;
-  if (p.batch > 65535 || p.heads_kv > 65535) return "fusedattn cuda: batch and heads must be at most 65535";
+  const int64_t blocks = backward_grid_blocks<Element, kHeadDim>(bp.forward);
+  if (blocks == 0) return nullptr;
+  if (blocks < 0) return "fusedattn cuda: more than 2^31 - 1 key tiles x kv heads x sequences";
   auto kernel = attention_backward_kernel<Element, kHeadDim>;
   cudaError_t error =
       cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Config::kSharedBytes);
   if (error != cudaSuccess) return cudaGetErrorString(error);
-  const dim3 grid(key_blocks, p.heads_kv, p.batch);
+  const dim3 grid(static_cast<unsigned>(blocks));
   kernel<<<grid, kThreads, Config::kSharedBytes, stream>>>(bp);
   error = cudaGetLastError();
   return error == cudaSuccess ? nullptr : cudaGetErrorString(error);

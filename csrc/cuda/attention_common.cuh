@@ -116,36 +116,92 @@ __device__ __forceinline__ bool dropout_keeps(uint32_t row_hash, int key, uint64
   return static_cast<uint64_t>(mix32(row_hash ^ static_cast<uint32_t>(key))) >= threshold;
 }
 
+// ---- the grid ------------------------------------------------------------------------------
+// One block per (tile, head, sequence), flattened onto grid.x, whose limit is 2^31 - 1 (grid.y
+// and grid.z stop at 65535): block index = (batch * heads + head) * tiles + tile. The tile
+// index runs fastest, so the blocks of one (sequence, head) are launched together.
+constexpr int64_t kMaxGridBlocks = 2147483647;
+
+__host__ __device__ constexpr int tile_count(int rows, int tile) { return rows <= 0 ? 0 : (rows - 1) / tile + 1; }
+
+// Blocks of the flattened grid (host side): 0 when there is nothing to launch, -1 when the
+// count passes kMaxGridBlocks (unreachable for tensors that fit in memory, still refused).
+inline int64_t flat_grid_blocks(int64_t tiles, int64_t heads, int64_t batch) {
+  if (tiles <= 0 || heads <= 0 || batch <= 0) return 0;
+  if (tiles > kMaxGridBlocks / heads) return -1;
+  const int64_t per_sequence = tiles * heads;
+  if (per_sequence > kMaxGridBlocks / batch) return -1;
+  return per_sequence * batch;
+}
+
+struct GridBlock {
+  int tile;
+  int head;
+  int batch;
+};
+
+// This block's (tile, head, sequence) in a grid of flat_grid_blocks(tiles, heads, batch).
+__device__ __forceinline__ GridBlock grid_block(int tiles, int heads) {
+  const int index = static_cast<int>(blockIdx.x);
+  const int rest = index / tiles;
+  GridBlock block;
+  block.tile = index - rest * tiles;
+  block.head = rest % heads;
+  block.batch = rest / heads;
+  return block;
+}
+
 // ---- one sequence of a (dense or packed) batch ----------------------------------------------
+__host__ __device__ constexpr int64_t clamp_int64(int64_t value, int64_t low, int64_t high) {
+  return value < low ? low : (value > high ? high : value);
+}
+
+// Rows [start, start + length) of a packed sequence: the one rule by which the kernels read
+// cu_seqlens (docs/semantics.md, "Invalid metadata"). The host may not have checked the
+// offsets (torch.compile, CUDA graph capture), so they are clamped into the tensor:
+// start = clamp(cu[i], 0, total), end = clamp(cu[i + 1], start, total). Valid offsets pass
+// unchanged; invalid ones give some range inside [0, total] (the op layer poisons the output).
+struct SequenceRows {
+  int start;
+  int length;
+};
+
+__device__ __forceinline__ SequenceRows sequence_rows(const int32_t* cu_seqlens, int sequence, int64_t total) {
+  const int64_t start = clamp_int64(cu_seqlens[sequence], 0, total);
+  const int64_t end = clamp_int64(cu_seqlens[sequence + 1], start, total);
+  return {static_cast<int>(start), static_cast<int>(end - start)};  // total <= kMaxRows
+}
+
 struct SequenceView {
   int q_row_base;    // first token of this sequence in the packed layout (0 when dense)
   int k_row_base;
-  int seqlen_q;      // this sequence's Sq and Sk
+  int seqlen_q;      // this sequence's Sq and Sk: its rows lie inside q and k
   int seqlen_k;
-  int key_limit;     // keys j >= key_limit are masked (key_lengths), <= seqlen_k
+  int key_limit;     // keys j >= key_limit are masked (key_lengths), in [0, seqlen_k]
   int query_offset;  // key position of query row 0: Sk - Sq (bottom-right) or 0 (top-left)
-  bool has_left;     // window sides, with causal folded into the right side
-  bool has_right;
-  int left;
-  int right;
+  // Causal and window as a band: row i sees key j when lowest <= j - i <= highest. Computed
+  // in int64 and clamped to +-(2^31 - 1), which changes no answer (|j - i| < 2^31) and keeps
+  // the sums of positions and window sides out of int overflow.
+  int lowest;
+  int highest;
 
   // Causal, window, key length and row range rules (not the boolean mask).
   __device__ __forceinline__ bool visible(int row, int key) const {
     if (row >= seqlen_q || key >= key_limit) return false;
-    const int position = row + query_offset;
-    if (has_right && key > position + right) return false;
-    if (has_left && key < position - left) return false;
-    return true;
+    const int distance = key - row;  // both in [0, 2^31): no overflow
+    return distance >= lowest && distance <= highest;
   }
 };
 
 __device__ __forceinline__ SequenceView sequence_view(const AttentionParams& p, int batch) {
   SequenceView view;
   if (p.cu_seqlens_q != nullptr) {
-    view.q_row_base = p.cu_seqlens_q[batch];
-    view.k_row_base = p.cu_seqlens_k[batch];
-    view.seqlen_q = p.cu_seqlens_q[batch + 1] - view.q_row_base;
-    view.seqlen_k = p.cu_seqlens_k[batch + 1] - view.k_row_base;
+    const SequenceRows rows_q = sequence_rows(p.cu_seqlens_q, batch, p.total_q);
+    const SequenceRows rows_k = sequence_rows(p.cu_seqlens_k, batch, p.total_k);
+    view.q_row_base = rows_q.start;
+    view.k_row_base = rows_k.start;
+    view.seqlen_q = rows_q.length;
+    view.seqlen_k = rows_k.length;
   } else {
     view.q_row_base = 0;
     view.k_row_base = 0;
@@ -153,13 +209,14 @@ __device__ __forceinline__ SequenceView sequence_view(const AttentionParams& p, 
     view.seqlen_k = p.seqlen_k;
   }
   view.key_limit = view.seqlen_k;
-  if (p.key_lengths != nullptr) view.key_limit = max(0, min(view.seqlen_k, p.key_lengths[batch]));
+  if (p.key_lengths != nullptr) view.key_limit = static_cast<int>(clamp_int64(p.key_lengths[batch], 0, view.seqlen_k));
   view.query_offset = p.bottom_right ? view.seqlen_k - view.seqlen_q : 0;
-  view.has_left = p.window_left >= 0;
-  view.left = p.window_left;
-  view.has_right = p.causal || p.window_right >= 0;
+  constexpr int64_t kUnbounded = 2147483647;
   // Windows are >= 0, so causal (right side 0) is always the tighter right bound.
-  view.right = p.causal ? 0 : p.window_right;
+  const int64_t right = p.causal ? 0 : (p.window_right >= 0 ? p.window_right : kUnbounded);
+  const int64_t left = p.window_left >= 0 ? p.window_left : kUnbounded;
+  view.lowest = static_cast<int>(clamp_int64(int64_t{view.query_offset} - left, -kUnbounded, kUnbounded));
+  view.highest = static_cast<int>(clamp_int64(int64_t{view.query_offset} + right, -kUnbounded, kUnbounded));
   return view;
 }
 
@@ -206,7 +263,7 @@ struct ScoreRule {
       t = tanhf(s / softcap);
       s = softcap * t;
     }
-    if (alibi_slope != 0.0f) s -= alibi_slope * fabsf(static_cast<float>(row + query_offset - key));
+    if (alibi_slope != 0.0f) s -= alibi_slope * fabsf(static_cast<float>(int64_t{row} - key + query_offset));
     if (mask_kind == MaskKind::Additive) s += to_float(reinterpret_cast<const Element*>(mask)[mask_index]);
     *logit = s;
     *capped_tanh = t;

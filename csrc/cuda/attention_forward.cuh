@@ -1,5 +1,6 @@
-// Flash attention forward: one block per (query tile, query head, sequence), streaming
-// key/value tiles with an online softmax. Writes out (Dv columns) and lse (natural log).
+// Flash attention forward: one block per (query tile, query head, sequence), flattened onto
+// grid.x (grid_block), streaming key/value tiles with an online softmax. Writes out (Dv
+// columns) and lse (natural log).
 //
 // Per key tile:  S = Q K^T (warp tiles)  ->  softmax update by rows (one warp per row):
 // mask, new running max, P = exp(S - max), dropout on P, rescale the output row  ->
@@ -61,10 +62,13 @@ __global__ void __launch_bounds__(kThreads) attention_forward_kernel(const Atten
 
   const int warp = threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
-  // Launch the last query tiles first: under causal masking they have the most keys.
-  const int query_block = gridDim.x - 1 - blockIdx.x;
-  const int head = blockIdx.y;
-  const int batch = blockIdx.z;
+  // Within each (sequence, head), launch the last query tiles first: under causal masking
+  // they have the most keys.
+  const int query_tiles = tile_count(p.seqlen_q, kBlockM);
+  const GridBlock block = grid_block(query_tiles, p.heads_q);
+  const int query_block = query_tiles - 1 - block.tile;
+  const int head = block.head;
+  const int batch = block.batch;
   const SequenceView view = sequence_view(p, batch);
   const int first_row = query_block * kBlockM;
   if (first_row >= view.seqlen_q) return;
@@ -74,19 +78,16 @@ __global__ void __launch_bounds__(kThreads) attention_forward_kernel(const Atten
   const bool dropout = p.dropout_p > 0.0f;
 
   const Element* q = static_cast<const Element*>(p.q) + batch * p.q_strides.batch + head * p.q_strides.head +
-                     static_cast<int64_t>(view.q_row_base + first_row) * p.q_strides.row;
+                     (int64_t{view.q_row_base} + first_row) * p.q_strides.row;
   const Element* k = static_cast<const Element*>(p.k) + batch * p.k_strides.batch + kv_head * p.k_strides.head +
                      static_cast<int64_t>(view.k_row_base) * p.k_strides.row;
   const Element* v = static_cast<const Element*>(p.v) + batch * p.v_strides.batch + kv_head * p.v_strides.head +
                      static_cast<int64_t>(view.k_row_base) * p.v_strides.row;
 
-  // Keys any row of this block can see: [key_begin, key_end).
-  int key_begin = 0;
-  int key_end = view.key_limit;
-  const int first_position = first_row + view.query_offset;
-  const int last_position = first_row + valid_rows - 1 + view.query_offset;
-  if (view.has_left) key_begin = max(key_begin, first_position - view.left);
-  if (view.has_right) key_end = min(key_end, last_position + view.right + 1);
+  // Keys any row of this block can see: [key_begin, key_end), key_end <= key_limit.
+  const int64_t last_row = first_row + valid_rows - 1;
+  int key_begin = static_cast<int>(clamp_int64(int64_t{first_row} + view.lowest, 0, kMaxRows));
+  const int key_end = static_cast<int>(clamp_int64(last_row + view.highest + 1, 0, view.key_limit));
   key_begin = key_begin / kBlockN * kBlockN;
 
   const int qk_steps = tiles_of(p.head_dim);
@@ -97,7 +98,8 @@ __global__ void __launch_bounds__(kThreads) attention_forward_kernel(const Atten
   fill_shared(row_max, kBlockM, -INFINITY);
   fill_shared(row_sum, kBlockM, 0.0f);
 
-  for (int key_start = key_begin; key_start < key_end; key_start += kBlockN) {
+  for (int64_t tile_start = key_begin; tile_start < key_end; tile_start += kBlockN) {  // int64: no overflow at 2^31
+    const int key_start = static_cast<int>(tile_start);
     __syncthreads();  // the previous tile's products are done with K, V and P
     const int valid_keys = min(kBlockN, view.seqlen_k - key_start);
     load_tile(key_tile, kInputPitch, k + static_cast<int64_t>(key_start) * p.k_strides.row, p.k_strides.row, kBlockN,
@@ -188,29 +190,35 @@ __global__ void __launch_bounds__(kThreads) attention_forward_kernel(const Atten
     const float sum = row_sum[r];
     const bool empty = sum == 0.0f;
     const float inverse = empty ? 0.0f : (dropout ? p.dropout_keep_scale : 1.0f) / sum;
-    Element* out_row = out + static_cast<int64_t>(view.q_row_base + row) * p.out_strides.row;
+    Element* out_row = out + (int64_t{view.q_row_base} + row) * p.out_strides.row;
     for (int column = lane; column < p.head_dim_v; column += 32)
       out_row[column] = from_float<Element>(output[r * kOutputPitch + column] * inverse);
     if (lane == 0) {
       p.lse[batch * p.lse_strides.batch + head * p.lse_strides.head +
-            static_cast<int64_t>(view.q_row_base + row) * p.lse_strides.row] =
+            (int64_t{view.q_row_base} + row) * p.lse_strides.row] =
           empty ? -INFINITY : row_max[r] + logf(sum);
     }
   }
+}
+
+// Blocks of the forward grid, as flat_grid_blocks (the launcher and the CPU emulation).
+template <typename Element, int kHeadDim>
+int64_t forward_grid_blocks(const AttentionParams& p) {
+  return flat_grid_blocks(tile_count(p.seqlen_q, ForwardConfig<Element, kHeadDim>::kBlockM), p.heads_q, p.batch);
 }
 
 #if defined(__CUDACC__)  // launchers: nvcc only (the CPU emulation launches kernels itself)
 template <typename Element, int kHeadDim>
 const char* launch_attention_forward(const AttentionParams& p, cudaStream_t stream) {
   using Config = ForwardConfig<Element, kHeadDim>;
-  const int query_blocks = (p.seqlen_q + Config::kBlockM - 1) / Config::kBlockM;
-  if (query_blocks == 0 || p.heads_q == 0 || p.batch == 0) return nullptr;
-  if (p.batch > 65535 || p.heads_q > 65535) return "fusedattn cuda: batch and heads must be at most 65535";
+  const int64_t blocks = forward_grid_blocks<Element, kHeadDim>(p);
+  if (blocks == 0) return nullptr;
+  if (blocks < 0) return "fusedattn cuda: more than 2^31 - 1 query tiles x heads x sequences";
   auto kernel = attention_forward_kernel<Element, kHeadDim>;
   cudaError_t error =
       cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Config::kSharedBytes);
   if (error != cudaSuccess) return cudaGetErrorString(error);
-  const dim3 grid(query_blocks, p.heads_q, p.batch);
+  const dim3 grid(static_cast<unsigned>(blocks));
   kernel<<<grid, kThreads, Config::kSharedBytes, stream>>>(p);
   error = cudaGetLastError();
   return error == cudaSuccess ? nullptr : cudaGetErrorString(error);

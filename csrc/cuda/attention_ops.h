@@ -5,6 +5,10 @@
 //
 // Arguments were validated by python/fusedattn/validation.py; outputs are allocated by
 // python/fusedattn/backends/cuda.py (through allocate_output) and written in place.
+// Shapes, dtypes and devices are checked again here (they cost no synchronization), so the
+// kernels can trust every size; metadata VALUES (cu_seqlens, key_lengths, max_seqlen) may be
+// unchecked (torch.compile, CUDA graph capture) and are clamped, here and in the kernels,
+// so that every access stays inside the tensors (docs/semantics.md, "Invalid metadata").
 #pragma once
 
 #include <ATen/ATen.h>
@@ -63,6 +67,50 @@ inline void require_output(const at::Tensor& output, const at::Tensor& like, at:
               " must be contiguous in its last dim");
 }
 
+inline void require_shape(const at::Tensor& tensor, at::IntArrayRef shape, const char* name) {
+  TORCH_CHECK(tensor.sizes() == shape, "fusedattn cuda: ", name, " must have shape ", shape, ", got ",
+              tensor.sizes());
+}
+
+inline void require_device(const std::optional<at::Tensor>& tensor, const at::Tensor& q, const char* name) {
+  TORCH_CHECK(!tensor.has_value() || tensor->device() == q.device(), "fusedattn cuda: ", name, " must be on ",
+              q.device());
+}
+
+inline std::vector<int64_t> with_last(at::IntArrayRef sizes, int64_t last) {
+  std::vector<int64_t> result(sizes.begin(), sizes.end());
+  result.back() = last;
+  return result;
+}
+
+// lse's shape: (B, Hq, Sq) dense, (Hq, Tq) packed.
+inline std::vector<int64_t> lse_shape(const at::Tensor& q, bool varlen) {
+  if (varlen) return {q.size(1), q.size(0)};
+  return {q.size(0), q.size(1), q.size(2)};
+}
+
+// The shapes the kernels index by, whatever called the operator (the Python validation
+// checks them too). Rows are limited to kMaxRows (2^31 - 1) so that row arithmetic fits int.
+inline void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, bool varlen) {
+  const int64_t rank = varlen ? 3 : 4;
+  TORCH_CHECK(q.dim() == rank && k.dim() == rank && v.dim() == rank, "fusedattn cuda: q, k, v must be ", rank,
+              "-D tensors");
+  TORCH_CHECK(k.device() == q.device() && v.device() == q.device(), "fusedattn cuda: k, v must be on ", q.device());
+  TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(),
+              "fusedattn cuda: k, v must have q's dtype");
+  // Heads are dim 1 in both layouts.
+  TORCH_CHECK(k.size(1) == v.size(1) && k.size(1) > 0 && q.size(1) % k.size(1) == 0,
+              "fusedattn cuda: k and v need the same number of heads, which divides q's");
+  TORCH_CHECK(k.size(-1) == q.size(-1), "fusedattn cuda: k must have q's head dim");
+  TORCH_CHECK(k.size(0) == v.size(0) && (varlen || (k.size(0) == q.size(0) && k.size(2) == v.size(2))),
+              "fusedattn cuda: q, k, v must agree on the batch, and k, v on the number of keys");
+  const int64_t rows_q = varlen ? q.size(0) : q.size(2);
+  const int64_t rows_k = varlen ? k.size(0) : k.size(2);
+  TORCH_CHECK(rows_q <= kMaxRows && rows_k <= kMaxRows, "fusedattn cuda: at most 2^31 - 1 query or key rows per ",
+              varlen ? "call (packed tokens)" : "sequence");
+  TORCH_CHECK(q.size(0) <= INT32_MAX && q.size(1) <= INT32_MAX, "fusedattn cuda: too many sequences or heads");
+}
+
 // The options shared by forward and backward, as in fusedattn/ops.py's op schema.
 struct Options {
   std::optional<at::Tensor> attn_mask, key_lengths, cu_seqlens_q, cu_seqlens_k, alibi_slopes;
@@ -79,6 +127,12 @@ inline AttentionParams make_params(const at::Tensor& q, const at::Tensor& k, con
                                    const Options& options, std::vector<at::Tensor>& keep_alive) {
   AttentionParams p;
   const bool varlen = options.cu_seqlens_q.has_value();
+  check_inputs(q, k, v, varlen);
+  require_device(options.attn_mask, q, "attn_mask");
+  require_device(options.key_lengths, q, "key_lengths");
+  require_device(options.cu_seqlens_q, q, "cu_seqlens_q");
+  require_device(options.cu_seqlens_k, q, "cu_seqlens_k");
+  require_device(options.alibi_slopes, q, "alibi_slopes");
   p.element_type = element_type_of(q);
   p.q = q.data_ptr();
   p.k = k.data_ptr();
@@ -91,15 +145,22 @@ inline AttentionParams make_params(const at::Tensor& q, const at::Tensor& k, con
   p.head_dim = static_cast<int>(q.size(-1));
   p.head_dim_v = static_cast<int>(v.size(-1));
   if (varlen) {
+    TORCH_CHECK(options.cu_seqlens_k.has_value(), "fusedattn cuda: cu_seqlens_k must come with cu_seqlens_q");
     const at::Tensor cu_q = options.cu_seqlens_q->to(at::kInt).contiguous();
     const at::Tensor cu_k = options.cu_seqlens_k->to(at::kInt).contiguous();
+    TORCH_CHECK(cu_q.dim() == 1 && cu_q.size(0) >= 1 && cu_q.size(0) - 1 <= INT32_MAX && cu_k.sizes() == cu_q.sizes(),
+                "fusedattn cuda: cu_seqlens_q and cu_seqlens_k must have the same shape (N + 1,)");
+    TORCH_CHECK(!options.attn_mask.has_value(), "fusedattn cuda: attn_mask is not supported with cu_seqlens");
     keep_alive.push_back(cu_q);
     keep_alive.push_back(cu_k);
     p.cu_seqlens_q = cu_q.data_ptr<int32_t>();
     p.cu_seqlens_k = cu_k.data_ptr<int32_t>();
     p.batch = static_cast<int>(cu_q.size(0) - 1);
-    p.seqlen_q = static_cast<int>(options.max_seqlen_q);
-    p.seqlen_k = static_cast<int>(options.max_seqlen_k);
+    p.total_q = q.size(0);
+    p.total_k = k.size(0);
+    // No valid sequence is longer than the packed tokens; the bound sizes the grid only.
+    p.seqlen_q = static_cast<int>(std::clamp<int64_t>(options.max_seqlen_q, 0, p.total_q));
+    p.seqlen_k = static_cast<int>(std::clamp<int64_t>(options.max_seqlen_k, 0, p.total_k));
   } else {
     p.batch = static_cast<int>(q.size(0));
     p.seqlen_q = static_cast<int>(q.size(2));
@@ -107,19 +168,25 @@ inline AttentionParams make_params(const at::Tensor& q, const at::Tensor& k, con
   }
   if (options.key_lengths.has_value()) {
     const at::Tensor lengths = options.key_lengths->to(at::kInt).contiguous();
+    TORCH_CHECK(lengths.dim() == 1 && lengths.size(0) == p.batch, "fusedattn cuda: key_lengths must have shape (",
+                p.batch, ",)");
     keep_alive.push_back(lengths);
     p.key_lengths = lengths.data_ptr<int32_t>();
   }
   p.scale = static_cast<float>(options.scale);
   p.causal = options.causal;
   p.bottom_right = options.bottom_right;
-  // A window side wider than Sq + Sk hides nothing; clamping keeps position arithmetic in int.
-  const int64_t widest = static_cast<int64_t>(p.seqlen_q) + p.seqlen_k + 1;
+  // A window side wider than Sq + Sk (and than any sequence: max_seqlen is clamped to the
+  // packed tokens) hides nothing; clamping keeps the sides in int.
+  const int64_t widest = std::min<int64_t>(static_cast<int64_t>(p.seqlen_q) + p.seqlen_k + 1, INT32_MAX);
   p.window_left = options.window_left < 0 ? -1 : static_cast<int>(std::min(options.window_left, widest));
   p.window_right = options.window_right < 0 ? -1 : static_cast<int>(std::min(options.window_right, widest));
   p.softcap = static_cast<float>(options.softcap);
   if (options.alibi_slopes.has_value()) {
     const at::Tensor slopes = options.alibi_slopes->to(at::kFloat);
+    TORCH_CHECK((slopes.dim() == 1 && slopes.size(0) == p.heads_q) ||
+                    (slopes.dim() == 2 && slopes.size(0) == p.batch && slopes.size(1) == p.heads_q),
+                "fusedattn cuda: alibi_slopes must have shape (Hq,) or (B, Hq)");
     keep_alive.push_back(slopes);
     p.alibi_slopes = slopes.data_ptr<float>();
     p.alibi_batch_stride = slopes.dim() == 2 ? slopes.stride(0) : 0;
@@ -127,7 +194,9 @@ inline AttentionParams make_params(const at::Tensor& q, const at::Tensor& k, con
   }
   if (options.attn_mask.has_value()) {
     const at::Tensor& mask = *options.attn_mask;
-    TORCH_CHECK(mask.dim() == 4, "fusedattn cuda: attn_mask must arrive as a 4-D (B, Hq, Sq, Sk) view");
+    const std::vector<int64_t> mask_shape{p.batch, p.heads_q, p.seqlen_q, p.seqlen_k};
+    TORCH_CHECK(mask.sizes() == at::IntArrayRef(mask_shape),
+                "fusedattn cuda: attn_mask must arrive as a 4-D (B, Hq, Sq, Sk) view");
     p.mask_kind = mask.scalar_type() == at::kBool ? MaskKind::Bool : MaskKind::Additive;
     TORCH_CHECK(p.mask_kind == MaskKind::Bool || mask.scalar_type() == q.scalar_type(),
                 "fusedattn cuda: an additive attn_mask must have q's dtype");
@@ -185,6 +254,8 @@ void attention_forward_op(const at::Tensor& q_in, const at::Tensor& k_in, const 
                              dropout_p, dropout_seed_key, dropout_threshold});
   detail::require_output(out, call.q, call.q.scalar_type(), "out");
   detail::require_output(lse, call.q, at::kFloat, "lse");
+  detail::require_shape(out, detail::with_last(call.q.sizes(), call.v.size(-1)), "out");
+  detail::require_shape(lse, detail::lse_shape(call.q, call.varlen), "lse");
   AttentionParams& p = call.params;
   p.out = out.data_ptr();
   p.out_strides = detail::row_strides(out, call.varlen);
@@ -218,7 +289,18 @@ void attention_backward_op(const at::Tensor& grad_out_in, const at::Tensor& q_in
   require_output(dq, q, q.scalar_type(), "dq");
   require_output(dk, q, q.scalar_type(), "dk");
   require_output(dv, q, q.scalar_type(), "dv");
-  TORCH_CHECK(lse.scalar_type() == at::kFloat, "fusedattn cuda: lse must be float32");
+  TORCH_CHECK(lse.scalar_type() == at::kFloat && lse.device() == q.device(),
+              "fusedattn cuda: lse must be float32 on ", q.device());
+  TORCH_CHECK(out.scalar_type() == q.scalar_type() && grad_out.scalar_type() == q.scalar_type() &&
+                  out.device() == q.device() && grad_out.device() == q.device(),
+              "fusedattn cuda: out and grad_out must be ", q.scalar_type(), " tensors on ", q.device());
+  const std::vector<int64_t> out_shape = with_last(q.sizes(), call.v.size(-1));
+  require_shape(out, out_shape, "out");
+  require_shape(grad_out, out_shape, "grad_out");
+  require_shape(lse, lse_shape(q, varlen), "lse");
+  require_shape(dq, q.sizes(), "dq");
+  require_shape(dk, call.k.sizes(), "dk");
+  require_shape(dv, call.v.sizes(), "dv");
   AttentionBackwardParams bp;
   bp.forward = call.params;
   bp.forward.out = const_cast<void*>(out.data_ptr());
@@ -227,7 +309,9 @@ void attention_backward_op(const at::Tensor& grad_out_in, const at::Tensor& q_in
   bp.forward.lse_strides = lse_strides(lse, varlen);
   bp.forward.vector_loads = call.params.vector_loads && rows_are_vector_aligned(grad_out, 16 / q.element_size());
 
-  // delta_i = sum_c dO_ic out_ic in float32: (B, Hq, Sq) dense, (Tq, Hq) packed.
+  // delta_i = sum_c dO_ic out_ic in float32: (B, Hq, Sq) dense, (Tq, Hq) packed. delta and
+  // dq_accum are sized by the tensors, never by metadata (the kernels index them by rows
+  // inside the clamped sequences).
   const at::Tensor delta = (grad_out.to(at::kFloat) * out.to(at::kFloat)).sum(-1);
   const at::Tensor dq_accum = at::zeros(q.sizes(), q.options().dtype(at::kFloat));
   bp.grad_out = grad_out.data_ptr();

@@ -13,6 +13,10 @@ namespace fusedattn::cuda {
 enum class ElementType : int { Float16 = 0, BFloat16 = 1, Float32 = 2 };
 enum class MaskKind : int { None = 0, Bool = 1, Additive = 2 };
 
+// The most rows the kernels address (as int): dense Sq and Sk, packed token counts (the
+// offsets are int32 anyway). attention_ops.h refuses larger tensors.
+constexpr int64_t kMaxRows = 2147483647;
+
 // Strides of a tensor addressed as (batch, head, row[, column]).
 // Dense (B, H, S, D) tensors use all three; packed varlen (T, H, D) tensors set batch = 0
 // and the kernel adds the sequence's first token (cu_seqlens[b]) to the row.
@@ -38,14 +42,18 @@ struct AttentionParams {
   int batch = 0;     // B, or the number of packed sequences N
   int heads_q = 0;   // Hq
   int heads_kv = 0;  // Hkv, divides Hq
-  int seqlen_q = 0;  // Sq, or max_seqlen_q for varlen
-  int seqlen_k = 0;  // Sk, or max_seqlen_k for varlen
+  int seqlen_q = 0;  // Sq, or max_seqlen_q clamped to [0, total_q] for varlen (sizes the grid)
+  int seqlen_k = 0;  // Sk, or max_seqlen_k clamped to [0, total_k] for varlen
   int head_dim = 0;  // D
   int head_dim_v = 0;  // Dv
 
+  // Metadata the host may not have checked (torch.compile, CUDA graph capture): the kernels
+  // clamp every value read from these into the tensors (sequence_view in attention_common.cuh).
   const int32_t* cu_seqlens_q = nullptr;  // (N + 1,) for varlen, else null
   const int32_t* cu_seqlens_k = nullptr;
   const int32_t* key_lengths = nullptr;  // (B,) or null
+  int64_t total_q = 0;  // varlen: q.size(0) and k.size(0), the bounds of every clamped offset
+  int64_t total_k = 0;
 
   float scale = 1.0f;
   bool causal = false;

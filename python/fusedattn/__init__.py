@@ -25,6 +25,23 @@ for _backend in registry().values():
 del _backend
 
 
+# Submodules reachable as attributes after `import fusedattn` (fusedattn.nn.MultiheadAttention),
+# imported on first access so that `import fusedattn` does not pay for them.
+_LAZY_SUBMODULES = ("bench", "compat", "integrations", "nn", "parity", "testing")
+
+
+def __getattr__(name: str) -> object:
+    if name in _LAZY_SUBMODULES:
+        import importlib
+
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY_SUBMODULES))
+
+
 def list_backends() -> list[str]:
     """Names of every backend module found (available or not)."""
     return list(registry())

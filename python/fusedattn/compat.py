@@ -25,8 +25,15 @@ import torch
 
 from . import semantics
 from .api import attention, attention_varlen
+from .dispatch import select_backend
 from .nn.weights import attention_probabilities
-from .validation import validate_attention
+from .validation import (
+    check_kv_cache_tensors,
+    kv_cache_indices,
+    paged_sequence_lengths,
+    poison_if_invalid,
+    validate_attention,
+)
 
 __all__ = [
     "flash_attn_func",
@@ -46,6 +53,13 @@ FlashOutput = torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 # ---- convention translation ---------------------------------------------------------
 def _window(window_size: WindowSize) -> tuple[int | None, int | None] | None:
     """FlashAttention's (left, right) with -1 = unbounded -> fusedattn's (left, right) with None."""
+    if (
+        not isinstance(window_size, (tuple, list))
+        or len(window_size) != 2
+        or any(isinstance(side, bool) or not isinstance(side, int) for side in window_size)
+    ):
+        shown = window_size if isinstance(window_size, (tuple, list, int, str, type(None))) else type(window_size)
+        raise TypeError(f"window_size: expected a pair (left, right) of ints, -1 for unbounded, got {shown!r}")
     left, right = window_size
     if left < 0 and right < 0:
         return None
@@ -74,7 +88,8 @@ def _options(
 def _drawn_seed(dropout_p: float) -> int | None:
     # The probabilities returned with return_attn_probs must show the kernel's dropout
     # pattern, so the seed is drawn here (from torch's generator, as fusedattn would).
-    if dropout_p <= 0.0:
+    # A dropout_p that is not a number gets no seed: validation refuses it, naming it.
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) or not dropout_p > 0.0:
         return None
     return int(torch.randint(0, 2**62, (), dtype=torch.int64).item())
 
@@ -279,16 +294,28 @@ def flash_attn_varlen_func(
         out (Tq, Hq, Dv), or (out, lse (Hq, Tq), probabilities (N, Hq, max_seqlen_q, max_seqlen_k)).
     """
     del deterministic
+    invalid = None
     if block_table is not None:
-        lengths = (cu_seqlens_k[1:] - cu_seqlens_k[:-1]).long()
+        if torch.compiler.is_compiling():
+            # The packed key count is sum(lengths), a tensor value: no static shape exists.
+            raise NotImplementedError(
+                "block_table: flash_attn_varlen_func over a paged cache packs keys by the values of "
+                "cu_seqlens_k and cannot be traced by torch.compile; call it outside the compiled "
+                "region, or use flash_attn_with_kvcache(block_table=...), which compiles"
+            )
+        lengths, block_table, invalid = paged_sequence_lengths(cu_seqlens_q, cu_seqlens_k, block_table, k, q)
         k, v = _paged_keys(k, block_table, lengths), _paged_keys(v, block_table, lengths)
+        if invalid is not None:  # clamped lengths: offsets that match the gathered keys
+            cu_seqlens_k = torch.cat([lengths.new_zeros(1), torch.cumsum(lengths, 0)]).to(cu_seqlens_k.dtype)
     options = _options(dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes)
     if not return_attn_probs:
-        return attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, **options)
+        out = attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, **options)
+        return poison_if_invalid(invalid, out)[0]
     options["dropout_seed"] = _drawn_seed(dropout_p)
     out, lse = attention_varlen(
         q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, return_lse=True, **options
     )
+    out, lse = poison_if_invalid(invalid, out, lse)
     return out, lse, _varlen_probabilities(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, options)
 
 
@@ -344,15 +371,54 @@ def _write_new_keys(
     cache_rows: torch.Tensor,
     start: torch.Tensor,
     block_table: torch.Tensor | None,
+    invalid: torch.Tensor | None,
 ) -> None:
-    """cache[cache_rows[b], start[b] + t] = new[b, t], in place (through block_table if paged)."""
-    positions = start.long()[:, None] + torch.arange(new.shape[1], device=cache.device)[None, :]
+    """cache[cache_rows[b], start[b] + t] = new[b, t], in place (through block_table if paged).
+
+    With invalid set (indices unchecked on the host, clamped), the rows are written back
+    unchanged, so invalid indices never overwrite another sequence's cache.
+    """
+    positions = start[:, None] + torch.arange(new.shape[1], device=cache.device)[None, :]
     if block_table is None:
-        cache[cache_rows.long()[:, None], positions] = new
-        return
-    block_size = cache.shape[1]
-    blocks = torch.gather(block_table.long(), 1, positions // block_size)
-    cache[blocks, positions % block_size] = new
+        rows, positions = cache_rows[:, None], positions.clamp(max=cache.shape[1] - 1)
+    else:
+        block_size = cache.shape[1]
+        blocks = positions // block_size
+        rows = torch.gather(block_table, 1, blocks.clamp(max=block_table.shape[1] - 1))
+        positions = positions % block_size
+    if invalid is not None:
+        new = torch.where(invalid, cache[rows, positions], new)
+    cache[rows, positions] = new
+
+
+def _right_aligned_keys(
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    rows: torch.Tensor,
+    starts: torch.Tensor,
+    ends: torch.Tensor,
+    block_table: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(keys (B, span, Hkv, D), values, mask (B, 1, 1, span)): row b's cache positions
+    starts[b] .. ends[b] - 1 in the last slots, mask True on them.
+
+    span is the longest row eagerly, the cache capacity while compiling (a static shape).
+    Slot j holds cache position j - (span - ends[b]); bottom-right alignment then gives
+    each query the position it has in its own row.
+    """
+    capacity = k_cache.shape[1] if block_table is None else block_table.shape[1] * k_cache.shape[1]
+    span = capacity if torch.compiler.is_compiling() or ends.numel() == 0 else int(ends.max())
+    positions = torch.arange(span, device=ends.device)[None, :] - (span - ends[:, None])
+    mask = positions >= starts[:, None]
+    positions = positions.clamp(0, max(capacity - 1, 0))
+    if block_table is None:
+        cache_rows = rows[:, None]
+    else:
+        block_size = k_cache.shape[1]
+        # Slots before a row's first valid key read some block: its entry may be garbage.
+        cache_rows = torch.gather(block_table, 1, positions // block_size).clamp(0, k_cache.shape[0] - 1)
+        positions = positions % block_size
+    return k_cache[cache_rows, positions], v_cache[cache_rows, positions], mask[:, None, None, :]
 
 
 def flash_attn_with_kvcache(
@@ -404,68 +470,47 @@ def flash_attn_with_kvcache(
             "rotary_cos, rotary_sin: rotary embeddings are not implemented by fusedattn.compat; "
             "apply them to q and k before the call"
         )
-    batch, seqlen_q = q.shape[0], q.shape[1]
-    device = q.device
-    rows = cache_batch_idx if cache_batch_idx is not None else torch.arange(batch, device=device)
-    full_length = k_cache.shape[1] if block_table is None else block_table.shape[1] * k_cache.shape[1]
-    if cache_seqlens is None:
-        cache_seqlens = torch.full((batch,), full_length, dtype=torch.int32, device=device)
-    elif isinstance(cache_seqlens, int):
-        cache_seqlens = torch.full((batch,), cache_seqlens, dtype=torch.int32, device=device)
-    if k is not None or v is not None:
-        if k is None or v is None:
-            raise ValueError("k, v: expected both new keys and new values, or neither, got only one")
-        _write_new_keys(k_cache, k, rows, cache_seqlens, block_table)
-        _write_new_keys(v_cache, v, rows, cache_seqlens, block_table)
-        ends = cache_seqlens.long() + k.shape[1]
-    else:
-        ends = cache_seqlens.long()
-    starts = cache_leftpad.long() if cache_leftpad is not None else torch.zeros_like(ends)
-    options = _options(0.0, softmax_scale, False, window_size, softcap, alibi_slopes)
-    del options["causal"], options["dropout_p"]  # causal depends on the path below; no dropout here
-    position_dependent = options["window"] is not None or alibi_slopes is not None or (causal and seqlen_q > 1)
+    batch = q.shape[0]
+    check_kv_cache_tensors(q, k_cache, v_cache, k, v)
+    options = _options(0.0, softmax_scale, causal, window_size, softcap, alibi_slopes)
+    del options["dropout_p"]  # no dropout in KV-cache calls
+    # Every option is checked before anything is written into the caches.
+    heads_kv = k_cache.shape[2]
+    probe = validate_attention(
+        q.transpose(1, 2),
+        k_cache.new_empty(batch, heads_kv, 0, k_cache.shape[3]),
+        v_cache.new_empty(batch, heads_kv, 0, v_cache.shape[3]),
+        **options,
+    )
+    select_backend(probe)  # a forced backend that cannot serve the call refuses it now
+    new_tokens = 0 if k is None else k.shape[1]
+    rows, starts, ends, block_table, invalid = kv_cache_indices(
+        q, k_cache, new_tokens, cache_seqlens, cache_batch_idx, cache_leftpad, block_table
+    )
+    if k is not None:
+        _write_new_keys(k_cache, k, rows, ends - new_tokens, block_table, invalid)
+        _write_new_keys(v_cache, v, rows, ends - new_tokens, block_table, invalid)
+    position_dependent = options["window"] is not None or alibi_slopes is not None or (causal and q.shape[1] > 1)
     if block_table is None and cache_leftpad is None and not position_dependent:
         # Keys 0 .. end - 1 of each row: a dense call with key lengths. The only query (or
         # every query, without causal) sees all of them, so no position is involved.
-        if cache_batch_idx is None:
-            keys, values = k_cache[:batch], v_cache[:batch]  # views: the cache is not copied
-        else:
-            keys, values = k_cache[rows.long()], v_cache[rows.long()]
-        out, lse = attention(
-            q.transpose(1, 2),
-            keys.transpose(1, 2),
-            values.transpose(1, 2),
-            key_lengths=ends,
-            return_lse=True,
-            **options,
-        )
-        out = out.transpose(1, 2).contiguous()
+        keys, values = (k_cache[:batch], v_cache[:batch]) if cache_batch_idx is None else (k_cache[rows], v_cache[rows])
+        mask, key_lengths = None, ends
     else:
-        # Positions are counted from each row's own first valid key: pack the valid keys of
-        # every row and run the varlen call, which aligns each sequence separately.
-        lengths = ends - starts
-        if block_table is None:
-            sequence, position = _token_positions(lengths, starts)
-            keys = k_cache[rows.long()[sequence], position]
-            values = v_cache[rows.long()[sequence], position]
-        else:
-            keys = _paged_keys(k_cache, block_table, lengths, starts)
-            values = _paged_keys(v_cache, block_table, lengths, starts)
-        zero = torch.zeros(1, dtype=torch.int32, device=device)
-        cu_k = torch.cat([zero, torch.cumsum(lengths, 0).to(torch.int32)])
-        cu_q = torch.arange(0, (batch + 1) * seqlen_q, seqlen_q, dtype=torch.int32, device=device)
-        out, lse = attention_varlen(
-            q.reshape(batch * seqlen_q, *q.shape[2:]),
-            keys,
-            values,
-            cu_q,
-            cu_k,
-            seqlen_q,
-            int(lengths.max()) if batch else 0,
-            causal=causal,
-            return_lse=True,
-            **options,
-        )
-        out = out.reshape(batch, seqlen_q, *out.shape[1:])
-        lse = lse.reshape(lse.shape[0], batch, seqlen_q).transpose(0, 1).contiguous()
+        # Positions count from each row's own first valid key: gather every row's keys so
+        # that they end together at the last slot, mask the slots before its first valid
+        # key, and align bottom-right. Shapes stay static under torch.compile.
+        keys, values, mask = _right_aligned_keys(k_cache, v_cache, rows, starts, ends, block_table)
+        key_lengths = None
+    out, lse = attention(
+        q.transpose(1, 2),
+        keys.transpose(1, 2),
+        values.transpose(1, 2),
+        attn_mask=mask,
+        key_lengths=key_lengths,
+        return_lse=True,
+        **options,
+    )
+    out = out.transpose(1, 2).contiguous()
+    out, lse = poison_if_invalid(invalid, out, lse)
     return (out, lse) if return_softmax_lse else out

@@ -101,10 +101,14 @@ def select_backend(call: AttentionCall, backend: str = AUTO) -> Backend:
     if not isinstance(backend, str):
         raise TypeError(f"backend: expected a backend name or 'auto', got {type(backend).__name__}")
     profile = CallProfile.of(call)
-    name = _select_name(
+    name, error = _select_name(
         profile.device, profile.dtype, profile.head_dim, profile.head_dim_v,
         tuple(sorted(profile.features)), bool(call.is_empty), backend,
     )  # fmt: skip
+    if error:
+        # Raised here, not inside _select_name: an exception there would surface from a
+        # torch.compile trace as an internal error instead of this one.
+        raise (UnsupportedCallError if name else ValueError)(error)
     return registry()[name]
 
 
@@ -117,29 +121,31 @@ def _select_name(
     features: tuple[str, ...],
     empty: bool,
     backend: str,
-) -> str:
-    # Plain values in, a name out: torch.compile runs this once while tracing and keeps
-    # the answer as a constant, instead of tracing through the registry.
+) -> tuple[str, str]:
+    """(name, "") for the backend that serves the call, or (name or "", error message):
+    a forced backend that cannot serve it, or "" for an unknown name."""
+    # Plain values in, plain strings out: torch.compile runs this once while tracing and
+    # keeps the answer as a constant, instead of tracing through the registry.
     profile = CallProfile(device, dtype, head_dim, head_dim_v, frozenset(features))
     name = requested_backend(backend)
     backends = registry()
+    if name != AUTO:
+        if name not in backends:
+            if name in _IMPORT_ERRORS:
+                return name, f"backend: {name!r} failed to import ({_IMPORT_ERRORS[name]})"
+            return "", f"backend: expected one of {sorted(backends) + [AUTO]}, got {name!r}"
+        reason = refusal(backends[name], profile)
+        if reason is not None:
+            return name, f"backend {name!r} cannot serve this call: {reason}"
     if empty:
         # No rows or no keys: the answer (zeros, lse -inf) needs no kernel, and the
         # reference gives it on every device.
-        return "reference"
+        return "reference", ""
     if name != AUTO:
-        if name not in backends:
-            known = sorted(backends) + [AUTO]
-            if name in _IMPORT_ERRORS:
-                raise UnsupportedCallError(f"backend: {name!r} failed to import ({_IMPORT_ERRORS[name]})")
-            raise ValueError(f"backend: expected one of {known}, got {name!r}")
-        reason = refusal(backends[name], profile)
-        if reason is not None:
-            raise UnsupportedCallError(f"backend {name!r} cannot serve this call: {reason}")
-        return name
+        return name, ""
     eligible = [b for b in backends.values() if refusal(b, profile) is None]
     # The reference serves every valid call, so eligible is never empty.
-    return max(eligible, key=lambda b: b.capabilities.priority.get(device, 0)).name
+    return max(eligible, key=lambda b: b.capabilities.priority.get(device, 0)).name, ""
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,7 @@ import torch
 
 from .backends.base import Backend
 from .semantics import AttentionCall, lse_dtype
+from .validation import metadata_guard, poison_if_invalid
 
 _UNBOUNDED = -1  # window side encoding in the op schema: -1 = unbounded
 
@@ -53,6 +54,7 @@ def op_arguments(call: AttentionCall) -> tuple[Any, ...]:
         0.0 if call.softcap is None else call.softcap,
         call.dropout_p,
         _seed_tensor(call.dropout_seed),
+        call.metadata_checked,
     )
 
 
@@ -60,7 +62,7 @@ def _call_from_arguments(arguments: tuple[Any, ...], read_seed: bool = True) -> 
     """The AttentionCall of a forward op's arguments. read_seed=False keeps the seed as the
     op's 0-d tensor (triton_op backends: a traced body cannot read tensor values)."""
     (q, k, v, attn_mask, key_lengths, cu_q, cu_k, alibi, max_q, max_k, scale, causal,
-     bottom_right, window_left, window_right, softcap, dropout_p, seed) = arguments  # fmt: skip
+     bottom_right, window_left, window_right, softcap, dropout_p, seed, metadata_checked) = arguments  # fmt: skip
     if read_seed and seed is not None:
         seed = int(seed.item())
     return AttentionCall(
@@ -82,6 +84,7 @@ def _call_from_arguments(arguments: tuple[Any, ...], read_seed: bool = True) -> 
         softcap=None if softcap == 0.0 else softcap,
         dropout_p=dropout_p,
         dropout_seed=seed,
+        metadata_checked=metadata_checked,
     )
 
 
@@ -110,6 +113,7 @@ _OPTION_PARAMETERS: tuple[tuple[str, str], ...] = (  # (name, schema type) after
     ("softcap", "float"),
     ("dropout_p", "float"),
     ("dropout_seed", "Tensor?"),
+    ("metadata_checked", "bool"),
 )
 _FORWARD_TENSORS = ("q", "k", "v")
 _BACKWARD_TENSORS = ("grad_out", "out", "lse", "q", "k", "v")
@@ -149,15 +153,21 @@ def _define(backend: Backend) -> tuple[Any, Any]:
     # A triton_op backend's body is traced with fake tensors: it keeps the seed a tensor.
     read_seed = not backend.triton_op
 
+    # Metadata values not checked at validation (compiled or captured calls) are checked
+    # here when the host can read them, else flagged on the device and the outputs poisoned.
     def forward_impl(*arguments: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        out, lse = backend.forward(_call_from_arguments(arguments, read_seed))
+        call = _call_from_arguments(arguments, read_seed)
+        invalid = metadata_guard(call, synchronize=backend.reads_metadata_on_host)
+        out, lse = poison_if_invalid(invalid, *backend.forward(call))
         # Fixed contiguous outputs, so the fake implementation's strides are exact.
         return out.contiguous(), lse.contiguous()
 
     def backward_impl(grad_out: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, *arguments: Any):
         if backend.backward is None:
             raise NotImplementedError(f"backend {name!r} has no backward")
-        grads = backend.backward(_call_from_arguments(arguments, read_seed), grad_out, out, lse)
+        call = _call_from_arguments(arguments, read_seed)
+        invalid = metadata_guard(call, synchronize=backend.reads_metadata_on_host)
+        grads = poison_if_invalid(invalid, *backend.backward(call, grad_out, out, lse))
         return tuple(g.contiguous() for g in grads)
 
     def forward_fake(*arguments: Any) -> tuple[torch.Tensor, torch.Tensor]:
@@ -222,7 +232,7 @@ def _define(backend: Backend) -> tuple[Any, Any]:
 
 def _call_from_arguments_fake(arguments: tuple[Any, ...]) -> AttentionCall:
     # Same as _call_from_arguments, without reading the seed's value.
-    return _call_from_arguments((*arguments[:-1], None))
+    return _call_from_arguments(arguments, read_seed=False)
 
 
 _LIBRARIES: list[torch.library.Library] = []

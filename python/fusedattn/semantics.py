@@ -58,6 +58,8 @@ class AttentionCall:
     key_lengths is (B,) int32. alibi_slopes is (Hq,) or (B, Hq) float32 (float64 for
     float64 inputs). window_left / window_right are None for an unbounded side.
     softcap is None when disabled. dropout_seed is set whenever dropout_p > 0.
+    cu_seqlens and key_lengths are contiguous int32; max_seqlen_q/k are at most the packed
+    token counts.
     """
 
     q: torch.Tensor
@@ -79,6 +81,9 @@ class AttentionCall:
     dropout_p: float = 0.0
     dropout_seed: int | None = None
     needs_grad: bool = False
+    # True when the values of cu_seqlens / key_lengths were checked on the host. False
+    # inside torch.compile traces and CUDA graph capture (see validation.metadata_guard).
+    metadata_checked: bool = False
 
     # ---- shape facts -------------------------------------------------------------
     @property

@@ -17,6 +17,8 @@ from .semantics import CAUSAL_ALIGNMENTS, MAX_HEAD_DIM, AttentionCall
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 WIDEST_WINDOW = 2**30
+# Offsets and lengths reach the kernels as int32: larger packed lengths cannot be addressed.
+LARGEST_PACKED_LENGTH = 2**31 - 1
 
 
 def _is_compiling() -> bool:
@@ -25,10 +27,36 @@ def _is_compiling() -> bool:
     return torch.compiler.is_compiling()
 
 
+def _values_readable(tensor: torch.Tensor, synchronize: bool = True) -> bool:
+    """Whether the host may read tensor's values now: not while torch.compile traces (fake
+    tensors), not while a CUDA graph is being captured (a copy to the host synchronizes,
+    which capture forbids), and for device tensors only when synchronize is allowed."""
+    if _is_compiling() or torch._subclasses.fake_tensor.is_fake(tensor):
+        return False
+    if tensor.device.type == "cpu":
+        return True
+    if tensor.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return False
+    return synchronize
+
+
+def _as_int32(tensor: torch.Tensor) -> torch.Tensor:
+    """A contiguous int32 copy (kernels index it as a plain array) that saturates instead of
+    wrapping: an int64 value of 2**32 must not turn into a valid-looking 0."""
+    if tensor.dtype == torch.int64:
+        tensor = tensor.clamp(-1, 2**31 - 1)
+    return tensor.to(torch.int32).contiguous()
+
+
 def _describe(value: object) -> str:
     if isinstance(value, torch.Tensor):
         return f"a {value.dtype} tensor of shape {tuple(value.shape)} on {value.device}"
-    return f"{type(value).__name__} {value!r}"
+    if isinstance(value, (tuple, list)):
+        return f"{type(value).__name__} ({', '.join(_describe(item) for item in value)})"
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return f"{type(value).__name__} {value!r}"
+    # No repr of other objects (a numpy array's repr reads its values, and breaks torch.compile).
+    return f"a {type(value).__module__}.{type(value).__name__}"
 
 
 def _require_tensor(name: str, value: object) -> torch.Tensor:
@@ -183,11 +211,17 @@ def _key_lengths(key_lengths: object, q: torch.Tensor, batch: int, seqlen_k: int
         raise ValueError(f"key_lengths: expected device {q.device} (that of q), got {lengths.device}")
     if tuple(lengths.shape) != (batch,):
         raise ValueError(f"key_lengths: expected shape ({batch},), got {tuple(lengths.shape)}")
-    if not _is_compiling() and lengths.numel() > 0:
-        low, high = int(lengths.min()), int(lengths.max())
+    if _values_readable(lengths):
+        _check_key_length_values(lengths, seqlen_k)
+    return _as_int32(lengths)
+
+
+def _check_key_length_values(lengths: torch.Tensor, seqlen_k: int) -> None:
+    if lengths.numel() > 0:
+        values = lengths.detach().to("cpu", torch.int64)
+        low, high = int(values.min()), int(values.max())
         if low < 0 or high > seqlen_k:
             raise ValueError(f"key_lengths: expected values in [0, {seqlen_k}] (Sk), got values in [{low}, {high}]")
-    return lengths.to(torch.int32)
 
 
 def validate_attention(
@@ -234,10 +268,11 @@ def validate_attention(
         dropout_p=dropout_p,
         dropout_seed=dropout_seed,
         needs_grad=_needs_grad(q, k, v),
+        metadata_checked=key_lengths is None or _values_readable(key_lengths),
     )
 
 
-def _cu_seqlens(name: str, cu: object, q: torch.Tensor, total: int) -> torch.Tensor:
+def _cu_seqlens(name: str, cu: object, q: torch.Tensor) -> torch.Tensor:
     cu = _require_tensor(name, cu)
     if cu.dtype not in (torch.int32, torch.int64):
         raise TypeError(f"{name}: expected dtype torch.int32 or torch.int64, got {cu.dtype}")
@@ -245,29 +280,45 @@ def _cu_seqlens(name: str, cu: object, q: torch.Tensor, total: int) -> torch.Ten
         raise ValueError(f"{name}: expected a 1-D tensor of N + 1 offsets, got shape {tuple(cu.shape)}")
     if cu.device != q.device:
         raise ValueError(f"{name}: expected device {q.device} (that of q), got {cu.device}")
-    if not _is_compiling():
-        values = cu.detach().to("cpu", torch.int64)
-        if int(values[0]) != 0:
-            raise ValueError(f"{name}: expected the first offset to be 0, got {int(values[0])}")
-        if cu.shape[0] > 1 and bool((values[1:] < values[:-1]).any()):
-            raise ValueError(f"{name}: expected non-decreasing offsets, got {values.tolist()}")
-        if int(values[-1]) != total:
-            raise ValueError(
-                f"{name}: expected the last offset to equal the packed length {total}, got {int(values[-1])}"
-            )
-    return cu.to(torch.int32)
+    return cu
 
 
-def _max_seqlen(name: str, value: object, cu: torch.Tensor) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
+def _check_offset_values(name: str, cu: torch.Tensor, total: int, max_name: str, max_seqlen: int) -> None:
+    values = cu.detach().to("cpu", torch.int64)
+    if int(values[0]) != 0:
+        raise ValueError(f"{name}: expected the first offset to be 0, got {int(values[0])}")
+    if cu.shape[0] > 1 and bool((values[1:] < values[:-1]).any()):
+        shown = values.tolist() if values.numel() <= 16 else f"{values[:16].tolist()}..."
+        raise ValueError(f"{name}: expected non-decreasing offsets, got {shown}")
+    if int(values[-1]) != total:
+        raise ValueError(f"{name}: expected the last offset to equal the packed length {total}, got {int(values[-1])}")
+    if cu.shape[0] > 1:
+        longest = int((values[1:] - values[:-1]).max())
+        if max_seqlen < longest:
+            raise ValueError(f"{max_name}: expected at least the longest sequence ({longest}), got {max_seqlen}")
+
+
+def _same_count(cu_q: torch.Tensor, cu_k: torch.Tensor) -> None:
+    if cu_q.shape[0] != cu_k.shape[0]:
+        raise ValueError(
+            f"cu_seqlens_k: expected {cu_q.shape[0]} offsets (as many as cu_seqlens_q), got {cu_k.shape[0]}"
+        )
+
+
+def _max_seqlen(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, torch.SymInt)):
         raise TypeError(f"{name}: expected an int, got {_describe(value)}")
     if value < 0:
         raise ValueError(f"{name}: expected a value >= 0, got {value}")
-    if not _is_compiling() and cu.shape[0] > 1:
-        longest = int((cu[1:] - cu[:-1]).max())
-        if value < longest:
-            raise ValueError(f"{name}: expected at least the longest sequence ({longest}), got {value}")
-    return int(value)
+    return value
+
+
+def _packed_length(name: str, tensor: torch.Tensor) -> int:
+    if tensor.shape[0] > LARGEST_PACKED_LENGTH:
+        raise ValueError(
+            f"{name}: expected at most {LARGEST_PACKED_LENGTH} packed tokens (int32 offsets), got {tensor.shape[0]}"
+        )
+    return tensor.shape[0]
 
 
 def validate_varlen(
@@ -294,12 +345,16 @@ def validate_varlen(
         raise ValueError(f"v: expected {k.shape[0]} tokens (those of k), got {v.shape[0]}")
     _check_heads(q.shape[1], k.shape[1], v.shape[1])
     _check_head_dims(q, k, v)
-    cu_q = _cu_seqlens("cu_seqlens_q", cu_seqlens_q, q, q.shape[0])
-    cu_k = _cu_seqlens("cu_seqlens_k", cu_seqlens_k, q, k.shape[0])
-    if cu_q.shape[0] != cu_k.shape[0]:
-        raise ValueError(
-            f"cu_seqlens_k: expected {cu_q.shape[0]} offsets (as many as cu_seqlens_q), got {cu_k.shape[0]}"
-        )
+    total_q, total_k = _packed_length("q", q), _packed_length("k", k)
+    cu_q = _cu_seqlens("cu_seqlens_q", cu_seqlens_q, q)
+    cu_k = _cu_seqlens("cu_seqlens_k", cu_seqlens_k, q)
+    _same_count(cu_q, cu_k)
+    max_q = _max_seqlen("max_seqlen_q", max_seqlen_q)
+    max_k = _max_seqlen("max_seqlen_k", max_seqlen_k)
+    checked = _values_readable(cu_q) and _values_readable(cu_k)
+    if checked:
+        _check_offset_values("cu_seqlens_q", cu_q, total_q, "max_seqlen_q", max_q)
+        _check_offset_values("cu_seqlens_k", cu_k, total_k, "max_seqlen_k", max_k)
     window_left, window_right = _window(window)
     dropout_p, dropout_seed = _dropout(dropout_p, dropout_seed)
     return AttentionCall(
@@ -309,10 +364,11 @@ def validate_varlen(
         scale=_scale(scale, q.shape[-1]),
         causal=_bool_flag("causal", causal),
         causal_alignment=_alignment(causal_alignment),
-        cu_seqlens_q=cu_q,
-        cu_seqlens_k=cu_k,
-        max_seqlen_q=_max_seqlen("max_seqlen_q", max_seqlen_q, cu_q),
-        max_seqlen_k=_max_seqlen("max_seqlen_k", max_seqlen_k, cu_k),
+        cu_seqlens_q=_as_int32(cu_q),
+        cu_seqlens_k=_as_int32(cu_k),
+        # No sequence is longer than the packed tokens: a larger bound only sizes grids.
+        max_seqlen_q=torch.sym_min(max_q, total_q),
+        max_seqlen_k=torch.sym_min(max_k, total_k),
         window_left=window_left,
         window_right=window_right,
         alibi_slopes=_alibi(alibi_slopes, q, cu_q.shape[0] - 1, q.shape[1]),
@@ -320,4 +376,225 @@ def validate_varlen(
         dropout_p=dropout_p,
         dropout_seed=dropout_seed,
         needs_grad=_needs_grad(q, k, v),
+        metadata_checked=checked,
     )
+
+
+# ---- metadata values the host did not read at validation -----------------------------------
+def metadata_guard(call: AttentionCall, synchronize: bool = False) -> torch.Tensor | None:
+    """Make sure no result computed from invalid integer metadata is ever returned as valid.
+
+    Called by the op layer (fusedattn/ops.py) before a backend runs. Returns None when the
+    metadata values (cu_seqlens_q/k with max_seqlen_q/k, key_lengths) are known valid:
+    checked at validation, or readable on the host now (CPU tensors; device tensors when
+    synchronize is allowed) and checked here, raising the same ValueError as validation.
+    Otherwise (device tensors in a compiled graph, a torch.compile trace, CUDA graph
+    capture) returns a 0-d bool tensor on the call's device, True when the values are
+    invalid, computed without synchronizing: the op layer then replaces every output by
+    NaN. Kernels clamp what they read, so invalid values are memory-safe either way
+    (docs/semantics.md, "Invalid metadata").
+    """
+    if call.metadata_checked:
+        return None
+    tensors = [t for t in (call.cu_seqlens_q, call.cu_seqlens_k, call.key_lengths) if t is not None]
+    if not tensors:
+        return None
+    if all(_values_readable(t, synchronize) for t in tensors):
+        if call.is_varlen:
+            _check_offset_values("cu_seqlens_q", call.cu_seqlens_q, call.q.shape[0], "max_seqlen_q", call.max_seqlen_q)
+            _check_offset_values("cu_seqlens_k", call.cu_seqlens_k, call.k.shape[0], "max_seqlen_k", call.max_seqlen_k)
+        if call.key_lengths is not None:
+            _check_key_length_values(call.key_lengths, call.seqlen_k)
+        return None
+    invalid = torch.zeros((), dtype=torch.bool, device=call.device)
+    if call.is_varlen:
+        spans = (
+            (call.cu_seqlens_q, call.q.shape[0], call.max_seqlen_q),
+            (call.cu_seqlens_k, call.k.shape[0], call.max_seqlen_k),
+        )
+        for offsets, total, longest in spans:
+            offsets = offsets.to(torch.int64)
+            lengths = offsets[1:] - offsets[:-1]
+            invalid = invalid | (offsets[0] != 0) | (offsets[-1] != total)
+            invalid = invalid | (lengths < 0).any() | (lengths > longest).any()
+    if call.key_lengths is not None:
+        lengths = call.key_lengths
+        invalid = invalid | (lengths < 0).any() | (lengths > call.seqlen_k).any()
+    return invalid
+
+
+def poison_if_invalid(invalid: torch.Tensor | None, *outputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """outputs unchanged, or all NaN where metadata_guard found the metadata invalid."""
+    if invalid is None:
+        return outputs
+    return tuple(output.masked_fill(invalid, float("nan")) for output in outputs)
+
+
+# ---- KV-cache indices (fusedattn.compat.flash_attn_with_kvcache) ---------------------------
+def _index_tensor(name: str, value: object, q: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    tensor = _require_tensor(name, value)
+    if tensor.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"{name}: expected dtype torch.int32 or torch.int64, got {tensor.dtype}")
+    if tensor.device != q.device:
+        raise ValueError(f"{name}: expected device {q.device} (that of q), got {tensor.device}")
+    if tuple(tensor.shape) != shape:
+        raise ValueError(f"{name}: expected shape {shape}, got {tuple(tensor.shape)}")
+    return tensor.to(torch.int64)
+
+
+def _outside(name: str, values: torch.Tensor, low: torch.Tensor | int, high: torch.Tensor | int, what: str) -> None:
+    """ValueError naming the first entry of values outside [low, high]."""
+    bad = (values < low) | (values > high)
+    if bool(bad.any()):
+        index = tuple(int(i) for i in bad.nonzero()[0])
+        where = index[0] if len(index) == 1 else index
+        limit_low = low if isinstance(low, int) else int(torch.as_tensor(low).expand_as(values)[index])
+        limit_high = high if isinstance(high, int) else int(torch.as_tensor(high).expand_as(values)[index])
+        raise ValueError(
+            f"{name}: expected {what} in [{limit_low}, {limit_high}], got {int(values[index])} at index {where}"
+        )
+
+
+def check_kv_cache_tensors(q: object, k_cache: object, v_cache: object, k: object = None, v: object = None) -> None:
+    """Shapes, dtypes and devices of a KV-cache call: q (B, Sq, Hq, D), caches
+    (B_cache or num_blocks, S_cache or block_size, Hkv, D / Dv), new k, v (B, S_new, Hkv, D / Dv)."""
+    layout = "(batch, seq, heads, head_dim)"
+    for name, tensor in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
+        tensor = _require_tensor(name, tensor)
+        if tensor.dim() != 4:
+            raise ValueError(f"{name}: expected a 4-D tensor {layout}, got shape {tuple(tensor.shape)}")
+        if tensor.dtype != q.dtype and name != "q":
+            raise TypeError(f"{name}: expected the dtype of q ({q.dtype}), got {tensor.dtype}")
+        if tensor.device != q.device:
+            raise ValueError(f"{name}: expected the device of q ({q.device}), got {tensor.device}")
+    if tuple(v_cache.shape[:3]) != tuple(k_cache.shape[:3]):
+        raise ValueError(
+            f"v_cache: expected leading dims {tuple(k_cache.shape[:3])} (those of k_cache), got {tuple(v_cache.shape[:3])}"
+        )
+    if (k is None) != (v is None):
+        raise ValueError("k, v: expected both new keys and new values, or neither, got only one")
+    if k is None:
+        return
+    batch, heads_kv = q.shape[0], k_cache.shape[2]
+    for name, tensor, cache in (("k", k, k_cache), ("v", v, v_cache)):
+        tensor = _require_tensor(name, tensor)
+        if tensor.dtype != cache.dtype:
+            raise TypeError(f"{name}: expected the dtype of the cache ({cache.dtype}), got {tensor.dtype}")
+        if tensor.device != cache.device:
+            raise ValueError(f"{name}: expected the device of the cache ({cache.device}), got {tensor.device}")
+        expected = (batch, k.shape[1] if isinstance(k, torch.Tensor) and k.dim() == 4 else -1, heads_kv, cache.shape[3])
+        if tensor.dim() != 4 or tuple(tensor.shape) != expected:
+            raise ValueError(f"{name}: expected shape (B, S_new, Hkv, D) = {expected}, got {tuple(tensor.shape)}")
+
+
+def kv_cache_indices(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    new_tokens: int,
+    cache_seqlens: object,
+    cache_batch_idx: object,
+    cache_leftpad: object,
+    block_table: object,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Check the integer arguments of a KV-cache call before anything reads or writes a cache.
+
+    q (B, Sq, Hq, D); k_cache (B_cache, S_cache, Hkv, D), or (num_blocks, block_size, Hkv, D)
+    with block_table (B, max_blocks). Returns int64 (rows, starts, ends, block_table, invalid):
+    the cache row of each batch element, the first and one-past-last valid key of each row
+    after appending new_tokens, the block table, and None when the values were checked on
+    the host (a ValueError names the first bad entry), else a 0-d bool tensor, True when
+    they are invalid. In that case (compiled or captured calls) every index is clamped into
+    its tensor: the caller must skip its cache writes and poison its outputs when invalid.
+    """
+    batch = q.shape[0]
+    if new_tokens < 0:
+        raise ValueError(f"k: expected new tokens >= 0, got {new_tokens}")
+    if block_table is not None:
+        if cache_batch_idx is not None:
+            raise ValueError("cache_batch_idx: expected None with block_table (a paged cache has no cache rows)")
+        table = _require_tensor("block_table", block_table)
+        if table.dtype != torch.int32:
+            raise TypeError(f"block_table: expected dtype torch.int32, got {table.dtype}")
+        if table.dim() != 2 or table.shape[0] != batch or (table.shape[1] < 1 and batch > 0):
+            raise ValueError(f"block_table: expected shape ({batch}, max_blocks >= 1), got {tuple(table.shape)}")
+        table = _index_tensor("block_table", table, q, tuple(table.shape))
+        capacity = table.shape[1] * k_cache.shape[1]
+    else:
+        table = None
+        capacity = k_cache.shape[1]
+    if cache_batch_idx is None:
+        if table is None and batch > k_cache.shape[0]:
+            raise ValueError(f"k_cache: expected at least {batch} rows (the batch of q), got {k_cache.shape[0]}")
+        rows = torch.arange(batch, device=q.device)
+    else:
+        rows = _index_tensor("cache_batch_idx", cache_batch_idx, q, (batch,))
+    if cache_seqlens is None:
+        lengths = torch.full((batch,), capacity, dtype=torch.int64, device=q.device)
+    elif isinstance(cache_seqlens, int) and not isinstance(cache_seqlens, bool):
+        lengths = torch.full((batch,), cache_seqlens, dtype=torch.int64, device=q.device)
+    else:
+        lengths = _index_tensor("cache_seqlens", cache_seqlens, q, (batch,))
+    if cache_leftpad is None:
+        starts = torch.zeros_like(lengths)
+    else:
+        starts = _index_tensor("cache_leftpad", cache_leftpad, q, (batch,))
+    ends = lengths + new_tokens
+    indices = [rows, lengths, starts] + ([table] if table is not None else [])
+    if all(_values_readable(t) for t in indices):
+        if cache_batch_idx is not None:
+            _outside("cache_batch_idx", rows, 0, k_cache.shape[0] - 1, "cache rows")
+        room = f"lengths that leave room for {new_tokens} new tokens"
+        _outside("cache_seqlens", lengths, 0, capacity - new_tokens, room)
+        _outside("cache_leftpad", starts, 0, lengths, "first valid positions (at most cache_seqlens)")
+        if table is not None:
+            used = torch.arange(table.shape[1], device=q.device)[None, :] * k_cache.shape[1] < ends[:, None]
+            blocks = torch.where(used, table, 0)
+            _outside("block_table", blocks, 0, k_cache.shape[0] - 1, "block numbers (in the blocks in use)")
+        return rows, starts, ends, table, None
+    invalid = (rows < 0).any() | (rows >= k_cache.shape[0]).any()
+    invalid = invalid | (lengths < 0).any() | (lengths > capacity - new_tokens).any()
+    invalid = invalid | (starts < 0).any() | (starts > lengths).any()
+    rows = rows.clamp(0, max(k_cache.shape[0] - 1, 0))
+    ends = ends.clamp(0, capacity)
+    starts = torch.minimum(starts.clamp(min=0), ends)
+    if table is not None:
+        used = torch.arange(table.shape[1], device=q.device)[None, :] * k_cache.shape[1] < ends[:, None]
+        invalid = invalid | (used & ((table < 0) | (table >= k_cache.shape[0]))).any()
+        table = table.clamp(0, max(k_cache.shape[0] - 1, 0))
+    return rows, starts, ends, table, invalid
+
+
+def paged_sequence_lengths(
+    cu_seqlens_q: object, cu_seqlens_k: object, block_table: object, k_cache: torch.Tensor, q: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(lengths, block_table, invalid) of a varlen call whose keys live in a paged cache
+    (num_blocks, block_size, Hkv, D): sequence i has cu_seqlens_k[i + 1] - cu_seqlens_k[i]
+    keys in the blocks block_table[i]. Checked like kv_cache_indices (None: checked on the
+    host; else a 0-d bool flag, with lengths and blocks clamped)."""
+    if not isinstance(k_cache, torch.Tensor) or k_cache.dim() != 4:
+        raise ValueError(f"k: expected a paged cache (num_blocks, block_size, Hkv, D), got {_describe(k_cache)}")
+    _check_qkv(q, q, q, 3, "(total_tokens, heads, head_dim)")
+    cu_q = _cu_seqlens("cu_seqlens_q", cu_seqlens_q, q)
+    cu = _cu_seqlens("cu_seqlens_k", cu_seqlens_k, q)
+    _same_count(cu_q, cu)
+    table = _require_tensor("block_table", block_table)
+    if table.dtype != torch.int32:
+        raise TypeError(f"block_table: expected dtype torch.int32, got {table.dtype}")
+    if table.dim() != 2 or table.shape[0] != cu.shape[0] - 1 or (table.shape[1] < 1 and table.shape[0] > 0):
+        raise ValueError(f"block_table: expected shape ({cu.shape[0] - 1}, max_blocks >= 1), got {tuple(table.shape)}")
+    table = _index_tensor("block_table", table, q, tuple(table.shape))
+    offsets = cu.to(torch.int64)
+    lengths = offsets[1:] - offsets[:-1]
+    capacity = table.shape[1] * k_cache.shape[1]
+    used = torch.arange(table.shape[1], device=q.device)[None, :] * k_cache.shape[1] < lengths[:, None]
+    if _values_readable(cu) and _values_readable(table):
+        _check_offset_values(
+            "cu_seqlens_k", cu, int(offsets[-1]), "max_seqlen_k", int(lengths.max()) if lengths.numel() else 0
+        )
+        _outside("cu_seqlens_k", lengths, 0, capacity, f"sequence lengths that fit in block_table's {capacity} keys")
+        blocks = torch.where(used, table, 0)
+        _outside("block_table", blocks, 0, k_cache.shape[0] - 1, "block numbers (in the blocks in use)")
+        return lengths, table, None
+    invalid = (offsets[0] != 0) | (lengths < 0).any() | (lengths > capacity).any()
+    invalid = invalid | (used & ((table < 0) | (table >= k_cache.shape[0]))).any()
+    return lengths.clamp(0, capacity), table.clamp(0, max(k_cache.shape[0] - 1, 0)), invalid

@@ -2,8 +2,9 @@
 //
 // Registers fusedattn_cuda_emulation::cuda_attention_forward / _backward for CPU tensors
 // with the schemas of the real operators: the same attention_ops.h bodies, the same
-// kernels (their FMA path), launched block by block by host_emulation.h. Built on demand
-// by the tests with torch.utils.cpp_extension; never part of fusedattn._C.
+// kernels (their FMA path), launched block by block by host_emulation.h on the grids of the
+// real launchers (forward_grid_blocks, backward_grid_blocks). Built on demand by the tests
+// with torch.utils.cpp_extension; never part of fusedattn._C.
 #include "host_emulation.h"
 // clang-format off: the kernels need the emulation vocabulary first
 #include "../attention_backward.cuh"
@@ -14,6 +15,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <vector>
 
 namespace fusedattn::cuda {
 
@@ -21,17 +23,32 @@ alignas(128) unsigned char shared[kMaxSharedBytes];  // the kernels' `extern __s
 
 namespace {
 
+// When not empty, launches run only these block indices of their grids: the tests check the
+// decoding of grids too large to emulate whole (more than 65535 sequences or heads).
+std::vector<int64_t> sampled_blocks;
+
+void sample_blocks(std::vector<int64_t> blocks) { sampled_blocks = std::move(blocks); }
+
+// Run the blocks of a flat grid (flat_grid_blocks: 0 launches nothing, -1 is refused as by
+// the real launchers).
 template <typename Kernel, typename Params>
-void launch(Kernel kernel, dim3 grid, int shared_bytes, const Params& params) {
+const char* launch(Kernel kernel, int64_t blocks, int shared_bytes, const Params& params) {
+  if (blocks < 0) return "more than 2^31 - 1 blocks";
+  const dim3 grid(static_cast<unsigned>(blocks));
   fusedattn_emulation::grid_dimension = grid;
   fusedattn_emulation::block_dimension = dim3(kThreads);
-  for (unsigned z = 0; z < grid.z; ++z)
-    for (unsigned y = 0; y < grid.y; ++y)
-      for (unsigned x = 0; x < grid.x; ++x) {
-        // Garbage (NaN in every float format) where a kernel reads shared memory it never wrote.
-        std::memset(shared, 0xFF, shared_bytes);
-        fusedattn_emulation::run_block(dim3(x, y, z), [&] { kernel(params); });
-      }
+  auto run = [&](unsigned x) {
+    // Garbage (NaN in every float format) where a kernel reads shared memory it never wrote.
+    std::memset(shared, 0xFF, shared_bytes);
+    fusedattn_emulation::run_block(dim3(x), [&] { kernel(params); });
+  };
+  if (sampled_blocks.empty()) {
+    for (unsigned x = 0; x < grid.x; ++x) run(x);
+  } else {
+    for (int64_t x : sampled_blocks)
+      if (x >= 0 && x < blocks) run(static_cast<unsigned>(x));
+  }
+  return nullptr;
 }
 
 template <typename Element>
@@ -39,10 +56,8 @@ const char* emulate_forward(const AttentionParams& p) {
   switch (head_dim_bucket(p.head_dim, p.head_dim_v)) {
 #define FUSEDATTN_EMULATED_FORWARD(HEAD_DIM)                                                              \
   case HEAD_DIM: {                                                                                        \
-    using Config = ForwardConfig<Element, HEAD_DIM>;                                                      \
-    const dim3 grid((p.seqlen_q + Config::kBlockM - 1) / Config::kBlockM, p.heads_q, p.batch);             \
-    launch(attention_forward_kernel<Element, HEAD_DIM>, grid, Config::kSharedBytes, p);                   \
-    return nullptr;                                                                                       \
+    return launch(attention_forward_kernel<Element, HEAD_DIM>, forward_grid_blocks<Element, HEAD_DIM>(p), \
+                  ForwardConfig<Element, HEAD_DIM>::kSharedBytes, p);                                     \
   }
     FUSEDATTN_FOR_EACH_HEAD_DIM(FUSEDATTN_EMULATED_FORWARD)
 #undef FUSEDATTN_EMULATED_FORWARD
@@ -57,10 +72,8 @@ const char* emulate_backward(const AttentionBackwardParams& bp) {
   switch (head_dim_bucket(p.head_dim, p.head_dim_v)) {
 #define FUSEDATTN_EMULATED_BACKWARD(HEAD_DIM)                                                             \
   case HEAD_DIM: {                                                                                        \
-    using Config = BackwardConfig<Element, HEAD_DIM>;                                                     \
-    const dim3 grid((p.seqlen_k + Config::kBlockN - 1) / Config::kBlockN, p.heads_kv, p.batch);            \
-    launch(attention_backward_kernel<Element, HEAD_DIM>, grid, Config::kSharedBytes, bp);                 \
-    return nullptr;                                                                                       \
+    return launch(attention_backward_kernel<Element, HEAD_DIM>, backward_grid_blocks<Element, HEAD_DIM>(p), \
+                  BackwardConfig<Element, HEAD_DIM>::kSharedBytes, bp);                                     \
   }
     FUSEDATTN_FOR_EACH_HEAD_DIM(FUSEDATTN_EMULATED_BACKWARD)
 #undef FUSEDATTN_EMULATED_BACKWARD
@@ -125,6 +138,7 @@ TORCH_LIBRARY(fusedattn_cuda_emulation, m) {
       "cuda_attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
       "Tensor(a!) dq, Tensor(b!) dk, Tensor(c!) dv, " FUSEDATTN_CUDA_OPTIONS ") -> ()");
   m.def("largest_shared_bytes() -> int", &fusedattn::cuda::largest_shared_bytes);
+  m.def("sample_blocks(int[] blocks) -> ()", &fusedattn::cuda::sample_blocks);
 }
 
 TORCH_LIBRARY_IMPL(fusedattn_cuda_emulation, CPU, m) {

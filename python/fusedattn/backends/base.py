@@ -72,6 +72,9 @@ class Backend:
     Such a backend's forward/backward must be traceable with fake tensors: they only
     call torch operators and kernels launched through torch.library.wrap_triton, and
     receive call.dropout_seed as the op's 0-d int64 tensor (never read on the host).
+    reads_metadata_on_host=True says the backend reads cu_seqlens / key_lengths values on
+    the host anyway (it synchronizes): the op layer then checks unverified values there and
+    raises, instead of flagging them on the device (validation.metadata_guard).
     """
 
     name: str
@@ -82,6 +85,7 @@ class Backend:
     refuse: Callable[[CallProfile], str | None] = lambda profile: None
     description: str = ""
     triton_op: bool = False
+    reads_metadata_on_host: bool = False
 
 
 # ---- output allocation ------------------------------------------------------------

@@ -7,6 +7,12 @@ fp32, no TF32). Every feature of semantics.py is served, including dropout (the 
 counter-based hash, recomputed in the kernels) and boolean/additive masks read through
 their broadcast strides.
 
+No batch size or head count is refused: the launchers flatten (tile, head, sequence) onto
+grid.x (up to 2**31 - 1 blocks; grid.y and grid.z would stop at 65535). Metadata values
+the host could not check (cu_seqlens, key_lengths, max_seqlen under torch.compile or CUDA
+graph capture) are clamped by the kernels so that every access stays inside the tensors;
+the op layer poisons the outputs of such calls (docs/semantics.md, "Invalid metadata").
+
 The native operators are ``torch.ops.fusedattn_native.cuda_attention_forward`` and
 ``..._backward``; they exist only when fusedattn._C was built with CUDA (CMake option
 FUSEDATTN_CUDA, on by default where nvcc and a CUDA build of torch are present).

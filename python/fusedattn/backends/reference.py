@@ -33,8 +33,8 @@ def _attend_dense(
     """
     batch, heads_q, seqlen_q, _ = q.shape
     seqlen_k = k.shape[2]
-    if seqlen_k == 0:
-        # Every row is fully masked: output 0, lse -inf (docs/semantics.md, "Empty").
+    if seqlen_k == 0 or q.numel() == 0:
+        # No rows, or every row fully masked: output 0, lse -inf (docs/semantics.md, "Empty").
         out = q.new_zeros(batch, heads_q, seqlen_q, v.shape[-1])
         return out, q.new_full((batch, heads_q, seqlen_q), float("-inf"))
     group = heads_q // k.shape[1]
@@ -86,7 +86,9 @@ def _attend_dense(
             int(call.dropout_seed), call.dropout_p, sequence_index, heads_q, seqlen_q, seqlen_k
         )
         probabilities = probabilities * keep.to(probabilities.dtype) * semantics.dropout_keep_scale(call.dropout_p)
-    return torch.matmul(probabilities, v), lse
+    out = torch.matmul(probabilities, v)
+    # A fully masked row is 0 even when an invisible value is NaN or Inf (0 * NaN is NaN).
+    return torch.where(denominator == 0, torch.zeros_like(out), out), lse
 
 
 def _compute(call: AttentionCall, compute_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -187,4 +189,6 @@ BACKEND = Backend(
     ),
     forward=forward,
     backward=backward,
+    # Its varlen path slices sequences with offsets read on the host.
+    reads_metadata_on_host=True,
 )

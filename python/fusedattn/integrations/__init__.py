@@ -2,3 +2,15 @@
 
 fusedattn.integrations.transformers: ``attn_implementation="fusedattn"`` for Hugging Face models.
 """
+
+_INTEGRATIONS = ("transformers",)
+
+
+def __getattr__(name: str) -> object:
+    # fusedattn.integrations.transformers works without its own import statement; the
+    # library it wraps is imported only then.
+    if name in _INTEGRATIONS:
+        import importlib
+
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

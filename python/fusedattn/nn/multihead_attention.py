@@ -138,6 +138,7 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
         """
         if query.is_nested:
             return self._forward_nested(query, key, value, key_padding_mask, need_weights, attn_mask, is_causal)
+        self._refuse_like_torch(query, key, value, key_padding_mask, attn_mask, is_causal and not need_weights)
         if is_causal and attn_mask is None:
             raise RuntimeError(
                 "Need attn_mask if specifying the is_causal hint. You may use the Transformer module method "
@@ -145,6 +146,60 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
             )
         return self._attend(query, key, value, key_padding_mask, None, need_weights, attn_mask,
                             average_attn_weights, is_causal)  # fmt: skip
+
+    def _refuse_like_torch(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        key_padding_mask: torch.Tensor | None,
+        attn_mask: torch.Tensor | None,
+        causal_hint_used: bool,
+    ) -> None:
+        """Raise what torch's MultiheadAttention raises for these inputs (the same checks,
+        through torch's own helpers where it has them), before anything is computed."""
+        # torch's _canonical_mask checks (without its deprecation warning, which stops torch.compile).
+        for name, mask in (("key_padding_mask", key_padding_mask), ("attn_mask", attn_mask)):
+            if mask is not None and mask.dtype != torch.bool and not torch.is_floating_point(mask):
+                raise AssertionError(f"only bool and floating types of {name} are supported")
+        F._mha_shape_check(query, key, value, key_padding_mask, attn_mask, self.num_heads)
+        if query.shape[-1] != self.embed_dim:
+            raise AssertionError(f"was expecting embedding dimension of {self.embed_dim}, but got {query.shape[-1]}")
+        if self._qkv_same_embed_dim and key.shape != value.shape:
+            raise AssertionError(f"key shape {key.shape} does not match value shape {value.shape}")
+        if not self._qkv_same_embed_dim:
+            batch_dims = slice(0, 2) if query.dim() == 3 else slice(0, 1)
+            if key.shape[batch_dims] != value.shape[batch_dims]:
+                raise AssertionError(
+                    f"key's sequence and batch dims {key.shape[batch_dims]} do not match value's "
+                    f"{value.shape[batch_dims]}"
+                )
+            for name, tensor, weight in (("key", key, self.k_proj_weight), ("value", value, self.v_proj_weight)):
+                if tensor.shape[-1] != weight.shape[1]:
+                    raise AssertionError(
+                        f"expecting {name} weights shape of {(self.embed_dim, tensor.shape[-1])}, "
+                        f"but got {tuple(weight.shape)}"
+                    )
+        if not query.is_floating_point():
+            raise RuntimeError(f"query: expected a floating-point tensor, got {query.dtype}")
+        if query.dim() == 3:
+            first, second = (1, 0) if self.batch_first else (0, 1)
+            target, batch, source = query.shape[first], query.shape[second], key.shape[first]
+        else:  # unbatched: torch adds a batch of one
+            target, batch, source = query.shape[0], 1, key.shape[0]
+            key_padding_mask = None if key_padding_mask is None else key_padding_mask[None]
+        if attn_mask is not None and not (causal_hint_used and key_padding_mask is None):
+            expected = (target, source) if attn_mask.dim() == 2 else (batch * self.num_heads, target, source)
+            if attn_mask.shape != expected:
+                raise RuntimeError(
+                    f"The shape of the {attn_mask.dim()}D attn_mask is {attn_mask.shape}, but should be {expected}."
+                )
+        if key_padding_mask is not None:
+            for dim, expected in ((0, batch), (1, source)):
+                if key_padding_mask.shape[dim] != expected:
+                    raise AssertionError(
+                        f"Expected key_padded_mask.shape[{dim}] to be {expected}, but got {key_padding_mask.shape[dim]}"
+                    )
 
     def _forward_nested(
         self,

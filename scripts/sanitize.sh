@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # `make sanitize`: build fusedattn._C with AddressSanitizer and UndefinedBehaviorSanitizer
 # into its own build dir (build/sanitize; the editable build is untouched) and run a subset
-# of the CPU kernel tests against it, then the fuzz campaign (FUSEDATTN_FUZZ_SECONDS, default
-# 120; 0 skips it). Exits nonzero on any sanitizer report, test failure, crash or wrong result.
+# of the CPU kernel tests against it, then a fixed slice of the fuzz campaign (seed and chunk
+# count fixed; FUSEDATTN_FUZZ_SECONDS=0 skips it). Exits nonzero on any sanitizer report, test
+# failure, crash or wrong result.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -41,11 +42,13 @@ LD_PRELOAD="$preload" "$PY" tests/sanitize/run_sanitized.py "$library" -q -p no:
 # Then the fuzz campaign (tests/fuzz) for FUSEDATTN_FUZZ_SECONDS against the same sanitized
 # extension: its workers load it too (run_sanitized.py passes the path on), and a worker
 # that a sanitizer stops is reported as a crash of the case it was running.
-FUZZ_SECONDS=${FUSEDATTN_FUZZ_SECONDS:-120}
+# A fixed set of cases (seed and chunk count), so CI judges the same inputs on every run;
+# FUSEDATTN_FUZZ_SECONDS only caps the time.
+FUZZ_SECONDS=${FUSEDATTN_FUZZ_SECONDS:-600}
 fuzz_status=0
 if [ "$FUZZ_SECONDS" != "0" ]; then
   LD_PRELOAD="$preload" "$PY" tests/sanitize/run_sanitized.py "$library" --module tests.fuzz \
-    --seconds "$FUZZ_SECONDS" --seed "${FUSEDATTN_FUZZ_SEED:-2026}" \
+    --seconds "$FUZZ_SECONDS" --seed "${FUSEDATTN_FUZZ_SEED:-2026}" --chunks "${FUSEDATTN_FUZZ_CHUNKS:-180}" \
     --compiled-fraction "${FUSEDATTN_FUZZ_COMPILED_FRACTION:-0.02}" \
     --json "$BUILD_DIR/fuzz.json" 2>&1 | tee -a "$LOG" || fuzz_status=$?
 fi

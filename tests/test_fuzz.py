@@ -108,3 +108,40 @@ def test_compiled_refusals_are_unwrapped() -> None:
         compiled(torch.randn(1, 1, 2, 4))
     inner = unwrap(raised.value)
     assert isinstance(inner, ValueError) and str(inner).startswith("softcap:")
+
+
+def test_compiled_assertions_are_unwrapped_with_their_class() -> None:
+    # The drop-ins raise what torch raises (AssertionError for MultiheadAttention's shapes).
+    def refuses(q):
+        raise AssertionError("expecting key weights shape of (2, 1)")
+
+    compiled = torch.compile(refuses, fullgraph=True, backend="aot_eager")
+    with pytest.raises(Exception) as raised:
+        compiled(torch.randn(2))
+    inner = unwrap(raised.value)
+    assert type(inner) is AssertionError and "key weights" in str(inner)
+
+
+def test_a_cancelled_gradient_keeps_its_nan() -> None:
+    # dq of one key is an exact zero; a NaN row of it must still be NaN in the oracle.
+    q, k, v = (torch.randn(1, 2, 1, 8, dtype=torch.float64) for _ in range(3))
+    q[0, 1, 0, 0] = math.nan
+    leaves = tuple(t.clone().requires_grad_(True) for t in (q, k, v))
+    call = oracle_call(q, k, v, Options()).with_tensors(needs_grad=True)
+    out = fusedattn.attention(*leaves, backend="reference")
+    assert check_attention(call, out, False, leaves) is None
+
+
+def test_low_precision_overflow_is_not_judged() -> None:
+    oracle = torch.tensor([1.0, math.inf], dtype=torch.float64)
+    lowprec = torch.tensor([1.0, math.nan], dtype=torch.float64)  # 0 * Inf in the input dtype
+    assert compare("out", torch.tensor([1.0, math.nan]), oracle, lowprec, torch.float16) is None
+
+
+def test_a_compiled_bad_index_value_must_give_nan() -> None:
+    case = _dense_case(lambda q, k, v, **kwargs: torch.full_like(q, math.nan), target="cache_seqlens")
+    case.compiled_fault_check = lambda out: None if bool(torch.isnan(out).all()) else "not NaN"
+    assert classify(case, compiled=True).kind == "refused"
+    case.compiled_fault_check = lambda out: "not NaN"
+    assert classify(case, compiled=True).kind == "wrong"
+    assert classify(case, compiled=False).kind == "wrong"  # eagerly, a result for a faulty call is wrong

@@ -192,13 +192,14 @@ def run_campaign(
     listener: Listener | None = None,
     on_chunk: Callable[[Figures], None] | None = None,
     shrink: bool = True,
+    max_chunks: int | None = None,
 ) -> Figures:
-    """Chunks of every entry point in turn until seconds have passed."""
+    """Chunks of every entry point in turn until seconds have passed (or max_chunks ran)."""
     compiled.configure()
     figures = Figures()
     deadline = time.monotonic() + seconds
     chunk = 0
-    while time.monotonic() < deadline:
+    while time.monotonic() < deadline and (max_chunks is None or chunk < max_chunks):
         entry = entries[chunk % len(entries)]
         run_chunk(entry, seed * 100_003 + chunk, figures, deadline=deadline, compiled_fraction=compiled_fraction,
                   listener=listener, shrink=shrink)  # fmt: skip

@@ -50,6 +50,9 @@ class Case:
     # the call returns instead of refusing. (result) -> None when that result is the one the
     # spec gives (all NaN, caches untouched), else why not. None: a result is wrong.
     compiled_fault_check: Check | None = None
+    # nn.MultiheadAttention: refuse exactly what torch refuses, with the same exception class
+    # (the message may differ); accept exactly what torch accepts.
+    same_class_as_torch: bool = False
 
     @property
     def names(self) -> frozenset[str]:

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 from . import faults as fl
 from .case import Case, clone_arguments, flags
-from .dense import QKV, _backend_refusal, _offset_fault, _offsets, _pick_fault
+from .dense import QKV, _offset_fault, _offsets, _one_fault, _pick_fault
 from .oracle import first_failure
 from .problem import BACKENDS, Options, check_attention, oracle_call, sizes, tensor_layout
 from .tensors import float_dtypes, make_tensor
@@ -85,8 +85,7 @@ def flash_attn_func_cases(draw: st.DrawFn) -> Case:
                                        fl.option("dropout_p", [-0.1, 1.5, "0"]), fl.alibi_faults(s.heads_q, s.batch),
                                        fl.resize("k", 3, lambda n: [n + 1]), *FLASH_FAULTS], arguments)  # fmt: skip
     empty = q.numel() == 0 or s.seqlen_k == 0
-    if target is None:
-        target, fault = _backend_refusal(backend, dtype, empty)
+    backend, target, fault = _one_fault(backend, dtype, target, fault, values)
     call = oracle_call(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), opts)
 
     def check(result: Any) -> str | None:
@@ -124,8 +123,7 @@ def varlen_cases(draw: st.DrawFn) -> Case:
                                        _offset_fault("k"), fl.alibi_faults(s.heads_q, count), *FLASH_FAULTS],
                                 arguments)  # fmt: skip
     empty = q.numel() == 0 or k.shape[0] == 0
-    if target is None:
-        target, fault = _backend_refusal(backend, dtype, empty)
+    backend, target, fault = _one_fault(backend, dtype, target, fault, values)
     call = oracle_call(q, k, v, opts, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=max_q, max_seqlen_k=max_k)
     return _case("flash_attn_varlen_func", compat.flash_attn_varlen_func, arguments, backend,
                  lambda out: check_attention(call, out, False), set(call.features()) | flags(empty=empty),
@@ -216,8 +214,7 @@ def paged_varlen_cases(draw: st.DrawFn) -> Case:
     keys = _paged_keys(k_cache, table, [0] * count, lengths_k)
     vals = _paged_keys(v_cache, table, [0] * count, lengths_k)
     empty = q.numel() == 0 or keys.shape[0] == 0
-    if target is None:
-        target, fault = _backend_refusal(backend, dtype, empty)
+    backend, target, fault = _one_fault(backend, dtype, target, fault, values)
     call = oracle_call(q, keys, vals, opts, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=max_q,
                        max_seqlen_k=max_k)  # fmt: skip
     return _case("flash_attn_varlen_func[paged]", compat.flash_attn_varlen_func, arguments, backend,
@@ -305,8 +302,7 @@ def kvcache_cases(draw: st.DrawFn, paged: bool = False) -> Case:
         kv_faults.append(fl.option("v", [None]))
     target, fault = _pick_fault(draw, kv_faults, arguments)
     empty = q.numel() == 0 or all(e - s0 == 0 for e, s0 in zip([n + new_tokens for n in lengths], starts))
-    if target is None:  # forced cpu cannot serve float64, empty or not
-        target, fault = _backend_refusal(backend, dtype, empty)
+    backend, target, fault = _one_fault(backend, dtype, target, fault, values)
     return_lse = values.get("return_softmax_lse", False)
     # What the call may not write: the caches as passed (a fault may have replaced one).
     passed = clone_arguments((values["k_cache"], values["v_cache"]))
@@ -349,8 +345,9 @@ def kvcache_cases(draw: st.DrawFn, paged: bool = False) -> Case:
                    if isinstance(t, torch.Tensor) and not bool(torch.isnan(t).all())]  # fmt: skip
         return first_failure(unchanged(), *not_nan)
 
-    value_fault = target in INDEX_ARGUMENTS and fault is not None and (
-        target == "cache_leftpad" or fault.startswith("value"))
+    value_fault = (
+        target in INDEX_ARGUMENTS and fault is not None and (target == "cache_leftpad" or fault.startswith("value"))
+    )
 
     features = flags(
         paged=paged,

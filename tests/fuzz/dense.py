@@ -8,8 +8,8 @@ from typing import Any
 import fusedattn
 import torch
 import torch.nn.functional as F
-from torch.nn.attention import SDPBackend, sdpa_kernel
 from hypothesis import strategies as st
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from . import faults as fl
 from .case import Case
@@ -47,14 +47,22 @@ def _pick_fault(draw: st.DrawFn, faults: list[fl.Fault], arguments: fl.Arguments
     return applied
 
 
-def _backend_refusal(backend: str, dtype: torch.dtype, empty: bool) -> tuple[str | None, str | None]:
-    """The cpu backend has no float64: forcing it is refused (UnsupportedCallError, a
-    ValueError naming backend), empty problems included. Only backend="auto" serves an
-    empty problem with the reference whatever the dtype (docs/semantics.md)."""
-    del empty  # forcing a backend that cannot serve the call is refused, empty or not
-    if backend == "cpu" and dtype == torch.float64:
-        return "backend", "cpu forced for float64"
-    return None, None
+def _one_fault(
+    backend: str, dtype: torch.dtype, target: str | None, fault: str | None, values: dict[str, Any]
+) -> tuple[str, str | None, str | None]:
+    """(backend, target, fault) with forcing the cpu backend for float64 as the fault.
+
+    The cpu backend has no float64: forcing it is refused (UnsupportedCallError, a
+    ValueError naming backend), empty problems included; only backend="auto" serves an
+    empty problem with the reference whatever the dtype (docs/semantics.md). A case has one
+    fault: when another one was drawn, the backend becomes reference."""
+    if backend != "cpu" or dtype != torch.float64 or target == "backend":
+        return backend, target, fault
+    if target is None:
+        return backend, "backend", "cpu forced for float64"
+    if "backend" in values:
+        values["backend"] = "reference"
+    return "reference", target, fault
 
 
 def _features(call: Any, extra: dict[str, bool]) -> frozenset[str]:
@@ -102,8 +110,7 @@ def attention_cases(draw: st.DrawFn) -> Case:
     ]  # fmt: skip
     target, fault = _pick_fault(draw, faults, arguments)
     empty = empty_problem(q, s.seqlen_k)
-    if target is None:
-        target, fault = _backend_refusal(backend, dtype, empty)
+    backend, target, fault = _one_fault(backend, dtype, target, fault, values)
     grad = target is None and not empty and draw(st.integers(0, 7)) == 0
     if grad:
         values.update(q=leaf(q), k=leaf(k), v=leaf(v))
@@ -144,7 +151,8 @@ def _mask_fault(target4: tuple[int, int, int, int], dtype: torch.dtype) -> fl.Fa
         elif kind == "shape":
             dim = draw(st.integers(0, 3))
             shape = list(target4)
-            shape[dim] = target4[dim] + draw(st.sampled_from([1, 2]))
+            # + 2 when the size is 0: a 1 would broadcast to it, which is valid.
+            shape[dim] = target4[dim] + draw(st.sampled_from([1, 2] if target4[dim] else [2]))
             a.values["attn_mask"] = torch.ones(shape, dtype=torch.bool)
         elif kind == "rank":
             a.values["attn_mask"] = torch.ones((1, *target4), dtype=torch.bool)
@@ -270,8 +278,7 @@ def varlen_cases(draw: st.DrawFn) -> Case:
     ]  # fmt: skip
     target, fault = _pick_fault(draw, faults, arguments)
     empty = q.numel() == 0 or total_k == 0
-    if target is None:
-        target, fault = _backend_refusal(backend, dtype, empty)
+    backend, target, fault = _one_fault(backend, dtype, target, fault, values)
     grad = target is None and not empty and draw(st.integers(0, 7)) == 0
     if grad:
         values.update(q=leaf(q), k=leaf(k), v=leaf(v))
@@ -336,8 +343,7 @@ def sdpa_cases(draw: st.DrawFn) -> Case:
     if not three_d:
         sdpa_faults.append(fl.resize("key", 1, lambda n: _bad_heads(s.heads_q, zero=False), also=("value",)))
     target, fault = _pick_fault(draw, sdpa_faults, arguments)
-    if target is None:
-        target, fault = _backend_refusal(backend, dtype, empty_problem(query, s.seqlen_k))
+    backend, target, fault = _one_fault(backend, dtype, target, fault, values)
     args, kwargs = arguments.split()
 
     def torch_oracle() -> BaseException | None:
@@ -376,19 +382,26 @@ def _sdpa_mask_fault(full: tuple[int, int, int, int], three_d: bool) -> fl.Fault
 
 
 def _fully_masked_rows(
-    out_shape: tuple[int, ...], kwargs: dict[str, Any], seqlen_k: int, query: torch.Tensor
+    out_shape: tuple[int, ...], kwargs: dict[str, Any], key: torch.Tensor, query: torch.Tensor
 ) -> torch.Tensor:
-    """(..., L, 1) True where torch's row has no key to attend (torch gives NaN there,
-    fusedattn 0 by design)."""
+    """(..., L, 1) True where every score of torch's row is -inf (torch gives NaN there,
+    fusedattn 0 by design): Sk = 0, a bool mask hiding every key, or a float mask whose
+    -inf entries cover the row. A score that is NaN or +inf (Inf in the query, a +inf
+    mask entry) is not masked: the row is NaN by IEEE arithmetic, in both."""
     rows = torch.zeros(out_shape[:-1], dtype=torch.bool)
     mask = kwargs.get("attn_mask")
-    if seqlen_k == 0:
+    if key.shape[-2] == 0:
         rows[...] = True
+    elif mask is not None and mask.dtype == torch.bool:
+        rows = rows | (~mask).all(-1).expand(out_shape[:-1])
     elif mask is not None:
-        hidden = ~mask if mask.dtype == torch.bool else mask == -math.inf
-        rows = rows | hidden.all(-1).expand(out_shape[:-1]) if hidden.shape[-1] else rows
-        if mask.dtype != torch.bool:  # a NaN score plus -inf is NaN: such a row is not masked
-            rows = rows & ~torch.isnan(query).any(-1).expand(out_shape[:-1])
+        q, k = query.double(), key.double()
+        if k.dim() == 4 and 0 < k.shape[1] != q.shape[1]:
+            k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+        scale = kwargs.get("scale")
+        scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+        scores = (q @ k.transpose(-2, -1)) * scale + mask.double()
+        rows = rows | (scores == -math.inf).all(-1).expand(out_shape[:-1])
     return rows[..., None]
 
 
@@ -401,6 +414,6 @@ def _check_sdpa(args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> str 
     with sdpa_kernel(SDPBackend.MATH):
         oracle = F.scaled_dot_product_attention(query.double(), key.double(), value.double(), **wide)
         lowprec = F.scaled_dot_product_attention(query, key, value, **kwargs)
-    rows = _fully_masked_rows(tuple(oracle.shape), kwargs, key.shape[-2], query)
+    rows = _fully_masked_rows(tuple(oracle.shape), kwargs, key, query)
     oracle, lowprec = oracle.masked_fill(rows, 0.0), lowprec.masked_fill(rows, 0.0)
     return compare("out", out, oracle, lowprec, query.dtype, expected_dtype=query.dtype)

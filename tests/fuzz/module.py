@@ -66,10 +66,10 @@ def multihead_cases(draw: st.DrawFn) -> Case:
     if draw(st.booleans()):
         values["key_padding_mask"] = _mask(draw, (batch, source) if batched else (source,), dtype, seed + 1)
     mask_kind = draw(st.sampled_from(["none", "none", "2d", "3d", "causal"]))
-    if mask_kind == "2d" or (mask_kind == "3d" and not batched):
+    if mask_kind == "2d":
         values["attn_mask"] = _mask(draw, (target, source), dtype, seed + 2)
-    elif mask_kind == "3d":
-        values["attn_mask"] = _mask(draw, (batch * heads, target, source), dtype, seed + 3)
+    elif mask_kind == "3d":  # (batch * heads, L, S); unbatched (heads, L, S)
+        values["attn_mask"] = _mask(draw, ((batch if batched else 1) * heads, target, source), dtype, seed + 3)
     elif mask_kind == "causal":
         values["attn_mask"] = torch.ones(target, source, dtype=torch.bool).triu(1)
         values["is_causal"] = True
@@ -91,13 +91,25 @@ def multihead_cases(draw: st.DrawFn) -> Case:
     fault_target, fault = _pick_fault(draw, faults, arguments)
     args, kwargs = arguments.split()
 
-    def torch_oracle() -> BaseException | None:
+    def run_torch() -> BaseException | None:
+        # In the grad mode fusedattn's module runs in (parameters requiring grad): under
+        # no_grad torch takes its fast path, which refuses some inputs with other classes.
         try:
-            with torch.no_grad():
+            with torch.enable_grad():
                 reference(*args, **kwargs)
         except Exception as error:  # noqa: BLE001  (torch's refusal, whatever its class)
             return error
         return None
+
+    # torch decides what is a fault: a drawn fault torch accepts (a mask shape that
+    # broadcasts, say) makes a valid case, judged on its result; a valid draw torch refuses
+    # must be refused with torch's exception class.
+    torch_error = run_torch()
+    if fault_target is not None and torch_error is None:
+        fault_target, fault = None, None
+
+    def torch_oracle() -> BaseException | None:
+        return torch_error
 
     features = {f"mask_{mask_kind}", "batched" if batched else "unbatched", str(dtype).removeprefix("torch.")}
     features |= {name for name in ("add_bias_kv", "add_zero_attn", "batch_first") if options[name]}
@@ -109,7 +121,8 @@ def multihead_cases(draw: st.DrawFn) -> Case:
     )
     return Case(entry="MultiheadAttention", function=module, args=args, kwargs=kwargs, backend=backend,
                 backend_by_environment=True, check=lambda result: _check(reference, args, kwargs, result),
-                features=frozenset(features), target=fault_target, fault=fault, torch_oracle=torch_oracle)  # fmt: skip
+                features=frozenset(features), target=fault_target, fault=fault, torch_oracle=torch_oracle,
+                same_class_as_torch=True)  # fmt: skip
 
 
 def _mask_fault(name: str, bad_shape: tuple[int, ...], good_shape: tuple[int, ...]) -> fl.Fault:
@@ -130,7 +143,7 @@ def _check(reference: torch.nn.MultiheadAttention, args: tuple[Any, ...], kwargs
     wide_args = tuple(a.double() for a in args)
     wide_kwargs = {k: (v.double() if isinstance(v, torch.Tensor) and v.dtype.is_floating_point else v)
                    for k, v in kwargs.items()}  # fmt: skip
-    with torch.no_grad():
+    with torch.enable_grad():  # torch's general path, as fusedattn's call (not the no_grad fast path)
         oracle = wide_module(*wide_args, **wide_kwargs)
         lowprec = reference(*args, **kwargs)
     out, weights = result

@@ -34,6 +34,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--compiled-fraction", type=float, default=0.05,
                         help="share of cases run through torch.compile (default 0.05)")  # fmt: skip
     parser.add_argument("--entry", action="append", default=None, help="entry point(s) to fuzz (default: all)")
+    parser.add_argument("--chunks", type=int, default=None,
+                        help="stop after this many chunks of examples: a fixed set of cases for a seed (CI)")  # fmt: skip
     parser.add_argument("--case-timeout", type=float, default=180.0, help="seconds before a case counts as hung")
     parser.add_argument("--no-shrink", action="store_true", help="do not shrink new failures")
     parser.add_argument("--in-process", action="store_true", help="no worker process (no segfault/hang watch)")
@@ -79,6 +81,7 @@ def _worker(arguments: argparse.Namespace) -> int:
 
     figures = run_campaign(arguments.seconds, arguments.seed, tuple(arguments.entry or ENTRIES),
                            compiled_fraction=arguments.compiled_fraction, listener=emit, on_chunk=snapshot,
+                           max_chunks=arguments.chunks,
                            shrink=not arguments.no_shrink)  # fmt: skip
     snapshot(figures)
     emit("finished", {})
@@ -98,9 +101,12 @@ class Supervisor:
         deadline = time.monotonic() + self.arguments.seconds
         # A worker needs a few seconds to import torch; one is not started for less than that.
         while time.monotonic() < deadline - 15.0 or self.workers == 0:
-            self._one_worker(max(deadline - time.monotonic() - STARTUP_SECONDS, 1.0))
+            finished = self._one_worker(max(deadline - time.monotonic() - STARTUP_SECONDS, 1.0))
+            if finished and self.arguments.chunks is not None:
+                break  # the fixed set of chunks is done
 
-    def _one_worker(self, seconds: float) -> None:
+    def _one_worker(self, seconds: float) -> bool:
+        """Run one worker until it ends; True when it ended normally."""
         seed = self.arguments.seed + 7919 * self.workers
         self.workers += 1
         with tempfile.NamedTemporaryFile("w", suffix=".jsonl", delete=False) as handle:
@@ -111,6 +117,8 @@ class Supervisor:
             command += ["--entry", entry]
         if self.arguments.no_shrink:
             command.append("--no-shrink")
+        if self.arguments.chunks is not None:
+            command += ["--chunks", str(self.arguments.chunks)]
         process = subprocess.Popen(command, start_new_session=True)
         current: dict[str, Any] | None = None
         started = time.monotonic()
@@ -150,6 +158,7 @@ class Supervisor:
         code = process.returncode
         if hung or code != 0:
             self._record_death(current, code, hung)
+        return not hung and code == 0
 
     def _record_death(self, current: dict[str, Any] | None, code: int, hung: bool) -> None:
         if hung:
@@ -238,7 +247,8 @@ def main(argv: list[str] | None = None) -> int:
     if arguments.in_process:
         _install_library_from_environment()
         figures = run_campaign(arguments.seconds, arguments.seed, tuple(arguments.entry or ENTRIES),
-                               compiled_fraction=arguments.compiled_fraction, shrink=not arguments.no_shrink)  # fmt: skip
+                               compiled_fraction=arguments.compiled_fraction, shrink=not arguments.no_shrink,
+                               max_chunks=arguments.chunks)  # fmt: skip
         deaths, workers = [], 0
     else:
         supervisor = Supervisor(arguments)

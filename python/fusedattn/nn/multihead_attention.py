@@ -180,7 +180,21 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
                         f"expecting {name} weights shape of {(self.embed_dim, tensor.shape[-1])}, "
                         f"but got {tuple(weight.shape)}"
                     )
+        weights = (self.in_proj_weight,) * 3 if self._qkv_same_embed_dim else (
+            self.q_proj_weight, self.k_proj_weight, self.v_proj_weight,
+        )  # fmt: skip
+        if query.is_floating_point() and any(x.dtype != w.dtype for x, w in zip((query, key, value), weights)):
+            # torch's in-projection (F.linear) refuses an input whose dtype is not its weight's.
+            names = ", ".join(f"{x.dtype}" for x in (query, key, value))
+            raise RuntimeError(
+                f"query, key, value: expected the dtype of the weights ({weights[0].dtype}), got {names}"
+            )
         if not query.is_floating_point():
+            # torch turns a bool mask into the query's dtype first: a complex one it then
+            # refuses (AssertionError); an integer one cannot hold -inf (RuntimeError).
+            for name, mask in (("key_padding_mask", key_padding_mask), ("attn_mask", attn_mask)):
+                if mask is not None and mask.dtype == torch.bool and query.is_complex():
+                    raise AssertionError(f"only bool and floating types of {name} are supported")
             raise RuntimeError(f"query: expected a floating-point tensor, got {query.dtype}")
         if query.dim() == 3:
             first, second = (1, 0) if self.batch_first else (0, 1)

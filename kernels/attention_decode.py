@@ -149,8 +149,7 @@ def attention_decode_split_kernel(
     empty = row_sum == 0.0
     out = accumulator / tl.where(empty, 1.0, row_sum)[:, None]
     if HAS_DROPOUT:
-        # dropout_p = 1 (scale 0) drops everything: 0 even for a NaN row.
-        out = tl.where(dropout_keep_scale == 0.0, 0.0, out * dropout_keep_scale)
+        out = out * dropout_keep_scale
     lse = tl.where(empty, float("-inf"), (row_max + tl.math.log2(tl.where(empty, 1.0, row_sum))) * LN2)
     # Partial results: (B, Hq, Sq, splits) lse and (B, Hq, Sq, splits, Dv) out, contiguous.
     partial_index = ((batch64 * heads_q + heads) * len_q + rows) * splits + split

@@ -85,9 +85,7 @@ def _attend_dense(
         keep = semantics.dropout_keep_mask(
             int(call.dropout_seed), call.dropout_p, sequence_index, heads_q, seqlen_q, seqlen_k
         )
-        # A dropped probability is 0 even when it is NaN (the kernels select, not multiply).
-        kept = probabilities * semantics.dropout_keep_scale(call.dropout_p)
-        probabilities = torch.where(keep, kept, torch.zeros_like(kept))
+        probabilities = probabilities * keep.to(probabilities.dtype) * semantics.dropout_keep_scale(call.dropout_p)
     out = torch.matmul(probabilities, v)
     # A fully masked row is 0 even when an invisible value is NaN or Inf (0 * NaN is NaN).
     return torch.where(denominator == 0, torch.zeros_like(out), out), lse

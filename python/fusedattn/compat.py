@@ -196,26 +196,16 @@ def flash_attn_kvpacked_func(
 
 
 # ---- varlen --------------------------------------------------------------------------
-def _token_positions(lengths: torch.Tensor, starts: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(sequence, position), each (sum(lengths),): for the packed tokens of sequences of the
-    given (N,) lengths, which sequence each belongs to and its position in that sequence's
-    storage, counted from starts[b] (default 0)."""
-    sequence = torch.repeat_interleave(torch.arange(lengths.shape[0], device=lengths.device), lengths)
-    offsets = torch.cumsum(lengths, 0) - lengths
-    position = torch.arange(sequence.shape[0], device=lengths.device) - offsets[sequence]
-    return sequence, position if starts is None else position + starts[sequence]
-
-
-def _paged_keys(
-    cache: torch.Tensor, block_table: torch.Tensor, lengths: torch.Tensor, starts: torch.Tensor | None = None
-) -> torch.Tensor:
+def _paged_keys(cache: torch.Tensor, block_table: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
     """Packed (sum(lengths), Hkv, D) keys of a paged cache (num_blocks, block_size, Hkv, D):
-    positions starts[b] .. starts[b] + lengths[b] - 1 of each sequence b.
+    the first lengths[b] positions of each sequence b, in order.
 
     Sequence b's position p lives in block block_table[b, p // block_size], row p % block_size.
     """
+    sequence = torch.repeat_interleave(torch.arange(lengths.shape[0], device=lengths.device), lengths)
+    offsets = torch.cumsum(lengths, 0) - lengths
+    position = torch.arange(sequence.shape[0], device=lengths.device) - offsets[sequence]
     block_size = cache.shape[1]
-    sequence, position = _token_positions(lengths, starts)
     blocks = block_table.long()[sequence, position // block_size]
     return cache[blocks, position % block_size]
 

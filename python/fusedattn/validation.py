@@ -455,6 +455,11 @@ def _outside(name: str, values: torch.Tensor, low: torch.Tensor | int, high: tor
         )
 
 
+def _blocks_in_use(table: torch.Tensor, lengths: torch.Tensor, block_size: int) -> torch.Tensor:
+    """(N, max_blocks) bool: True for the blocks that hold positions below lengths[n]."""
+    return torch.arange(table.shape[1], device=table.device)[None, :] * block_size < lengths[:, None]
+
+
 def check_kv_cache_tensors(q: object, k_cache: object, v_cache: object, k: object = None, v: object = None) -> None:
     """Shapes, dtypes and devices of a KV-cache call: q (B, Sq, Hq, D), caches
     (B_cache or num_blocks, S_cache or block_size, Hkv, D / Dv), new k, v (B, S_new, Hkv, D / Dv)."""
@@ -547,8 +552,7 @@ def kv_cache_indices(
         _outside("cache_seqlens", lengths, 0, capacity - new_tokens, room)
         _outside("cache_leftpad", starts, 0, lengths, "first valid positions (at most cache_seqlens)")
         if table is not None:
-            used = torch.arange(table.shape[1], device=q.device)[None, :] * k_cache.shape[1] < ends[:, None]
-            blocks = torch.where(used, table, 0)
+            blocks = torch.where(_blocks_in_use(table, ends, k_cache.shape[1]), table, 0)
             _outside("block_table", blocks, 0, k_cache.shape[0] - 1, "block numbers (in the blocks in use)")
         return rows, starts, ends, table, None
     invalid = (rows < 0).any() | (rows >= k_cache.shape[0]).any()
@@ -558,7 +562,7 @@ def kv_cache_indices(
     ends = ends.clamp(0, capacity)
     starts = torch.minimum(starts.clamp(min=0), ends)
     if table is not None:
-        used = torch.arange(table.shape[1], device=q.device)[None, :] * k_cache.shape[1] < ends[:, None]
+        used = _blocks_in_use(table, ends, k_cache.shape[1])
         invalid = invalid | (used & ((table < 0) | (table >= k_cache.shape[0]))).any()
         table = table.clamp(0, max(k_cache.shape[0] - 1, 0))
     return rows, starts, ends, table, invalid
@@ -586,7 +590,7 @@ def paged_sequence_lengths(
     offsets = cu.to(torch.int64)
     lengths = offsets[1:] - offsets[:-1]
     capacity = table.shape[1] * k_cache.shape[1]
-    used = torch.arange(table.shape[1], device=q.device)[None, :] * k_cache.shape[1] < lengths[:, None]
+    used = _blocks_in_use(table, lengths, k_cache.shape[1])
     if _values_readable(cu) and _values_readable(table):
         _check_offset_values(
             "cu_seqlens_k", cu, int(offsets[-1]), "max_seqlen_k", int(lengths.max()) if lengths.numel() else 0

@@ -222,3 +222,22 @@ def test_custom_ops_pass_opcheck():
     ]
     for call in calls:
         torch.library.opcheck(forward_op, op_arguments(call))
+
+
+def test_sdpa_three_dim_mask_shape_refused_under_compile():
+    # The 3-D path used to expand the mask inside try/except RuntimeError, which tracing
+    # cannot catch: torch.compile reported a fake-tensor RuntimeError instead of attn_mask.
+    q = torch.randn(2, 5, 8)
+    k = v = torch.randn(2, 6, 8)
+    mask = torch.ones(2, 5, 7, dtype=torch.bool)
+    for function in (fusedattn.scaled_dot_product_attention,
+                     torch.compile(fusedattn.scaled_dot_product_attention, backend="eager")):  # fmt: skip
+        with pytest.raises(ValueError, match=r"attn_mask: expected at most 3 dims broadcastable to \(2, 5, 6\)"):
+            function(q, k, v, attn_mask=mask)
+    compiled = torch.compile(fusedattn.scaled_dot_product_attention, backend="eager", fullgraph=True)
+    with pytest.raises(Exception) as raised:
+        compiled(q, k, v, attn_mask=mask)
+    causes = [raised.value]
+    while causes[-1].__cause__ is not None:
+        causes.append(causes[-1].__cause__)
+    assert any(isinstance(c, ValueError) and "attn_mask" in str(c) for c in causes), causes

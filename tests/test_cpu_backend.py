@@ -6,6 +6,7 @@ with NaN before the kernels run and out, lse, dq, dk, dv are compared with the o
 
 from __future__ import annotations
 
+import fusedattn
 import pytest
 import torch
 from fusedattn import semantics
@@ -275,3 +276,49 @@ def test_dispatch_prefers_cpu_backend() -> None:
 def test_dropout_threshold_encoding() -> None:
     # The native op takes floor(p * 2**32) as an int; p = 1 reaches 2**32 exactly.
     assert semantics.dropout_threshold(1.0) == 2**32
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_special_values(dtype):
+    from special_values import assert_hidden_nan_row_has_zero_gradient, assert_minus_infinite_scores_mask_the_row
+
+    assert_hidden_nan_row_has_zero_gradient("cpu", "cpu", dtype)
+    assert_minus_infinite_scores_mask_the_row("cpu", "cpu", dtype)
+
+
+def test_huge_scale_gradients_within_the_flash_backward_bound():
+    # scale 1000: logits in the thousands and dq, dk that cancel. D = rowsum(dO * O) from the
+    # returned output leaves an error the autograd reference does not have (its errors
+    # cancel); testing.flash_backward_bounds bounds it. Found by the fuzz campaign.
+    from fusedattn.testing import check_backend
+
+    q, k, v = make_qkv(2, 1, 1, 33, 33, 32)
+    for check in check_backend("cpu", q, k, v, scale=1000.0):
+        assert check.passed, check
+
+
+def test_flash_backward_bound_is_negligible_at_usual_scales():
+    from fusedattn.testing import ABSOLUTE_FLOOR, flash_backward_bounds
+
+    for dtype in (torch.float32, torch.float16):
+        q, k, v = make_qkv(dtype=dtype)
+        call = validate_attention(q, k, v, causal=True)
+        out = fusedattn.attention(q, k, v, causal=True, backend="cpu")
+        grad_out = torch.randn_like(out)
+        _, _, low = reference_attention(call, dtype, grad_out)
+        reference_out, reference_lse, exact = reference_attention(call, torch.float64, grad_out)
+        bounds = flash_backward_bounds(call, grad_out, out, reference_out, reference_lse, exact)
+        for bound, low_grad, exact_grad in zip(bounds, low, exact):
+            # Below the rest of the rule: the bound loosens nothing at these scales.
+            floor = ABSOLUTE_FLOOR[dtype] * max(1.0, float(exact_grad.abs().max()))
+            assert 0 < bound < max(2 * float((low_grad.double() - exact_grad).abs().max()), floor)
+
+
+def test_huge_scale_varlen_gradients_within_the_flash_backward_bound():
+    from fusedattn.testing import check_backend
+
+    q, k, v = (torch.randn(40, 2, 16) for _ in range(3))
+    offsets = torch.tensor([0, 15, 40], dtype=torch.int32)
+    checks = check_backend("cpu", q, k, v, cu_seqlens_q=offsets, cu_seqlens_k=offsets, max_seqlen_q=25,
+                           max_seqlen_k=25, scale=300.0, causal=True)  # fmt: skip
+    assert all(check.passed for check in checks), checks

@@ -298,3 +298,11 @@ def test_fully_masked_rows_give_zero_output_and_gradients():
     out.sum().backward()
     assert torch.equal(q.grad[:, :, 1], torch.zeros_like(q.grad[:, :, 1]))
     assert not any(torch.isnan(t.grad).any() for t in (q, k, v))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+def test_special_values(dtype):
+    from special_values import assert_hidden_nan_row_has_zero_gradient, assert_minus_infinite_scores_mask_the_row
+
+    assert_hidden_nan_row_has_zero_gradient("reference", "cpu", dtype)
+    assert_minus_infinite_scores_mask_the_row("reference", "cpu", dtype)

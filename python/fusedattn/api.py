@@ -160,13 +160,16 @@ def scaled_dot_product_attention(
             if not isinstance(tensor, torch.Tensor) or tensor.dim() != 3:
                 raise ValueError(f"{name}: expected a 3-D tensor like query, got {getattr(tensor, 'shape', tensor)}")
         if isinstance(attn_mask, torch.Tensor):
+            # A head dimension for the mask; validation checks the broadcast (an expand in a
+            # try block here would not survive torch.compile's tracing).
             target = (query.shape[0], query.shape[1], key.shape[1])
-            try:
-                attn_mask = attn_mask.expand(target)[:, None]
-            except RuntimeError:
+            padded = (1,) * (3 - attn_mask.dim()) + tuple(attn_mask.shape)
+            if attn_mask.dim() > 3 or any(have not in (1, want) for have, want in zip(padded, target)):
                 raise ValueError(
-                    f"attn_mask: expected a shape broadcastable to {target}, got {tuple(attn_mask.shape)}"
-                ) from None
+                    f"attn_mask: expected at most 3 dims broadcastable to {target}, got {tuple(attn_mask.shape)}"
+                )
+            if attn_mask.dim() == 3:
+                attn_mask = attn_mask[:, None]
         query, key, value = query[:, None], key[:, None], value[:, None]
     if not enable_gqa and isinstance(key, torch.Tensor) and key.dim() == 4 and query.shape[1] != key.shape[1]:
         raise ValueError(

@@ -10,12 +10,16 @@ most SHRINK_SECONDS per failure.
 
 from __future__ import annotations
 
+import hashlib
+import os
 import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+import torch
 from hypothesis import HealthCheck, Phase, Verbosity, given, settings
 from hypothesis import seed as hypothesis_seed
 from hypothesis import strategies as st
@@ -86,6 +90,7 @@ class Figures:
             else:
                 self.failures[signature] = Failure(signature, case.entry, outcome.kind, outcome.reason,
                                                    case.describe(), compiled_run)  # fmt: skip
+                _save_case(case, signature)
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -120,6 +125,28 @@ class Figures:
         for key, count in self.outcomes.items():
             totals[key.rsplit("|", 1)[1]] += count
         return totals
+
+
+def _save_case(case: Case, signature: str) -> None:
+    """With FUSEDATTN_FUZZ_SAVE=DIR, the first case of each failure is saved there
+    (torch.load it and call case["function"] on case["args"], case["kwargs"] to replay)."""
+    directory = os.environ.get("FUSEDATTN_FUZZ_SAVE")
+    if not directory:
+        return
+    path = Path(directory) / f"{hashlib.sha1(signature.encode()).hexdigest()[:12]}.pt"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"entry": case.entry, "signature": signature, "description": case.describe(), "args": _detached(case.args),
+                "kwargs": _detached(case.kwargs), "backend": case.backend}, path)  # fmt: skip
+
+
+def _detached(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.detach()
+    if isinstance(value, (tuple, list)):
+        return type(value)(_detached(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _detached(v) for k, v in value.items()}
+    return value
 
 
 Listener = Callable[[str, dict[str, Any]], None]

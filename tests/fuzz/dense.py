@@ -124,7 +124,7 @@ def attention_cases(draw: st.DrawFn) -> Case:
     args, kwargs = arguments.split()
     return Case(
         entry="attention", function=fusedattn.attention, args=args, kwargs=kwargs, backend=backend,
-        check=lambda result: check_attention(call, result, return_lse, leaves),
+        check=lambda result: check_attention(call, result, return_lse, leaves, kv_specials),
         features=_features(call, {"empty": empty, "strided": _strided(q, k, v)}), target=target, fault=fault,
     )  # fmt: skip
 
@@ -290,7 +290,7 @@ def varlen_cases(draw: st.DrawFn) -> Case:
     args, kwargs = arguments.split()
     return Case(
         entry="attention_varlen", function=fusedattn.attention_varlen, args=args, kwargs=kwargs, backend=backend,
-        check=lambda result: check_attention(call, result, return_lse, leaves),
+        check=lambda result: check_attention(call, result, return_lse, leaves, kv_specials),
         features=_features(call, {"empty": empty, "empty_sequence": 0 in lengths_q + lengths_k,
                                   "strided": _strided(q, k, v)}),
         target=target, fault=fault,
@@ -385,24 +385,28 @@ def _fully_masked_rows(
     out_shape: tuple[int, ...], kwargs: dict[str, Any], key: torch.Tensor, query: torch.Tensor
 ) -> torch.Tensor:
     """(..., L, 1) True where every score of torch's row is -inf (torch gives NaN there,
-    fusedattn 0 by design): Sk = 0, a bool mask hiding every key, or a float mask whose
-    -inf entries cover the row. A score that is NaN or +inf (Inf in the query, a +inf
-    mask entry) is not masked: the row is NaN by IEEE arithmetic, in both."""
-    rows = torch.zeros(out_shape[:-1], dtype=torch.bool)
-    mask = kwargs.get("attn_mask")
+    fusedattn 0 by design, docs/semantics.md): Sk = 0, a mask or is_causal hiding every
+    key, a float mask whose -inf entries cover the row, or scores that are -inf by value
+    (an Inf in the query against keys of one sign). A score that is NaN or +inf is not
+    masked: the row is NaN by IEEE arithmetic, in both."""
     if key.shape[-2] == 0:
-        rows[...] = True
-    elif mask is not None and mask.dtype == torch.bool:
-        rows = rows | (~mask).all(-1).expand(out_shape[:-1])
+        return torch.ones(out_shape[:-1], dtype=torch.bool)[..., None]
+    q, k = query.double(), key.double()
+    if k.dim() == q.dim() and k.dim() >= 3 and 0 < k.shape[-3] != q.shape[-3]:
+        k = k.repeat_interleave(q.shape[-3] // k.shape[-3], dim=-3)
+    scale = kwargs.get("scale")
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    scores = (q @ k.transpose(-2, -1)) * scale
+    mask = kwargs.get("attn_mask")
+    if mask is not None and mask.dtype == torch.bool:
+        scores = scores.masked_fill(~mask, -math.inf)
     elif mask is not None:
-        q, k = query.double(), key.double()
-        if k.dim() == 4 and 0 < k.shape[1] != q.shape[1]:
-            k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
-        scale = kwargs.get("scale")
-        scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-        scores = (q @ k.transpose(-2, -1)) * scale + mask.double()
-        rows = rows | (scores == -math.inf).all(-1).expand(out_shape[:-1])
-    return rows[..., None]
+        scores = scores + mask.double()
+    if kwargs.get("is_causal"):
+        length_q, length_k = scores.shape[-2:]
+        visible = torch.ones(length_q, length_k, dtype=torch.bool).tril()
+        scores = scores.masked_fill(~visible, -math.inf)
+    return (scores == -math.inf).all(-1).expand(out_shape[:-1])[..., None]
 
 
 def _check_sdpa(args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> str | None:

@@ -109,11 +109,14 @@ def compare(
     *,
     expected_dtype: torch.dtype | None = None,
     magnitude: float = 1.0,
+    nonfinite_unspecified: bool = False,
+    noise: float = 0.0,
 ) -> str | None:
     """None when actual matches the float64 oracle under fusedattn.testing.check_tensor,
     with NaN required exactly where the oracle has NaN. Elements where the oracle is not NaN
     but the same-precision reference lowprec is not finite (the input dtype overflows or
-    underflows where float64 does not) are not judged: neither rule says anything there."""
+    underflows where float64 does not) are not judged: neither rule says anything there.
+    nonfinite_unspecified: elements non-finite in actual or oracle are not judged either."""
     if not isinstance(actual, torch.Tensor):
         return f"{name}: expected a tensor, got {type(actual).__name__}"
     if tuple(actual.shape) != tuple(oracle.shape):
@@ -127,6 +130,8 @@ def compare(
     # input dtype overflows or underflows (exp underflowing to 0 against an Inf in v gives
     # 0 * Inf = NaN): a precision effect the float64 oracle does not have, not judged.
     unjudged = ~torch.isnan(want) & ~torch.isfinite(low)
+    if nonfinite_unspecified:  # the spec leaves NaN/Inf propagation there open
+        unjudged |= ~torch.isfinite(want) | ~torch.isfinite(got)
     got, want, low = got[~unjudged], want[~unjudged], low[~unjudged]
     got_nan, want_nan = torch.isnan(got), torch.isnan(want)
     if bool((got_nan & ~want_nan).any()):
@@ -134,7 +139,7 @@ def compare(
     if bool((want_nan & ~got_nan).any()):
         return f"{name}: {int((want_nan & ~got_nan).sum())} element(s) not NaN where the reference is NaN"
     judged = ~want_nan
-    result = check_tensor(name, got[judged], want[judged], low[judged], dtype, magnitude=magnitude)
+    result = check_tensor(name, got[judged], want[judged], low[judged], dtype, magnitude=magnitude, noise=noise)
     return None if result.passed else f"{name}: {result.reason}"
 
 

@@ -42,18 +42,9 @@ def _attend_dense(
         # The oracle may expand K/V; the fast backends never do.
         k = k.repeat_interleave(group, dim=1)
         v = v.repeat_interleave(group, dim=1)
-    scores = torch.matmul(q, k.transpose(-1, -2)) * call.scale
-    scores = semantics.apply_softcap(scores, call.softcap)
-    if alibi_slopes is not None:
-        slopes = alibi_slopes.to(scores.dtype)
-        bias = semantics.alibi_bias(slopes, seqlen_q, seqlen_k, call.causal_alignment)
-        scores = scores + bias
     allowed = None
-    if attn_mask is not None:
-        if attn_mask.dtype == torch.bool:
-            allowed = attn_mask
-        else:
-            scores = scores + attn_mask.to(scores.dtype)
+    if attn_mask is not None and attn_mask.dtype == torch.bool:
+        allowed = attn_mask
     visible = semantics.visible_keys(
         seqlen_q,
         seqlen_k,
@@ -69,6 +60,19 @@ def _attend_dense(
         in_length = torch.arange(seqlen_k, device=q.device)[None, :] < key_lengths[:, None].to(q.device)
         in_length = in_length[:, None, None, :]
         allowed = in_length if allowed is None else allowed & in_length
+
+    scores = torch.matmul(q, k.transpose(-1, -2)) * call.scale
+    if allowed is not None and call.softcap is not None:
+        # Only visible pairs carry gradient (docs/semantics.md): softcap is differentiated at
+        # 0, not at a hidden NaN score (0 * (1 - tanh(NaN)^2) would be NaN).
+        scores = torch.where(allowed, scores, torch.zeros((), dtype=scores.dtype, device=scores.device))
+    scores = semantics.apply_softcap(scores, call.softcap)
+    if alibi_slopes is not None:
+        slopes = alibi_slopes.to(scores.dtype)
+        bias = semantics.alibi_bias(slopes, seqlen_q, seqlen_k, call.causal_alignment)
+        scores = scores + bias
+    if attn_mask is not None and attn_mask.dtype != torch.bool:
+        scores = scores + attn_mask.to(scores.dtype)
     if allowed is not None:
         scores = scores.masked_fill(~allowed, float("-inf"))
 

@@ -2,9 +2,12 @@
 
 Three kernels:
   * preprocess: delta = rowsum(dO * O), one float per query row;
-  * dK/dV: one program per (key block, KV head, batch); it loops over the query heads
-    of its GQA group and over the query blocks that can see its keys, so dK/dV are
-    reduced over the group inside the program, with no atomics;
+  * dK/dV: one program per (key block, KV head or part of its GQA group, batch), in the
+    transposed orientation (S^T = K Q^T: P^T and dS^T are the left operands of the dV and
+    dK dots straight from registers); it loops over its query heads and over the query
+    blocks that can see its keys, so dK/dV are reduced inside the program, with no
+    atomics; when B * Hkv is too small to fill the GPU, a group is split over several
+    programs whose float32 partial sums the launcher adds;
   * dQ: one program per (query block, query head, batch), looping over key blocks.
 
 Default mode folds dQ into the dK/dV kernel with float32 atomic adds (one pass over the
@@ -33,9 +36,12 @@ from .utils import (
     LOG2E,
     Problem,
     attention_logits,
+    device_guard,
     dropout_keep,
     dropout_row_hash,
     feature_arguments,
+    flat_grid,
+    grid_position,
     key_range,
     last_dim_contiguous,
     launch,
@@ -65,15 +71,14 @@ def attention_backward_preprocess_kernel(
     stride_ls,
     extent_q,
     heads_q,
+    grid_rows,
     HEAD_DIM_V: tl.constexpr,
     BLOCK_DV: tl.constexpr,
     IS_VARLEN: tl.constexpr,
     BLOCK_M: tl.constexpr,
 ):
     """delta[row] = sum_d dO[row, d] * O[row, d] in float32."""
-    block_m = tl.program_id(0)
-    head = tl.program_id(1)  # heads and batch on their own grid axes (each at most 65535)
-    batch = tl.program_id(2)
+    block_m, head, batch = grid_position(tl.cdiv(grid_rows, BLOCK_M), heads_q)
     if IS_VARLEN:
         q_start, len_q = packed_span(CuSeqlensQ, batch, extent_q)
     else:
@@ -117,10 +122,8 @@ def _load_row_statistics(Lse, Delta, lse_base, rows, row_valid, stride_ls):
 
 @triton.jit
 def score_gradients(
-    q,
-    k_tile,
-    v_tile,
-    grad_out,
+    qk,
+    grad_probabilities,
     lse,
     delta,
     rows,
@@ -152,28 +155,31 @@ def score_gradients(
     HAS_ALIBI: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr,
     HAS_DROPOUT: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr,
 ):
-    """(kept probabilities, dS) of one (BLOCK_M, BLOCK_N) tile, recomputed from lse.
+    """(kept probabilities, dS) of one tile, recomputed from lse, in either orientation.
+
+    qk = q . k and grad_probabilities = dO . v come from the caller: (BLOCK_M, BLOCK_N) for
+    the dQ kernel, or transposed (BLOCK_N, BLOCK_M) for the dK/dV kernel, which then uses
+    P^T and dS^T straight from registers as the left operand of its dots (no round trip
+    through shared memory). Every per-row and per-key operand (lse, delta, rows, heads,
+    row_valid, row_hash; keys) comes shaped to broadcast in that orientation.
 
     kept = P with the dropout mask applied but not yet rescaled by 1 / (1 - p) (the caller
     scales dV once at the end: P / (1 - p) can pass fp16's range for p near 1); dS =
-    P * (dP - delta) with dP = dO . v masked and rescaled like P, times 1 - tanh^2 under softcap.
+    P * (dP - delta) with dP masked and rescaled like P, times 1 - tanh^2 under softcap.
     """
-    qk = tl.dot(q, tl.trans(k_tile), input_precision=INPUT_PRECISION)
     logits, softcap_tanh = attention_logits(
-        qk, rows, keys, heads, row_valid, batch, key_limit, position_offset, scale, softcap,
-        window_left, window_right, Mask, stride_mb, stride_mh, stride_mq, stride_mk, Alibi, stride_ab,
-        stride_ah, CAUSAL, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, MASK_KIND, HAS_ALIBI, HAS_SOFTCAP,
+        qk, rows, keys, heads, row_valid, batch, key_limit, position_offset, scale, softcap, window_left,
+        window_right, Mask, stride_mb, stride_mh, stride_mq, stride_mk, Alibi, stride_ab, stride_ah, CAUSAL,
+        HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, MASK_KIND, HAS_ALIBI, HAS_SOFTCAP,
     )  # fmt: skip
-    probabilities = tl.math.exp2(logits - lse[:, None])
-    grad_probabilities = tl.dot(grad_out, tl.trans(v_tile), input_precision=INPUT_PRECISION)
+    probabilities = tl.math.exp2(logits - lse)
     kept = probabilities
     if HAS_DROPOUT:
         keep = dropout_keep(row_hash, keys, dropout_threshold)
         kept = tl.where(keep, probabilities, 0.0)
         grad_probabilities = tl.where(keep, grad_probabilities * dropout_keep_scale, 0.0)
-    grad_scores = probabilities * (grad_probabilities - delta[:, None])
+    grad_scores = probabilities * (grad_probabilities - delta)
     if HAS_SOFTCAP:
         grad_scores = grad_scores * (1.0 - softcap_tanh * softcap_tanh)
     return kept, grad_scores
@@ -228,7 +234,9 @@ def attention_backward_dkdv_kernel(
     extent_q,
     extent_k,
     heads_kv,
+    grid_keys,
     group,
+    group_splits,
     scale,
     softcap,
     window_left,
@@ -255,9 +263,13 @@ def attention_backward_dkdv_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    block_n = tl.program_id(0)
-    kv_head = tl.program_id(1)  # heads and batch on their own grid axes (each at most 65535)
-    batch = tl.program_id(2)
+    # GQA: group_splits programs share a KV head, each over group / group_splits of its
+    # query heads, into a float32 partial buffer the launcher sums (no serial loop over the
+    # whole group when B * Hkv is too small to fill the GPU; no atomics: deterministic).
+    block_n, program_head, batch = grid_position(tl.cdiv(grid_keys, BLOCK_N), heads_kv * group_splits)
+    kv_head = program_head // group_splits
+    members = group // group_splits
+    first_member = (program_head % group_splits) * members
     q_start, k_start, len_q, len_k, key_limit, position_offset = sequence_bounds(
         batch, CuSeqlensQ, CuSeqlensK, KeyLengths, extent_q, extent_k, IS_VARLEN, HAS_KEY_LENGTHS, BOTTOM_RIGHT
     )
@@ -300,7 +312,7 @@ def attention_backward_dkdv_kernel(
         HAS_WINDOW_RIGHT,
         BLOCK_M,
     )
-    for member in range(0, group):
+    for member in range(first_member, first_member + members):
         head = kv_head * group + member
         heads = tl.full((BLOCK_M,), 0, tl.int32) + head
         q_base = Q + batch64 * stride_qb + head.to(tl.int64) * stride_qh
@@ -322,17 +334,22 @@ def attention_backward_dkdv_kernel(
             row_hash = rows.to(tl.uint32)
             if HAS_DROPOUT:
                 row_hash = dropout_row_hash(DropoutSeed, batch, heads, rows)
-            kept, grad_scores = score_gradients(
-                q, k_tile, v_tile, grad_out, lse, delta, rows, keys, heads, row_valid, row_hash, batch, key_limit,
-                position_offset, scale, softcap, window_left, window_right, dropout_threshold, dropout_keep_scale,
-                Mask, stride_mb, stride_mh, stride_mq, stride_mk, Alibi, stride_ab, stride_ah, CAUSAL,
-                HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, MASK_KIND, HAS_ALIBI, HAS_SOFTCAP, HAS_DROPOUT, INPUT_PRECISION,
+            # Transposed orientation: S^T = K Q^T, so P^T and dS^T feed dV += P^T dO and
+            # dK += dS^T Q from registers.
+            qk_t = tl.dot(k_tile, tl.trans(q), input_precision=INPUT_PRECISION)
+            grad_probabilities_t = tl.dot(v_tile, tl.trans(grad_out), input_precision=INPUT_PRECISION)
+            kept_t, grad_scores_t = score_gradients(
+                qk_t, grad_probabilities_t, lse[None, :], delta[None, :], rows[None, :], keys[:, None],
+                heads[None, :], row_valid[None, :], row_hash[None, :], batch, key_limit, position_offset, scale,
+                softcap, window_left, window_right, dropout_threshold, dropout_keep_scale, Mask, stride_mb,
+                stride_mh, stride_mq, stride_mk, Alibi, stride_ab, stride_ah, CAUSAL, HAS_WINDOW_LEFT,
+                HAS_WINDOW_RIGHT, MASK_KIND, HAS_ALIBI, HAS_SOFTCAP, HAS_DROPOUT,
             )  # fmt: skip
-            grad_v = tl.dot(tl.trans(kept.to(grad_out.dtype)), grad_out, grad_v, input_precision=INPUT_PRECISION)
-            grad_scores = grad_scores.to(q.dtype)
-            grad_k = tl.dot(tl.trans(grad_scores), q, grad_k, input_precision=INPUT_PRECISION)
+            grad_v = tl.dot(kept_t.to(grad_out.dtype), grad_out, grad_v, input_precision=INPUT_PRECISION)
+            grad_scores_t = grad_scores_t.to(q.dtype)
+            grad_k = tl.dot(grad_scores_t, q, grad_k, input_precision=INPUT_PRECISION)
             if ATOMIC_DQ:
-                grad_q = tl.dot(grad_scores, k_tile, input_precision=INPUT_PRECISION) * scale
+                grad_q = tl.dot(tl.trans(grad_scores_t), k_tile, input_precision=INPUT_PRECISION) * scale
                 accumulator_pointers = (
                     GradQAccumulator
                     + batch64 * stride_aqb
@@ -346,12 +363,12 @@ def attention_backward_dkdv_kernel(
     if HAS_DROPOUT:
         grad_v = grad_v * dropout_keep_scale
     tl.store(
-        GradK + batch64 * stride_dkb + kv_head.to(tl.int64) * stride_dkh + k_rows * stride_dks + offs_d[None, :],
+        GradK + batch64 * stride_dkb + program_head.to(tl.int64) * stride_dkh + k_rows * stride_dks + offs_d[None, :],
         grad_k.to(GradK.dtype.element_ty),
         mask=key_valid[:, None] & d_valid[None, :],
     )
     tl.store(
-        GradV + batch64 * stride_dvb + kv_head.to(tl.int64) * stride_dvh + k_rows * stride_dvs + offs_dv[None, :],
+        GradV + batch64 * stride_dvb + program_head.to(tl.int64) * stride_dvh + k_rows * stride_dvs + offs_dv[None, :],
         grad_v.to(GradV.dtype.element_ty),
         mask=key_valid[:, None] & dv_valid[None, :],
     )
@@ -398,6 +415,7 @@ def attention_backward_dq_kernel(
     extent_q,
     extent_k,
     heads_q,
+    grid_rows,
     group,
     scale,
     softcap,
@@ -424,9 +442,7 @@ def attention_backward_dq_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    block_m = tl.program_id(0)
-    head = tl.program_id(1)  # heads and batch on their own grid axes (each at most 65535)
-    batch = tl.program_id(2)
+    block_m, head, batch = grid_position(tl.cdiv(grid_rows, BLOCK_M), heads_q)
     kv_head = head // group
     q_start, k_start, len_q, len_k, key_limit, position_offset = sequence_bounds(
         batch, CuSeqlensQ, CuSeqlensK, KeyLengths, extent_q, extent_k, IS_VARLEN, HAS_KEY_LENGTHS, BOTTOM_RIGHT
@@ -490,11 +506,14 @@ def attention_backward_dq_kernel(
             mask=key_valid[:, None] & dv_valid[None, :],
             other=0.0,
         )
+        qk = tl.dot(q, tl.trans(k_tile), input_precision=INPUT_PRECISION)
+        grad_probabilities = tl.dot(grad_out, tl.trans(v_tile), input_precision=INPUT_PRECISION)
         _kept, grad_scores = score_gradients(
-            q, k_tile, v_tile, grad_out, lse, delta, rows, keys, heads, row_valid, row_hash, batch, key_limit,
-            position_offset, scale, softcap, window_left, window_right, dropout_threshold, dropout_keep_scale,
-            Mask, stride_mb, stride_mh, stride_mq, stride_mk, Alibi, stride_ab, stride_ah, CAUSAL,
-            HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, MASK_KIND, HAS_ALIBI, HAS_SOFTCAP, HAS_DROPOUT, INPUT_PRECISION,
+            qk, grad_probabilities, lse[:, None], delta[:, None], rows[:, None], keys[None, :], heads[:, None],
+            row_valid[:, None], row_hash[:, None], batch, key_limit, position_offset, scale, softcap, window_left,
+            window_right, dropout_threshold, dropout_keep_scale, Mask, stride_mb, stride_mh, stride_mq, stride_mk,
+            Alibi, stride_ab, stride_ah, CAUSAL, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, MASK_KIND, HAS_ALIBI,
+            HAS_SOFTCAP, HAS_DROPOUT,
         )  # fmt: skip
         grad_q = tl.dot(grad_scores.to(k_tile.dtype), k_tile, grad_q, input_precision=INPUT_PRECISION)
 
@@ -506,6 +525,34 @@ def attention_backward_dq_kernel(
     )
 
 
+# Programs the dK/dV grid should at least have per multiprocessor before GQA is split.
+PROGRAMS_PER_MULTIPROCESSOR = 2
+INTERPRETER_MULTIPROCESSORS = 4  # small enough that the tests' shapes split
+
+
+def group_splits(problem: Problem, block_n: int, device: torch.device) -> int:
+    """How many programs share one KV head's dK/dV: 1 (the whole group in one program)
+    unless B * Hkv * key blocks leaves the GPU idle; then the largest divisor of the
+    group that fills it."""
+    if problem.group == 1:
+        return 1
+    if device.type == "cuda":
+        multiprocessors = configs.multiprocessor_count(device.index if device.index is not None else 0)
+    else:
+        multiprocessors = INTERPRETER_MULTIPROCESSORS
+    programs = problem.batch * problem.heads_kv * triton.cdiv(problem.seqlen_k, block_n)
+    wanted = triton.cdiv(PROGRAMS_PER_MULTIPROCESSOR * multiprocessors, max(programs, 1))
+    return max(d for d in range(1, problem.group + 1) if problem.group % d == 0 and d <= wanted)
+
+
+def _group_partial(gradient: torch.Tensor, splits: int) -> torch.Tensor:
+    """A float32 buffer like gradient with Hkv * splits heads (one slice per split),
+    poisoned under the tests like every output."""
+    shape = list(gradient.shape)
+    shape[1] *= splits
+    return allocate_output(tuple(shape), torch.float32, gradient.device)
+
+
 def deterministic_requested() -> bool:
     """torch.use_deterministic_algorithms(True) or FUSEDATTN_DETERMINISTIC=1."""
     return torch.are_deterministic_algorithms_enabled() or os.environ.get("FUSEDATTN_DETERMINISTIC", "0") == "1"
@@ -515,7 +562,7 @@ def _strides(prefix: str, tensor: torch.Tensor, varlen: bool) -> dict[str, int]:
     return dict(zip((prefix + "b", prefix + "h", prefix + "s"), sequence_strides(tensor, varlen)))
 
 
-def backward(
+def _run_backward(
     call: AttentionCall, grad_out: torch.Tensor, out: torch.Tensor, lse: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv) shaped like q, k, v for grad_out shaped like out; lse from the forward."""
@@ -534,7 +581,7 @@ def backward(
     statistics_strides = dict(zip(("stride_lb", "stride_lh", "stride_ls"), lse_strides(lse, varlen)))
     launch(
         attention_backward_preprocess_kernel,
-        (triton.cdiv(problem.seqlen_q, block_m), problem.heads_q, problem.batch),
+        flat_grid(triton.cdiv(problem.seqlen_q, block_m), problem.heads_q, problem.batch),
         Out=out,
         GradOut=grad_out,
         Delta=delta,
@@ -544,6 +591,7 @@ def backward(
         **statistics_strides,
         extent_q=features["extent_q"],
         heads_q=problem.heads_q,
+        grid_rows=problem.seqlen_q,
         HEAD_DIM_V=problem.head_dim_v,
         BLOCK_DV=block_dv,
         IS_VARLEN=varlen,
@@ -579,28 +627,50 @@ def backward(
         **features,
         **launch_options,
     )
+    splits = group_splits(problem, block_n, q.device)
+    if splits > 1:
+        grad_k_partial, grad_v_partial = (_group_partial(t, splits) for t in (grad_k, grad_v))
+    else:
+        grad_k_partial, grad_v_partial = grad_k, grad_v
     launch(
         attention_backward_dkdv_kernel,
-        (triton.cdiv(problem.seqlen_k, block_n), problem.heads_kv, problem.batch),
+        flat_grid(triton.cdiv(problem.seqlen_k, block_n), problem.heads_kv * splits, problem.batch),
         GradQAccumulator=grad_q_accumulator,
-        GradK=grad_k,
-        GradV=grad_v,
+        GradK=grad_k_partial,
+        GradV=grad_v_partial,
         **_strides("stride_aq", grad_q_accumulator, varlen),
-        **_strides("stride_dk", grad_k, varlen),
-        **_strides("stride_dv", grad_v, varlen),
+        **_strides("stride_dk", grad_k_partial, varlen),
+        **_strides("stride_dv", grad_v_partial, varlen),
         heads_kv=problem.heads_kv,
+        grid_keys=problem.seqlen_k,
+        group_splits=splits,
         ATOMIC_DQ=not deterministic,
         **shared,
     )
+    if splits > 1:
+        # Heads are dim 1 of (B, Hkv * splits, Sk, D) and of varlen's (T, Hkv * splits, D).
+        for partial, target in ((grad_k_partial, grad_k), (grad_v_partial, grad_v)):
+            shape = list(partial.shape)
+            shape[1:2] = [problem.heads_kv, splits]
+            target.copy_(partial.view(shape).sum(2))
     if deterministic:
         launch(
             attention_backward_dq_kernel,
-            (triton.cdiv(problem.seqlen_q, block_m), problem.heads_q, problem.batch),
+            flat_grid(triton.cdiv(problem.seqlen_q, block_m), problem.heads_q, problem.batch),
             GradQ=grad_q,
             **_strides("stride_dq", grad_q, varlen),
             heads_q=problem.heads_q,
+            grid_rows=problem.seqlen_q,
             **shared,
         )
     else:
         grad_q.copy_(grad_q_accumulator)
     return grad_q, grad_k, grad_v
+
+
+def backward(
+    call: AttentionCall, grad_out: torch.Tensor, out: torch.Tensor, lse: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv) shaped like q, k, v for grad_out shaped like out; lse from the forward."""
+    with device_guard(call.q):
+        return _run_backward(call, grad_out, out, lse)

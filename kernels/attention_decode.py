@@ -23,6 +23,8 @@ from .utils import (
     Problem,
     dropout_row_hash,
     feature_arguments,
+    flat_grid,
+    grid_position,
     interpreting,
     key_range,
     launch,
@@ -67,6 +69,7 @@ def attention_decode_split_kernel(
     group,
     splits,
     keys_per_split,
+    rows_per_batch,
     scale,
     softcap,
     window_left,
@@ -92,30 +95,34 @@ def attention_decode_split_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    split = tl.program_id(0)
-    kv_head = tl.program_id(1)  # heads and batch on their own grid axes (each at most 65535)
-    batch = tl.program_id(2)
-    _q_start, _k_start, len_q, len_k, key_limit, position_offset = sequence_bounds(
+    split, kv_head, batch = grid_position(splits, heads_kv)
+    q_start, k_start, len_q, len_k, key_limit, position_offset = sequence_bounds(
         batch, CuSeqlensQ, CuSeqlensK, KeyLengths, extent_q, extent_k, IS_VARLEN, HAS_KEY_LENGTHS, BOTTOM_RIGHT
     )
-    # Row r of this program is query row r % Sq of query head kv_head * group + r // Sq.
+    # Row r of this program is query row r % Sq of query head kv_head * group + r // Sq
+    # (a varlen sequence may have no rows: nothing is valid then).
     slots = tl.arange(0, BLOCK_M)
     row_valid = slots < group * len_q
-    rows = slots % len_q
-    heads = kv_head * group + slots // len_q
+    rows = slots % tl.maximum(len_q, 1)
+    heads = kv_head * group + slots // tl.maximum(len_q, 1)
     heads = tl.where(row_valid, heads, kv_head * group)
+    tokens = q_start + rows  # packed token (varlen) or row (dense) of each slot
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     d_valid = offs_d < HEAD_DIM
     dv_valid = offs_dv < HEAD_DIM_V
     batch64 = batch.to(tl.int64)
     q = tl.load(
-        Q + batch64 * stride_qb + heads[:, None].to(tl.int64) * stride_qh + rows[:, None] * stride_qs + offs_d[None, :],
+        Q
+        + batch64 * stride_qb
+        + heads[:, None].to(tl.int64) * stride_qh
+        + tokens[:, None].to(tl.int64) * stride_qs
+        + offs_d[None, :],
         mask=row_valid[:, None] & d_valid[None, :],
         other=0.0,
     )
-    k_base = K + batch64 * stride_kb + kv_head.to(tl.int64) * stride_kh
-    v_base = V + batch64 * stride_vb + kv_head.to(tl.int64) * stride_vh
+    k_base = K + batch64 * stride_kb + kv_head.to(tl.int64) * stride_kh + k_start.to(tl.int64) * stride_ks
+    v_base = V + batch64 * stride_vb + kv_head.to(tl.int64) * stride_vh + k_start.to(tl.int64) * stride_vs
 
     row_max = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     row_sum = tl.zeros((BLOCK_M,), tl.float32)
@@ -151,8 +158,9 @@ def attention_decode_split_kernel(
     if HAS_DROPOUT:
         out = out * dropout_keep_scale
     lse = tl.where(empty, float("-inf"), (row_max + tl.math.log2(tl.where(empty, 1.0, row_sum))) * LN2)
-    # Partial results: (B, Hq, Sq, splits) lse and (B, Hq, Sq, splits, Dv) out, contiguous.
-    partial_index = ((batch64 * heads_q + heads) * len_q + rows) * splits + split
+    # Partial results: (tokens, Hq, splits) lse and (tokens, Hq, splits, Dv) out, contiguous;
+    # tokens are B * Sq rows (dense) or the packed query tokens (varlen).
+    partial_index = ((batch64 * rows_per_batch + tokens) * heads_q + heads) * splits + split
     tl.store(PartialLse + partial_index, lse, mask=row_valid)
     tl.store(
         PartialOut + partial_index[:, None] * HEAD_DIM_V + offs_dv[None, :],
@@ -180,12 +188,13 @@ def attention_decode_combine_kernel(
     BLOCK_DV: tl.constexpr,
     BLOCK_SPLITS: tl.constexpr,
 ):
-    """out = sum_s exp(lse_s - lse) * out_s with lse = logsumexp_s lse_s, one query row per program."""
+    """out = sum_s exp(lse_s - lse) * out_s with lse = logsumexp_s lse_s, one (token, head)
+    per program; token = batch * seqlen_q + row (varlen: seqlen_q is the packed count)."""
     row_index = tl.program_id(0)
-    row = row_index % seqlen_q
-    batch_head = row_index // seqlen_q
-    head = batch_head % heads_q
-    batch = batch_head // heads_q
+    head = row_index % heads_q
+    token = row_index // heads_q
+    row = token % seqlen_q
+    batch = token // seqlen_q
     offs_s = tl.arange(0, BLOCK_SPLITS)
     offs_dv = tl.arange(0, BLOCK_DV)
     split_valid = offs_s < splits
@@ -222,7 +231,8 @@ def split_count(problem: Problem, block_n: int, device: torch.device) -> int:
 
 
 def run_decode(call: AttentionCall, problem: Problem, out: torch.Tensor, lse: torch.Tensor) -> None:
-    """Fill out (B, Hq, Sq, Dv) and lse (B, Hq, Sq) for a dense call with few query rows."""
+    """Fill out and lse for a call with few query rows per sequence: dense (B, Hq, Sq, Dv)
+    and (B, Hq, Sq), or varlen (T, Hq, Dv) and (Hq, T)."""
     q, k, v = call.q, call.k, call.v
     block_d = padded_dim(problem.head_dim)
     block_dv = padded_dim(problem.head_dim_v)
@@ -230,25 +240,28 @@ def run_decode(call: AttentionCall, problem: Problem, out: torch.Tensor, lse: to
     block_n = config["BLOCK_N"]
     splits = split_count(problem, block_n, q.device)
     keys_per_split = triton.cdiv(triton.cdiv(problem.seqlen_k, block_n), splits) * block_n
-    rows = problem.batch * problem.heads_q * problem.seqlen_q
+    varlen = problem.varlen
+    tokens = q.shape[0] if varlen else problem.batch * problem.seqlen_q
+    rows = tokens * problem.heads_q
     partial_out = torch.empty((rows, splits, problem.head_dim_v), dtype=torch.float32, device=q.device)
     partial_lse = torch.empty((rows, splits), dtype=torch.float32, device=q.device)
     launch(
         attention_decode_split_kernel,
-        (splits, problem.heads_kv, problem.batch),
+        flat_grid(splits, problem.heads_kv, problem.batch),
         Q=q,
         K=k,
         V=v,
         PartialOut=partial_out,
         PartialLse=partial_lse,
-        **dict(zip(("stride_qb", "stride_qh", "stride_qs"), sequence_strides(q, False))),
-        **dict(zip(("stride_kb", "stride_kh", "stride_ks"), sequence_strides(k, False))),
-        **dict(zip(("stride_vb", "stride_vh", "stride_vs"), sequence_strides(v, False))),
+        **dict(zip(("stride_qb", "stride_qh", "stride_qs"), sequence_strides(q, varlen))),
+        **dict(zip(("stride_kb", "stride_kh", "stride_ks"), sequence_strides(k, varlen))),
+        **dict(zip(("stride_vb", "stride_vh", "stride_vs"), sequence_strides(v, varlen))),
         heads_q=problem.heads_q,
         heads_kv=problem.heads_kv,
         group=problem.group,
         splits=splits,
         keys_per_split=keys_per_split,
+        rows_per_batch=0 if varlen else problem.seqlen_q,
         HEAD_DIM=problem.head_dim,
         HEAD_DIM_V=problem.head_dim_v,
         BLOCK_D=block_d,
@@ -266,10 +279,10 @@ def run_decode(call: AttentionCall, problem: Problem, out: torch.Tensor, lse: to
         PartialLse=partial_lse,
         Out=out,
         Lse=lse,
-        **dict(zip(("stride_ob", "stride_oh", "stride_os"), sequence_strides(out, False))),
-        **dict(zip(("stride_lb", "stride_lh", "stride_ls"), lse_strides(lse, False))),
+        **dict(zip(("stride_ob", "stride_oh", "stride_os"), sequence_strides(out, varlen))),
+        **dict(zip(("stride_lb", "stride_lh", "stride_ls"), lse_strides(lse, varlen))),
         heads_q=problem.heads_q,
-        seqlen_q=problem.seqlen_q,
+        seqlen_q=max(tokens, 1) if varlen else problem.seqlen_q,
         splits=splits,
         HEAD_DIM_V=problem.head_dim_v,
         BLOCK_DV=block_dv,

@@ -13,7 +13,6 @@ are padded to a power of two with masked loads. Outputs: out in q's dtype and ls
 from __future__ import annotations
 
 import os
-import warnings
 from functools import cache
 
 import torch
@@ -29,9 +28,12 @@ from .utils import (
     Problem,
     attention_logits,
     concrete_hint,
+    device_guard,
     dropout_keep,
     dropout_row_hash,
     feature_arguments,
+    flat_grid,
+    grid_position,
     interpreting,
     key_range,
     last_dim_contiguous,
@@ -149,7 +151,8 @@ def attend_tile(
         )
     qk = tl.dot(q, k_tile, input_precision=INPUT_PRECISION)
     logits, _tanh = attention_logits(
-        qk, rows, keys, heads, row_valid, batch, key_limit, position_offset, scale, softcap,
+        qk, rows[:, None], keys[None, :], heads[:, None], row_valid[:, None], batch, key_limit, position_offset,
+        scale, softcap,
         window_left, window_right, Mask, stride_mb, stride_mh, stride_mq, stride_mk, Alibi, stride_ab, stride_ah,
         CAUSAL, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, MASK_KIND, HAS_ALIBI, HAS_SOFTCAP, CHECK_VISIBILITY,
     )  # fmt: skip
@@ -160,7 +163,7 @@ def attend_tile(
     correction = tl.math.exp2(row_max - safe_max)
     row_sum = row_sum * correction + tl.sum(probabilities, 1)
     if HAS_DROPOUT:
-        probabilities = tl.where(dropout_keep(row_hash, keys, dropout_threshold), probabilities, 0.0)
+        probabilities = tl.where(dropout_keep(row_hash[:, None], keys[None, :], dropout_threshold), probabilities, 0.0)
     if USE_TMA:
         v_tile = v_source.load([start_n, 0])
     else:
@@ -211,6 +214,7 @@ def attention_forward_kernel(
     extent_k,
     heads_q,
     group,
+    grid_rows,
     scale,
     softcap,
     window_left,
@@ -238,14 +242,11 @@ def attention_forward_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    block_m = tl.program_id(0)
+    blocks = tl.cdiv(grid_rows, BLOCK_M)
+    block_m, head, batch = grid_position(blocks, heads_q)
     if CAUSAL:
         # Later query blocks see more keys: start them first for a better tail.
-        block_m = tl.num_programs(0) - 1 - block_m
-    # Heads and batch on grid axes 1 and 2 (at most 65535 each): their product on one axis
-    # failed to launch for B * H > 65535.
-    head = tl.program_id(1)
-    batch = tl.program_id(2)
+        block_m = blocks - 1 - block_m
     kv_head = head // group
     q_start, k_start, len_q, len_k, key_limit, position_offset = sequence_bounds(
         batch, CuSeqlensQ, CuSeqlensK, KeyLengths, extent_q, extent_k, IS_VARLEN, HAS_KEY_LENGTHS, BOTTOM_RIGHT
@@ -387,6 +388,7 @@ def _run_forward_kernel(call: AttentionCall, problem: Problem, q, k, v, out, lse
         **dict(zip(("stride_lb", "stride_lh", "stride_ls"), lse_strides(lse, varlen))),
         heads_q=problem.heads_q,
         group=problem.group,
+        grid_rows=problem.seqlen_q,
         tune_bucket=configs.sequence_bucket(max(concrete_hint(problem.seqlen_q), concrete_hint(problem.seqlen_k))),
         HEAD_DIM=problem.head_dim,
         HEAD_DIM_V=problem.head_dim_v,
@@ -399,7 +401,7 @@ def _run_forward_kernel(call: AttentionCall, problem: Problem, q, k, v, out, lse
         _install_descriptor_allocator()
     if interpreting() or q.device.type != "cuda":
         block = configs.INTERPRETER_BLOCK
-        grid = (triton.cdiv(problem.seqlen_q, block), problem.heads_q, problem.batch)
+        grid = flat_grid(triton.cdiv(problem.seqlen_q, block), problem.heads_q, problem.batch)
         options = dict(BLOCK_M=block, BLOCK_N=block, num_warps=4, num_stages=1)
         launch(attention_forward_kernel, grid, USE_TMA=use_tma, **options, **arguments)
         return
@@ -407,33 +409,26 @@ def _run_forward_kernel(call: AttentionCall, problem: Problem, q, k, v, out, lse
     kernel = _tuned_forward_kernel(max(block_d, block_dv), q.dtype, heavy)
 
     def grid(meta):
-        return (triton.cdiv(problem.seqlen_q, meta["BLOCK_M"]), problem.heads_q, problem.batch)
+        return flat_grid(triton.cdiv(problem.seqlen_q, meta["BLOCK_M"]), problem.heads_q, problem.batch)
 
-    if use_tma:
-        try:
-            launch(kernel, grid, USE_TMA=True, **arguments)
-            return
-        except Exception as error:  # this Triton / driver cannot build the descriptor path
-            _TMA_FAILURES.append(f"{type(error).__name__}: {error}")
-            warnings.warn(f"fusedattn: Triton TMA path failed, using plain loads from now on: {error}", stacklevel=2)
-    launch(kernel, grid, USE_TMA=False, **arguments)
+    # No fallback on failure: every config compiles for every head dim TMA claims
+    # (scripts/device_compile_check.py), and a failure must surface, not change the path.
+    launch(kernel, grid, USE_TMA=use_tma, **arguments)
 
 
 # ---- Hopper tensor descriptors (TMA) -----------------------------------------------------
-_TMA_FAILURES: list[str] = []
-_ALLOCATOR_INSTALLED: list[bool] = []
 
 
 def tma_eligible(k: torch.Tensor, v: torch.Tensor) -> bool:
     """K/V tiles come through tensor descriptors (the TMA copy engine) when Triton offers
-    them (tl.make_tensor_descriptor), the GPU is Hopper or newer, no earlier launch of
-    this path failed, and the layout meets TMA's rules: 16-byte aligned base and strides.
+    them (tl.make_tensor_descriptor), the GPU is Hopper or newer, and the layout meets
+    TMA's rules: 16-byte aligned base and strides.
 
     FUSEDATTN_TRITON_TMA=0 disables the path; =1 also enables it under the interpreter
     (where descriptors are emulated), for tests.
     """
     choice = os.environ.get("FUSEDATTN_TRITON_TMA", "auto")
-    if choice == "0" or _TMA_FAILURES or not hasattr(tl, "make_tensor_descriptor"):
+    if choice == "0" or not hasattr(tl, "make_tensor_descriptor"):
         return False
     if not hasattr(triton, "set_allocator"):
         return False
@@ -459,26 +454,31 @@ def _base_aligned(tensor: torch.Tensor) -> bool:
 
 
 def _install_descriptor_allocator() -> None:
-    """Device-side descriptors need scratch memory from an allocator Triton calls at launch."""
-    if _ALLOCATOR_INSTALLED:
-        return
+    """Device-side descriptors need scratch memory from an allocator Triton calls at launch.
 
-    def allocate(size: int, alignment: int, stream: int | None) -> torch.Tensor:
-        device = "cpu" if interpreting() or not torch.cuda.is_available() else "cuda"
-        return torch.empty(size, dtype=torch.int8, device=device)
+    triton.set_allocator is per thread (a ContextVar): checked on every launch, so a
+    forward on another thread (autograd's, a server's worker) has one too. An allocator
+    the caller installed in this thread is kept."""
+    from triton.runtime import _allocation
 
-    triton.set_allocator(allocate)
-    _ALLOCATOR_INSTALLED.append(True)
+    if isinstance(_allocation._allocator.get(), _allocation.NullAllocator):
+        triton.set_allocator(_allocate_descriptor_memory)
+
+
+def _allocate_descriptor_memory(size: int, alignment: int, stream: int | None) -> torch.Tensor:
+    device = "cpu" if interpreting() or not torch.cuda.is_available() else "cuda"
+    return torch.empty(size, dtype=torch.int8, device=device)
 
 
 def use_decode(problem: Problem) -> bool:
-    """The split-KV decode kernel serves dense calls with few query rows (Sq <= 16, at
-    most 128 rows per GQA group) against many keys (Sk >= 512).
+    """The split-KV decode kernel serves calls with few query rows per sequence (Sq <= 16,
+    at most 128 rows per GQA group) against many keys (Sk >= 512), dense or varlen (Sq
+    and Sk then the longest sequences: serving batches of decode steps).
 
     FUSEDATTN_TRITON_DECODE=always / never overrides the automatic choice (tests, benchmarks).
     """
     choice = os.environ.get("FUSEDATTN_TRITON_DECODE", "auto")
-    if problem.varlen or choice == "never":
+    if choice == "never":
         return False
     fits = problem.seqlen_q <= 16 and problem.seqlen_q * problem.group <= 128
     return fits and (choice == "always" or problem.seqlen_k >= 512)
@@ -491,10 +491,11 @@ def forward(call: AttentionCall) -> tuple[torch.Tensor, torch.Tensor]:
     out = allocate_output(call.out_shape, q.dtype, q.device)
     lse = allocate_output(call.lse_shape, torch.float32, q.device)
     problem = Problem.of(call)
-    if use_decode(problem):
-        from .attention_decode import run_decode
+    with device_guard(q):
+        if use_decode(problem):
+            from .attention_decode import run_decode
 
-        run_decode(call, problem, out, lse)
-    else:
-        _run_forward_kernel(call, problem, q, k, v, out, lse)
+            run_decode(call, problem, out, lse)
+        else:
+            _run_forward_kernel(call, problem, q, k, v, out, lse)
     return out, lse

@@ -9,6 +9,7 @@ kernels use exp2; masked entries are -inf.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -57,8 +58,9 @@ def dropout_row_hash(Seed, sequence, heads, rows):
 
 @triton.jit
 def dropout_keep(row_hash, keys, threshold):
-    """(BLOCK_M, BLOCK_N) bool: True where the probability is kept (hash >= floor(p * 2**32))."""
-    return mix32(row_hash[:, None] ^ keys[None, :].to(tl.uint32)) >= threshold.to(tl.uint32)
+    """Bool tile: True where the probability is kept (hash >= floor(p * 2**32)). row_hash and
+    keys broadcast against each other: (BLOCK_M, 1) and (1, BLOCK_N), or transposed."""
+    return mix32(row_hash ^ keys.to(tl.uint32)) >= threshold.to(tl.uint32)
 
 
 # ---- score rules -------------------------------------------------------------------------
@@ -100,10 +102,12 @@ def attention_logits(
     HAS_SOFTCAP: tl.constexpr,
     CHECK_VISIBILITY: tl.constexpr = True,
 ):
-    """Scores of one (BLOCK_M, BLOCK_N) tile in base-2 units, -inf where masked.
+    """Scores of one tile in base-2 units, -inf where masked.
 
-    qk: raw q . k products (float32); rows / heads: (BLOCK_M,) query index within its
-    sequence and query head; keys: (BLOCK_N,) key index within its sequence. Returns
+    qk: raw q . k products (float32), (BLOCK_M, BLOCK_N) or transposed (BLOCK_N, BLOCK_M)
+    (the dK/dV kernel works on S^T). rows / heads / row_valid: query index within its
+    sequence, query head, row in range; keys: key index within its sequence; each shaped
+    to broadcast against qk ((BLOCK_M, 1) and (1, BLOCK_N), or transposed). Returns
     (logits, softcap_tanh); softcap_tanh is tanh(s / softcap), needed by the backward
     pass (qk itself when softcap is off). CHECK_VISIBILITY=False skips key lengths,
     causal, window and bool-mask checks, for tiles known to be fully visible.
@@ -117,33 +121,68 @@ def attention_logits(
     positions = rows + position_offset
     if HAS_ALIBI:
         slopes = tl.load(Alibi + batch * stride_ab + heads * stride_ah, mask=row_valid, other=0.0) * LOG2E
-        distance = tl.abs(positions[:, None] - keys[None, :]).to(tl.float32)
-        scores = scores - slopes[:, None] * distance
+        distance = tl.abs(positions - keys).to(tl.float32)
+        scores = scores - slopes * distance
     if MASK_KIND != 0:
         mask_pointers = (
             Mask
             + batch.to(tl.int64) * stride_mb
-            + heads[:, None].to(tl.int64) * stride_mh
-            + rows[:, None].to(tl.int64) * stride_mq
-            + keys[None, :].to(tl.int64) * stride_mk
+            + heads.to(tl.int64) * stride_mh
+            + rows.to(tl.int64) * stride_mq
+            + keys.to(tl.int64) * stride_mk
         )
-        in_bounds = row_valid[:, None] & (keys[None, :] < key_limit)
+        in_bounds = row_valid & (keys < key_limit)
         if MASK_KIND == 1:
             attend = tl.load(mask_pointers, mask=in_bounds, other=0) != 0
         else:
             scores = scores + tl.load(mask_pointers, mask=in_bounds, other=0.0).to(tl.float32) * LOG2E
     if CHECK_VISIBILITY:
-        allowed = keys[None, :] < key_limit
+        allowed = keys < key_limit
         if MASK_KIND == 1:
             allowed = allowed & attend
         if CAUSAL:
-            allowed = allowed & (keys[None, :] <= positions[:, None])
+            allowed = allowed & (keys <= positions)
         if HAS_WINDOW_RIGHT:
-            allowed = allowed & (keys[None, :] <= positions[:, None] + window_right)
+            allowed = allowed & (keys <= positions + window_right)
         if HAS_WINDOW_LEFT:
-            allowed = allowed & (keys[None, :] >= positions[:, None] - window_left)
+            allowed = allowed & (keys >= positions - window_left)
         scores = tl.where(allowed, scores, float("-inf"))
+        if HAS_SOFTCAP:
+            # Hidden keys carry no gradient: never differentiate softcap at a hidden NaN.
+            softcap_tanh = tl.where(allowed, softcap_tanh, 0.0)
     return scores, softcap_tanh
+
+
+# ---- grid ------------------------------------------------------------------------------------
+@triton.jit
+def grid_position(blocks, heads):
+    """(block, head, batch) of this program. Every kernel runs on a flat grid axis 0 of
+    blocks * heads * batch programs, blocks fastest (a head's blocks run together and
+    share its K/V in L2): axis 0 takes 2**31 - 1 programs, axes 1 and 2 only 65535, which
+    many windows or sequences pass."""
+    return flat_position(tl.program_id(0), blocks, heads)
+
+
+@triton.jit
+def flat_position(program, blocks, heads):
+    block = program % blocks
+    rest = program // blocks
+    return block, rest % heads, rest // heads
+
+
+def device_guard(tensor: torch.Tensor) -> contextlib.AbstractContextManager:
+    """Triton launches on the current CUDA device: tensors on cuda:1 while cuda:0 is
+    current would run on the wrong GPU (or fault). Every launcher enters this first."""
+    if tensor.device.type == "cuda":
+        return torch.cuda.device(tensor.device)
+    return contextlib.nullcontext()
+
+
+def flat_grid(blocks: int, heads: int, batch: int) -> tuple[int]:
+    return (blocks * heads * batch,)
+
+
+MAX_PROGRAMS = 2**31 - 1
 
 
 # ---- sequences and tile ranges -------------------------------------------------------------
@@ -333,10 +372,21 @@ def last_dim_contiguous(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def input_precision(dtype: torch.dtype) -> str:
-    """fp32 dots are exact ("ieee") unless torch allows TF32 for matmuls."""
-    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 and not interpreting():
-        return "tf32"
-    return "ieee"
+    """fp32 dots follow torch's own matmul policy: TF32 where torch allows it for cuBLAS
+    (torch.backends.cuda.matmul.fp32_precision = "tf32", or set_float32_matmul_precision
+    "high" / "medium"), exact IEEE otherwise (torch's default, "highest")."""
+    if dtype != torch.float32 or interpreting():
+        return "ieee"
+    return "tf32" if float32_matmul_allows_tf32() else "ieee"
+
+
+def float32_matmul_allows_tf32() -> bool:
+    # fp32_precision is torch's newer switch ("none" defers to the older one); reading
+    # allow_tf32 raises once a program mixed the two APIs, so it is never read here.
+    precision = getattr(torch.backends.cuda.matmul, "fp32_precision", "none")
+    if precision in ("tf32", "ieee"):
+        return precision == "tf32"
+    return torch.get_float32_matmul_precision() != "highest"
 
 
 @dataclass(frozen=True)
@@ -378,7 +428,9 @@ def dropout_seed_tensor(seed: int | torch.Tensor, like: torch.Tensor) -> torch.T
     while torch.compile traces): it is moved, never read on the host."""
     if isinstance(seed, torch.Tensor):
         return seed.to(device=like.device, dtype=torch.int64).reshape(1)
-    return torch.tensor([seed], dtype=torch.int64, device=like.device)
+    # A fill kernel on like's device: torch.tensor would copy from pageable host memory,
+    # which waits for the stream on every call.
+    return torch.full((1,), seed, dtype=torch.int64, device=like.device)
 
 
 def feature_arguments(call: AttentionCall) -> dict[str, Any]:

@@ -11,10 +11,13 @@ bfloat16 joins the dtypes (the interpreter cannot run tl.dot on bfloat16).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
+import itertools
 import os
 import sys
+import types
 
 import pytest
 import torch
@@ -26,7 +29,7 @@ from fusedattn import semantics  # noqa: E402
 from fusedattn.backends import triton as triton_backend  # noqa: E402
 from fusedattn.backends.base import CallProfile  # noqa: E402
 from fusedattn.testing import assert_backend_matches, check_backend  # noqa: E402
-from fusedattn.validation import validate_attention  # noqa: E402
+from fusedattn.validation import validate_attention, validate_varlen  # noqa: E402
 
 pytestmark = pytest.mark.interpreter
 
@@ -214,6 +217,30 @@ def test_decode_split_kv(decode_kernel, options, dtype):
     assert decode_kernel, "the decode kernel did not run"
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize(
+    "options",
+    [{"causal": True}, {"window": (20, 0), "alibi_slopes": "slopes", "softcap": 2.0}, {"dropout_p": 0.2}],
+    ids=["causal", "window_alibi_softcap", "dropout"],
+)
+def test_decode_split_kv_varlen(decode_kernel, options, dtype):
+    # Serving: a batch of decode steps packed as varlen, sequences of 0 to 3 query rows.
+    lengths_q, lengths_k = [2, 0, 3, 1], [40, 7, 45, 0]
+    offsets_q, offsets_k = (
+        torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32, device=DEVICE)
+        for lengths in (lengths_q, lengths_k)
+    )
+    q = torch.randn(sum(lengths_q), 8, 40, dtype=dtype, device=DEVICE)
+    k, v = (torch.randn(sum(lengths_k), 2, dim, dtype=dtype, device=DEVICE) for dim in (40, 24))
+    values = {"slopes": torch.rand(4, 8, device=DEVICE)}
+    options = {name: values.get(value, value) if isinstance(value, str) else value for name, value in options.items()}
+    if options.get("dropout_p"):
+        options["dropout_seed"] = 5
+    assert_backend_matches("triton", q, k, v, cu_seqlens_q=offsets_q, cu_seqlens_k=offsets_k, max_seqlen_q=3,
+                           max_seqlen_k=45, **options)  # fmt: skip
+    assert decode_kernel, "the decode kernel did not run"
+
+
 def test_decode_chosen_automatically():
     from fusedattn.kernels.attention_forward import use_decode
     from fusedattn.kernels.utils import Problem
@@ -223,6 +250,10 @@ def test_decode_chosen_automatically():
     q_long = torch.randn(2, 8, 256, 64, device=DEVICE)
     assert not use_decode(Problem.of(validate_attention(q_long, k, v)))
     assert not use_decode(Problem.of(validate_attention(q, k[:, :, :100], v[:, :, :100])))
+    offsets_q = torch.tensor([0, 1, 2], dtype=torch.int32, device=DEVICE)
+    offsets_k = torch.tensor([0, 4096, 4096 + 600], dtype=torch.int32, device=DEVICE)
+    packed = [torch.randn(n, h, 64, device=DEVICE) for n, h in ((2, 8), (4696, 2), (4696, 2))]
+    assert use_decode(Problem.of(validate_varlen(*packed, offsets_q, offsets_k, 1, 4096)))
 
 
 @pytest.mark.parametrize("case", ["dense", "varlen"])
@@ -311,19 +342,30 @@ def test_deterministic_backward(monkeypatch):
         assert torch.equal(first, second)
 
 
-def test_tf32_only_when_allowed():
-    from fusedattn.kernels.utils import input_precision
+def test_tf32_follows_torchs_matmul_policy():
+    # torch's own switches decide: set_float32_matmul_precision ("highest" = IEEE, its
+    # default) and the newer torch.backends.cuda.matmul.fp32_precision, which wins.
+    from fusedattn.kernels.utils import float32_matmul_allows_tf32, input_precision
 
-    previous = torch.backends.cuda.matmul.allow_tf32
+    matmul = torch.backends.cuda.matmul
+    previous = torch.get_float32_matmul_precision(), getattr(matmul, "fp32_precision", None)
     try:
-        torch.backends.cuda.matmul.allow_tf32 = False
-        assert input_precision(torch.float32) == "ieee"
-        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.set_float32_matmul_precision("highest")
+        assert not float32_matmul_allows_tf32() and input_precision(torch.float32) == "ieee"
+        torch.set_float32_matmul_precision("high")
+        assert float32_matmul_allows_tf32()
         # The interpreter always computes exactly.
         assert input_precision(torch.float32) == ("tf32" if DEVICE == "cuda" else "ieee")
         assert input_precision(torch.float16) == "ieee"
+        if previous[1] is not None:
+            matmul.fp32_precision = "ieee"
+            assert not float32_matmul_allows_tf32()
+            matmul.fp32_precision = "tf32"
+            assert float32_matmul_allows_tf32()
     finally:
-        torch.backends.cuda.matmul.allow_tf32 = previous
+        torch.set_float32_matmul_precision(previous[0])
+        if previous[1] is not None:
+            matmul.fp32_precision = previous[1]
 
 
 def test_refuses_cpu_without_interpreter(monkeypatch):
@@ -510,3 +552,117 @@ def test_compiled_invalid_offsets_give_nan_and_valid_ones_the_result():
         bad = torch.tensor(offsets, dtype=torch.int32, device=DEVICE)
         assert compiled(q, k, v, bad, good).isnan().all()
         assert compiled(q, k, v, good, bad).isnan().all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_special_values(dtype):
+    from special_values import assert_hidden_nan_row_has_zero_gradient, assert_minus_infinite_scores_mask_the_row
+
+    assert_hidden_nan_row_has_zero_gradient("triton", DEVICE, dtype)
+    assert_minus_infinite_scores_mask_the_row("triton", DEVICE, dtype)
+
+
+def test_grid_position_reaches_past_axis_limits():
+    # Every kernel runs on a flat grid axis 0 (axes 1 and 2 stop at 65535). Decode program
+    # numbers past 65535 the way grid_position does, 1024 at a time in one program (the
+    # interpreter would take a minute for 70,000 programs).
+    import triton.language as tl
+    from fusedattn.kernels import utils
+
+    # An interpreted kernel resolves names in its module's globals.
+    globals()["flat_position"] = utils.flat_position
+
+    @triton.jit
+    def positions_kernel(Out, first, blocks, heads):
+        program = first + tl.arange(0, 1024)
+        block, head, batch = flat_position(program, blocks, heads)  # noqa: F821 (set above)
+        index = tl.arange(0, 1024) * 3
+        tl.store(Out + index, block)
+        tl.store(Out + index + 1, head)
+        tl.store(Out + index + 2, batch)
+
+    blocks, heads, first = 3, 5, 69_000
+    out = torch.full((1024, 3), -1, dtype=torch.int32, device=DEVICE)
+    positions_kernel[(1,)](out, first, blocks, heads)
+    program = torch.arange(first, first + 1024)
+    expected = torch.stack([program % blocks, (program // blocks) % heads, program // (blocks * heads)], 1)
+    assert torch.equal(out.cpu().long(), expected)
+    assert utils.flat_grid(blocks, heads, 70_000) == (blocks * heads * 70_000,)
+
+
+def test_launchers_use_a_flat_grid(monkeypatch):
+    # B * H far past 65535 on axis 0 only; recorded, not run (the interpreter would take
+    # minutes for 70,000 programs of the attention kernels).
+    from fusedattn.kernels import attention_backward, attention_decode, attention_forward
+
+    grids = []
+
+    def record(kernel, grid, **arguments):
+        meta = {"BLOCK_M": arguments.get("BLOCK_M", 16), "BLOCK_N": arguments.get("BLOCK_N", 16)}
+        grids.append((getattr(kernel, "__name__", str(kernel)), grid(meta) if callable(grid) else grid))
+
+    for module in (attention_forward, attention_backward, attention_decode):
+        monkeypatch.setattr(module, "launch", record)
+    batch = 70_000
+    q, k, v = _inputs(batch, 1, 1, 1, 3, 16)
+    call = validate_attention(q, k, v)
+    out, lse = attention_forward.forward(call)
+    attention_backward.backward(call, torch.zeros_like(out), out, lse)
+    monkeypatch.setenv("FUSEDATTN_TRITON_DECODE", "always")
+    attention_forward.forward(call)
+    assert len(grids) >= 4
+    for name, grid in grids:
+        assert len(grid) == 1 and grid[0] >= batch, (name, grid)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(DEVICE != "cuda", reason="needs a CUDA GPU (70,000 sequences take minutes interpreted)")
+def test_more_sequences_than_a_grid_axis_holds():
+    lengths = torch.zeros(70_000, dtype=torch.int32)
+    lengths[[0, 40_000, -1]] = torch.tensor([2, 1, 3], dtype=torch.int32)
+    offsets = torch.nn.functional.pad(torch.cumsum(lengths, 0, dtype=torch.int32), (1, 0)).to(DEVICE)
+    q, k, v = (torch.randn(6, 2, 16, device=DEVICE, dtype=torch.float16) for _ in range(3))
+    assert_backend_matches("triton", q, k, v, cu_seqlens_q=offsets, cu_seqlens_k=offsets, max_seqlen_q=3,
+                           max_seqlen_k=3, causal=True)  # fmt: skip
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
+def test_tensors_on_a_device_that_is_not_current():
+    q, k, v = (torch.randn(1, 2, 40, 16, device="cuda:1", dtype=torch.float16) for _ in range(3))
+    with torch.cuda.device(0):
+        assert_backend_matches("triton", q, k, v, causal=True)
+
+
+def test_device_guard_follows_the_tensor(monkeypatch):
+    from fusedattn.kernels import utils
+
+    entered = []
+    monkeypatch.setattr(utils.torch.cuda, "device", lambda device: entered.append(device) or contextlib.nullcontext())
+    utils.device_guard(torch.empty(0, device="meta"))
+    assert entered == []
+    utils.device_guard(types.SimpleNamespace(device=torch.device("cuda", 1)))  # a tensor on cuda:1
+    assert entered == [torch.device("cuda", 1)]
+
+
+@pytest.mark.parametrize("layout", ["dense", "varlen", "deterministic"])
+def test_gqa_backward_split_over_query_heads(layout, monkeypatch):
+    # B * Hkv * key blocks too small to fill the GPU: several programs share one KV head,
+    # each over part of its query heads, into a float32 buffer summed afterwards.
+    from fusedattn.kernels import attention_backward
+    from fusedattn.kernels.utils import Problem
+
+    if layout == "deterministic":
+        monkeypatch.setenv("FUSEDATTN_DETERMINISTIC", "1")
+    if layout == "varlen":
+        q, k, v = (torch.randn(30, heads, 16, device=DEVICE) for heads in (8, 1, 1))
+        offsets = torch.tensor([0, 11, 30], dtype=torch.int32, device=DEVICE)
+        options = dict(cu_seqlens_q=offsets, cu_seqlens_k=offsets, max_seqlen_q=19, max_seqlen_k=19, causal=True)
+        call = validate_varlen(q, k, v, offsets, offsets, 19, 19)
+    else:
+        q, k, v = _inputs(1, 8, 2, 20, 24, 16)
+        options = dict(window=(6, 2), softcap=2.0)
+        call = validate_attention(q, k, v)
+    problem = Problem.of(call)
+    assert attention_backward.group_splits(problem, 16, q.device) > 1  # the test exercises the split
+    assert_backend_matches("triton", q, k, v, **options)

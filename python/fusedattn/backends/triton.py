@@ -2,8 +2,9 @@
 
 Runs on CUDA GPUs, and on CPU tensors only under Triton's interpreter
 (TRITON_INTERPRET=1, slow: used by the tests). Every feature of semantics.py is served,
-forward and backward; fp16, bf16 and fp32 (fp32 dots are exact unless
-torch.backends.cuda.matmul.allow_tf32 is set).
+forward and backward; fp16, bf16 and fp32 (fp32 dots follow torch's matmul policy:
+TF32 after torch.set_float32_matmul_precision("high") or with
+torch.backends.cuda.matmul.fp32_precision = "tf32", exact IEEE otherwise).
 
 Environment:
   * FUSEDATTN_DETERMINISTIC=1 (or torch.use_deterministic_algorithms(True)): the backward

@@ -28,7 +28,7 @@ import os
 import torch
 import triton
 import triton.language as tl
-from fusedattn.backends.base import allocate_output
+from fusedattn.outputs import allocate_output
 from fusedattn.semantics import AttentionCall
 
 from . import configs

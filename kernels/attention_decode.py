@@ -17,7 +17,7 @@ import triton.language as tl
 from fusedattn.semantics import AttentionCall
 
 from . import configs
-from .attention_forward import attend_tile
+from .attention_tile import attend_tile
 from .utils import (
     LN2,
     Problem,

@@ -18,18 +18,17 @@ from functools import cache
 import torch
 import triton
 import triton.language as tl
-from fusedattn.backends.base import allocate_output
+from fusedattn.outputs import allocate_output
 from fusedattn.semantics import AttentionCall
 from torch._subclasses.fake_tensor import is_fake
 
-from . import configs
+from . import attention_decode, configs
+from .attention_tile import attend_tile
 from .utils import (
     LN2,
     Problem,
-    attention_logits,
     concrete_hint,
     device_guard,
-    dropout_keep,
     dropout_row_hash,
     feature_arguments,
     flat_grid,
@@ -81,100 +80,6 @@ def fully_visible_range(
         visible_lo = hi
         visible_hi = hi
     return visible_lo, visible_hi
-
-
-@triton.jit
-def attend_tile(
-    q,
-    accumulator,
-    row_max,
-    row_sum,
-    start_n,
-    k_source,
-    v_source,
-    stride_ks,
-    stride_vs,
-    rows,
-    heads,
-    row_valid,
-    row_hash,
-    batch,
-    len_k,
-    key_limit,
-    position_offset,
-    scale,
-    softcap,
-    window_left,
-    window_right,
-    dropout_threshold,
-    Mask,
-    stride_mb,
-    stride_mh,
-    stride_mq,
-    stride_mk,
-    Alibi,
-    stride_ab,
-    stride_ah,
-    offs_d,
-    offs_dv,
-    d_valid,
-    dv_valid,
-    CAUSAL: tl.constexpr,
-    HAS_WINDOW_LEFT: tl.constexpr,
-    HAS_WINDOW_RIGHT: tl.constexpr,
-    MASK_KIND: tl.constexpr,
-    HAS_ALIBI: tl.constexpr,
-    HAS_SOFTCAP: tl.constexpr,
-    HAS_DROPOUT: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr,
-    CHECK_VISIBILITY: tl.constexpr,
-    USE_TMA: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-):
-    """One step of the online softmax over keys start_n .. start_n + BLOCK_N (shared with decode).
-
-    k_source / v_source are the head's K / V base pointers, or tensor descriptors with
-    USE_TMA (the copy engine then zero-fills rows past Sk and columns past the head dim).
-    Returns the updated (accumulator, row_max, row_sum); row_max is in base-2 units.
-    """
-    keys = start_n + tl.arange(0, BLOCK_N)
-    key_valid = keys < len_k
-    # 64-bit row offsets: key * stride passes 2**31 for long K/V with wide rows (varlen, BSHD views).
-    key_offsets = keys.to(tl.int64)
-    if USE_TMA:
-        k_tile = tl.trans(k_source.load([start_n, 0]))
-    else:
-        k_tile = tl.load(
-            k_source + key_offsets[None, :] * stride_ks + offs_d[:, None],
-            mask=key_valid[None, :] & d_valid[:, None],
-            other=0.0,
-        )
-    qk = tl.dot(q, k_tile, input_precision=INPUT_PRECISION)
-    logits, _tanh = attention_logits(
-        qk, rows[:, None], keys[None, :], heads[:, None], row_valid[:, None], batch, key_limit, position_offset,
-        scale, softcap,
-        window_left, window_right, Mask, stride_mb, stride_mh, stride_mq, stride_mk, Alibi, stride_ab, stride_ah,
-        CAUSAL, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, MASK_KIND, HAS_ALIBI, HAS_SOFTCAP, CHECK_VISIBILITY,
-    )  # fmt: skip
-    new_max = tl.maximum(row_max, tl.max(logits, 1))
-    # A row with nothing visible yet keeps max -inf; subtracting 0 instead keeps exp2 at 0, not NaN.
-    safe_max = tl.where(new_max == float("-inf"), 0.0, new_max)
-    probabilities = tl.math.exp2(logits - safe_max[:, None])
-    correction = tl.math.exp2(row_max - safe_max)
-    row_sum = row_sum * correction + tl.sum(probabilities, 1)
-    if HAS_DROPOUT:
-        probabilities = tl.where(dropout_keep(row_hash[:, None], keys[None, :], dropout_threshold), probabilities, 0.0)
-    if USE_TMA:
-        v_tile = v_source.load([start_n, 0])
-    else:
-        v_tile = tl.load(
-            v_source + key_offsets[:, None] * stride_vs + offs_dv[None, :],
-            mask=key_valid[:, None] & dv_valid[None, :],
-            other=0.0,
-        )
-    accumulator = accumulator * correction[:, None]
-    accumulator = tl.dot(probabilities.to(v_tile.dtype), v_tile, accumulator, input_precision=INPUT_PRECISION)
-    return accumulator, new_max, row_sum
 
 
 @triton.jit
@@ -493,9 +398,7 @@ def forward(call: AttentionCall) -> tuple[torch.Tensor, torch.Tensor]:
     problem = Problem.of(call)
     with device_guard(q):
         if use_decode(problem):
-            from .attention_decode import run_decode
-
-            run_decode(call, problem, out, lse)
+            attention_decode.run_decode(call, problem, out, lse)
         else:
             _run_forward_kernel(call, problem, q, k, v, out, lse)
     return out, lse

@@ -317,7 +317,7 @@ import torch
 from fusedattn import dispatch
 from fusedattn.backends import reference
 from fusedattn.backends.base import Backend, Capabilities
-from fusedattn.parity.isolation import worker_main
+from fusedattn.parity.worker import worker_main
 from fusedattn.semantics import FEATURES
 
 def forward(call):

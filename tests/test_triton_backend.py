@@ -35,7 +35,8 @@ pytestmark = pytest.mark.interpreter
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
-KERNEL_MODULES = ("utils", "configs", "attention_forward", "attention_decode", "attention_backward")
+# In import order: a module reloaded after one that imports from it would leave stale names.
+KERNEL_MODULES = ("utils", "configs", "attention_tile", "attention_decode", "attention_forward", "attention_backward")
 
 
 def _interpret_triton_library() -> list[tuple[object, str, object]]:

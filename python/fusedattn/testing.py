@@ -23,8 +23,8 @@ from typing import Any
 import torch
 
 from .api import attention, attention_varlen
-from .backends.base import poisoned_outputs
 from .backends.reference import reference_attention
+from .outputs import poisoned_outputs
 from .semantics import AttentionCall
 from .validation import validate_attention, validate_varlen
 

@@ -12,7 +12,12 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..outputs import allocate_output, poisoned_outputs
 from ..semantics import FEATURES, AttentionCall
+
+# Backends allocate every output through allocate_output (fusedattn.outputs, where the
+# Triton kernels import it from); re-exported here for the backends and the tests.
+__all__ = ["Backend", "Capabilities", "CallProfile", "allocate_output", "poisoned_outputs"]
 
 
 @dataclass(frozen=True)
@@ -86,30 +91,3 @@ class Backend:
     description: str = ""
     triton_op: bool = False
     reads_metadata_on_host: bool = False
-
-
-# ---- output allocation ------------------------------------------------------------
-# Backends allocate every output (out, lse, dq, dk, dv) through allocate_output, so a
-# test can fill fresh outputs with a poison value and catch elements no kernel wrote.
-_POISON: list[float] = []
-
-
-def allocate_output(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """torch.empty, or a tensor full of the poison value inside poisoned_outputs()."""
-    if _POISON:
-        return torch.full(shape, _POISON[-1], dtype=dtype, device=device)
-    return torch.empty(shape, dtype=dtype, device=device)
-
-
-class poisoned_outputs:  # noqa: N801  (used as a context manager, like torch.no_grad)
-    """Within this context, backend outputs start filled with value (NaN by default)."""
-
-    def __init__(self, value: float = float("nan")) -> None:
-        self.value = value
-
-    def __enter__(self) -> poisoned_outputs:
-        _POISON.append(self.value)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        _POISON.pop()

@@ -25,18 +25,18 @@ from typing import Any
 
 import torch
 
-from ..dispatch import registry
 from ..testing import TensorCheck
-from .cases import PROFILES, Case, SizeProfile, make_case
+from .cases import Case, SizeProfile
+from .outcomes import ERROR, Outcome
 
 WORKER_COMMAND: list[str] = [sys.executable, "-m", "fusedattn.parity.worker"]
 """How the parent starts a worker; JOB and RESULTS paths are appended."""
 
-_READY = "ready"
+READY = "ready"
 _POLL_SECONDS = 0.2
 
 
-def _outcome_line(outcome: Any) -> str:
+def outcome_line(outcome: Outcome) -> str:
     return json.dumps(
         {
             "index": outcome.case.index,
@@ -50,9 +50,7 @@ def _outcome_line(outcome: Any) -> str:
     )
 
 
-def _outcome_from_line(record: dict[str, Any], case: Case) -> Any:
-    from .runner import Outcome
-
+def _outcome_from_line(record: dict[str, Any], case: Case) -> Outcome:
     return Outcome(
         case=case,
         backend=record["backend"],
@@ -84,10 +82,9 @@ def run_isolated(
     oracle_device: torch.device | None,
     progress: Callable[[int, int, Case], None] | None = None,
     timeout: float | None = None,
-) -> list[Any]:
+) -> list[Outcome]:
     """Outcomes of every (case, backend), computed in worker processes (see module doc).
     An item running longer than timeout seconds is killed and recorded as an error."""
-    from .runner import ERROR, Outcome
 
     by_index = {case.index: case for case in cases}
     pending = [(case.index, name) for case in cases for name in backends]
@@ -124,7 +121,7 @@ def run_isolated(
                 # crash, never finished).
                 complete = results_path.read_text().split("\n")[:-1]
                 for line in complete[read_lines:]:
-                    if line == _READY:
+                    if line == READY:
                         ready, item_started = True, time.monotonic()
                         continue
                     item = json.loads(line)
@@ -156,23 +153,3 @@ def run_isolated(
                 reason = f"the process running this case died ({death}): a crash in the backend"
             record(Outcome(by_index[index], name, ERROR, reason=reason))
     return outcomes
-
-
-def worker_main(argv: Sequence[str]) -> int:
-    """Run the items of a job file, appending one JSON line per finished item."""
-    from .runner import run_case
-
-    job_path, results_path = argv
-    job = json.loads(Path(job_path).read_text())
-    device = torch.device(job["device"])
-    oracle_device = None if job["oracle_device"] is None else torch.device(job["oracle_device"])
-    profile = PROFILES[job["profile"]]
-    backends = registry()
-    with open(results_path, "a", buffering=1) as results:
-        results.write(_READY + "\n")
-        for index, name in job["items"]:
-            case = make_case(index, job["seed"], profile)
-            (outcome,) = run_case(case, [backends[name]], device, grad=job["grad"], oracle_device=oracle_device)
-            results.write(_outcome_line(outcome) + "\n")
-            results.flush()
-    return 0

@@ -10,7 +10,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, TextIO
 
-from .runner import ERROR, FAIL, SKIP, Outcome, ParityResult
+from .outcomes import ERROR, FAIL, SKIP, Outcome
+from .runner import ParityResult
 
 try:  # rich is optional: plain text otherwise
     import rich.box

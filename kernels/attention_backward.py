@@ -23,11 +23,10 @@ Softcap multiplies dS by 1 - tanh^2; ALiBi and additive masks pass gradients unc
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
+from fusedattn import environment
 from fusedattn.outputs import allocate_output
 from fusedattn.semantics import AttentionCall
 
@@ -555,7 +554,7 @@ def _group_partial(gradient: torch.Tensor, splits: int) -> torch.Tensor:
 
 def deterministic_requested() -> bool:
     """torch.use_deterministic_algorithms(True) or FUSEDATTN_DETERMINISTIC=1."""
-    return torch.are_deterministic_algorithms_enabled() or os.environ.get("FUSEDATTN_DETERMINISTIC", "0") == "1"
+    return torch.are_deterministic_algorithms_enabled() or environment.get("FUSEDATTN_DETERMINISTIC") == "1"
 
 
 def _strides(prefix: str, tensor: torch.Tensor, varlen: bool) -> dict[str, int]:

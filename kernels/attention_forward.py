@@ -12,12 +12,12 @@ are padded to a power of two with masked loads. Outputs: out in q's dtype and ls
 
 from __future__ import annotations
 
-import os
 from functools import cache
 
 import torch
 import triton
 import triton.language as tl
+from fusedattn import environment
 from fusedattn.outputs import allocate_output
 from fusedattn.semantics import AttentionCall
 from torch._subclasses.fake_tensor import is_fake
@@ -332,7 +332,7 @@ def tma_eligible(k: torch.Tensor, v: torch.Tensor) -> bool:
     FUSEDATTN_TRITON_TMA=0 disables the path; =1 also enables it under the interpreter
     (where descriptors are emulated), for tests.
     """
-    choice = os.environ.get("FUSEDATTN_TRITON_TMA", "auto")
+    choice = environment.get("FUSEDATTN_TRITON_TMA")
     if choice == "0" or not hasattr(tl, "make_tensor_descriptor"):
         return False
     if not hasattr(triton, "set_allocator"):
@@ -382,7 +382,7 @@ def use_decode(problem: Problem) -> bool:
 
     FUSEDATTN_TRITON_DECODE=always / never overrides the automatic choice (tests, benchmarks).
     """
-    choice = os.environ.get("FUSEDATTN_TRITON_DECODE", "auto")
+    choice = environment.get("FUSEDATTN_TRITON_DECODE")
     if choice == "never":
         return False
     fits = problem.seqlen_q <= 16 and problem.seqlen_q * problem.group <= 128

@@ -10,14 +10,13 @@ kernels use exp2; masked entries are -inf.
 from __future__ import annotations
 
 import contextlib
-import os
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import triton
 import triton.language as tl
-from fusedattn import semantics
+from fusedattn import environment, semantics
 from fusedattn.semantics import AttentionCall
 from torch._subclasses.fake_tensor import is_fake
 
@@ -297,7 +296,7 @@ def query_range(
 # ---- host side ------------------------------------------------------------------------------
 def interpreting() -> bool:
     """True when Triton runs kernels through its CPU interpreter (TRITON_INTERPRET=1)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    return environment.triton_interpreting()
 
 
 def concrete_hint(size: int | torch.SymInt) -> int:
@@ -325,7 +324,7 @@ def launch(kernel: Any, grid: Any, **arguments: Any) -> None:
     traced = any(is_fake(value) for value in arguments.values() if isinstance(value, torch.Tensor))
     if traced:  # always recorded, whatever FUSEDATTN_TRITON_WRAP says
         wrap(_traceable_interpreted(kernel) if interpreting() else kernel)[grid](**arguments)
-    elif wrap is None or os.environ.get("FUSEDATTN_TRITON_WRAP", "1") == "0":
+    elif wrap is None or environment.get("FUSEDATTN_TRITON_WRAP") == "0":
         kernel[grid](**arguments)
     else:
         wrap(kernel)[grid](**arguments)

@@ -8,13 +8,13 @@ is adding a module.
 from __future__ import annotations
 
 import importlib
-import os
 import pkgutil
 from dataclasses import dataclass
 
 import torch
 
 from . import backends as _backends_package
+from . import environment
 from .backends.base import Backend, CallProfile
 from .semantics import AttentionCall
 
@@ -92,7 +92,7 @@ def requested_backend(backend: str) -> str:
     if not isinstance(backend, str):
         raise TypeError(f"backend: expected a backend name or 'auto', got {type(backend).__name__}")
     if backend == AUTO:
-        return os.environ.get(ENVIRONMENT_VARIABLE, AUTO) or AUTO
+        return environment.get(ENVIRONMENT_VARIABLE)
     return backend
 
 

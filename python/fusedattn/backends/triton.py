@@ -29,12 +29,11 @@ this backend unavailable, with the reason) where triton is not installed.
 from __future__ import annotations
 
 import importlib.util
-import os
 from functools import lru_cache
 
 import torch
 
-from .. import semantics
+from .. import environment, semantics
 from ..semantics import AttentionCall
 from .base import Backend, CallProfile, Capabilities
 
@@ -51,7 +50,7 @@ def _triton_status() -> tuple[bool, str]:
 
 
 def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    return environment.triton_interpreting()
 
 
 @lru_cache(maxsize=1)

@@ -4,7 +4,6 @@ fusedattn.testing.check_backend (the one comparison rule of the project)."""
 from __future__ import annotations
 
 import dataclasses
-import os
 import shlex
 import time
 from collections.abc import Callable, Sequence
@@ -13,6 +12,7 @@ from typing import Any
 
 import torch
 
+from .. import environment as settings
 from ..backends.base import Backend
 from ..dispatch import import_errors, refusal, registry
 from ..fingerprint import cpu_model, git_commit
@@ -83,7 +83,7 @@ class ParityResult:
             words += ["--sizes", self.options["sizes"]]
         if not self.options["grad"]:
             words.append("--no-grad")
-        prefix = "TRITON_INTERPRET=1 " if os.environ.get("TRITON_INTERPRET") == "1" else ""
+        prefix = "TRITON_INTERPRET=1 " if settings.triton_interpreting() else ""
         return prefix + shlex.join(words)
 
     def as_dict(self) -> dict[str, Any]:
@@ -187,7 +187,7 @@ def environment(device: torch.device, oracle_device: torch.device | None) -> dic
     facts["oracle"] = f"float64 on {oracle_device or device}"
     commit, dirty = git_commit()
     facts["git_commit"] = commit + ("-dirty" if dirty else "") if commit else None
-    facts["triton_interpret"] = os.environ.get("TRITON_INTERPRET")
+    facts["triton_interpret"] = settings.get("TRITON_INTERPRET")
     return facts
 
 

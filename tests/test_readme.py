@@ -52,3 +52,14 @@ def test_environment_values_outside_their_choices_are_refused(monkeypatch):
         environment.get("FUSEDATTN_TRITON_DECODE")
     monkeypatch.setenv("FUSEDATTN_TRITON_DECODE", "")
     assert environment.get("FUSEDATTN_TRITON_DECODE") == "auto"
+
+
+def test_architecture_feature_table_lists_every_feature():
+    import re
+
+    from fusedattn.semantics import FEATURES
+
+    text = (README.parent / "docs" / "architecture.md").read_text()
+    section = text.split("## Features and where they live")[1].split("\n## ")[0]
+    listed = re.findall(r"^\| `([a-z_]+)` \|", section, flags=re.MULTILINE)
+    assert listed == list(FEATURES)

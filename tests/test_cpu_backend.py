@@ -13,7 +13,7 @@ from fusedattn import semantics
 from fusedattn.backends.base import poisoned_outputs
 from fusedattn.backends.cpu import BACKEND, selected_isa
 from fusedattn.backends.reference import reference_attention
-from fusedattn.testing import assert_backend_matches
+from fusedattn.testing import FEATURE_CASES, assert_backend_matches, feature_case
 from fusedattn.validation import validate_attention
 
 available, why = BACKEND.availability()
@@ -31,68 +31,11 @@ def make_qkv(batch=2, heads_q=4, heads_kv=2, seqlen_q=17, seqlen_k=33, dim=40, d
     return q, k, v
 
 
-FEATURE_CASES = {
-    "plain": {},
-    "causal_bottom_right": {"causal": True},
-    "causal_top_left": {"causal": True, "causal_alignment": "top_left"},
-    "window": {"window": (5, 3)},
-    "window_left_only_causal": {"window": (4, None), "causal": True},
-    "window_top_left": {"window": (2, 6), "causal_alignment": "top_left"},
-    "alibi": {"alibi_slopes": "per_head"},
-    "alibi_per_batch_causal": {"alibi_slopes": "per_batch", "causal": True},
-    "softcap": {"softcap": 2.0},
-    "dropout": {"dropout_p": 0.3},
-    "bool_mask": {"attn_mask": "bool"},
-    "additive_mask": {"attn_mask": "additive"},
-    "key_lengths": {"key_lengths": True},
-    "everything": {
-        "causal": True,
-        "window": (9, None),
-        "alibi_slopes": "per_head",
-        "softcap": 3.0,
-        "attn_mask": "bool",
-        "key_lengths": True,
-        "dropout_p": 0.2,
-    },
-    "additive_alibi_softcap_dropout": {
-        "attn_mask": "additive",
-        "alibi_slopes": "per_batch",
-        "softcap": 1.5,
-        "dropout_p": 0.4,
-        "causal": True,
-        "causal_alignment": "top_left",
-    },
-}
-
-
-def materialize(options: dict, q: torch.Tensor, k: torch.Tensor) -> dict:
-    """Turn the symbolic options of FEATURE_CASES into tensors for these inputs."""
-    batch, heads_q, seqlen_q, _ = q.shape
-    seqlen_k = k.shape[2]
-    options = dict(options)
-    if options.get("alibi_slopes") == "per_head":
-        options["alibi_slopes"] = torch.rand(heads_q) * 0.5
-    elif options.get("alibi_slopes") == "per_batch":
-        options["alibi_slopes"] = torch.rand(batch, heads_q) * 0.5
-    if options.get("attn_mask") == "bool":
-        # Broadcast over heads, one row fully masked.
-        mask = torch.rand(batch, 1, seqlen_q, seqlen_k) > 0.3
-        mask[:, :, 0] = False
-        options["attn_mask"] = mask
-    elif options.get("attn_mask") == "additive":
-        mask = torch.randn(seqlen_q, seqlen_k).to(q.dtype)
-        mask[1, ::2] = float("-inf")
-        options["attn_mask"] = mask
-    if options.get("key_lengths") is True:
-        options["key_lengths"] = torch.randint(1, seqlen_k + 1, (batch,), dtype=torch.int32)
-    return options
-
-
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
 @pytest.mark.parametrize("case", list(FEATURE_CASES), ids=list(FEATURE_CASES))
 def test_features(case: str, dtype: torch.dtype) -> None:
     q, k, v = make_qkv(dtype=dtype)
-    assert_backend_matches("cpu", q, k, v, **materialize(FEATURE_CASES[case], q, k))
+    assert_backend_matches("cpu", q, k, v, **feature_case(case, q, k))
 
 
 @pytest.mark.parametrize(

@@ -31,7 +31,7 @@ import torch
 from fusedattn import dispatch, semantics
 from fusedattn.backends import cuda as cuda_backend
 from fusedattn.backends.base import Backend, CallProfile
-from fusedattn.testing import assert_backend_matches
+from fusedattn.testing import FEATURE_CASES, assert_backend_matches, feature_case
 from fusedattn.validation import validate_attention
 
 AVAILABLE, UNAVAILABLE_REASON = cuda_backend.availability()
@@ -133,50 +133,9 @@ def _inputs(batch, heads_q, heads_kv, seqlen_q, seqlen_k, head_dim, head_dim_v=N
     return q, k, v
 
 
-def _feature_arguments(name: str, dtype: torch.dtype, device: str, heads_q: int, seqlen_q: int, seqlen_k: int) -> dict:
-    """Keyword arguments of one feature case for inputs of batch 2."""
-    on = {"device": device}
-    rows = torch.arange(seqlen_q, **on)[:, None].expand(seqlen_q, seqlen_k)
-    cases = {
-        "plain": {},
-        "causal_bottom_right": {"causal": True},
-        "causal_top_left": {"causal": True, "causal_alignment": "top_left"},
-        "window": {"window": (17, 5)},
-        "window_left_causal": {"window": (40, None), "causal": True},
-        "window_top_left": {"window": (None, 9), "causal_alignment": "top_left"},
-        "key_lengths": {"key_lengths": torch.tensor([seqlen_k, 33], dtype=torch.int32, **on)},
-        "key_lengths_zero": {"key_lengths": torch.tensor([0, 50], dtype=torch.int32, **on)},  # fully masked rows
-        "softcap": {"softcap": 2.0},
-        "alibi": {"alibi_slopes": torch.rand(heads_q, **on), "causal": True},
-        "alibi_per_batch": {"alibi_slopes": torch.rand(2, heads_q, **on)},
-        "bool_mask": {"attn_mask": torch.rand(2, 1, seqlen_q, seqlen_k, **on) > 0.3},
-        "bool_mask_empty_rows": {"attn_mask": rows % 3 != 0},  # every third row fully masked
-        "additive_mask": {"attn_mask": torch.randn(seqlen_q, seqlen_k, dtype=dtype, **on)},
-        "dropout": {"dropout_p": 0.2, "dropout_seed": 99},
-        "dropout_causal": {"dropout_p": 0.3, "dropout_seed": 5, "causal": True},
-        "everything": {
-            "causal": True,
-            "window": (30, None),
-            "softcap": 5.0,
-            "alibi_slopes": torch.rand(heads_q, **on),
-            "key_lengths": torch.tensor([seqlen_k - 10, seqlen_k], dtype=torch.int32, **on),
-            "dropout_p": 0.1,
-        },  # fmt: skip
-    }
-    return cases[name]
-
-
-FEATURE_CASES = [
-    "plain", "causal_bottom_right", "causal_top_left", "window", "window_left_causal", "window_top_left",
-    "key_lengths", "key_lengths_zero", "softcap", "alibi", "alibi_per_batch", "bool_mask", "bool_mask_empty_rows",
-    "additive_mask", "dropout", "dropout_causal", "everything",
-]  # fmt: skip
-
-
 def _check_feature(backend, device, case, dtype, heads_q, heads_kv, seqlen_q, seqlen_k, head_dim):
     q, k, v = _inputs(2, heads_q, heads_kv, seqlen_q, seqlen_k, head_dim, dtype=dtype, device=device)
-    arguments = _feature_arguments(case, dtype, device, heads_q, seqlen_q, seqlen_k)
-    assert_backend_matches(backend, q, k, v, **arguments)
+    assert_backend_matches(backend, q, k, v, **feature_case(case, q, k))
 
 
 def _check_varlen(backend, device, dtype, causal, options):
@@ -249,7 +208,7 @@ def test_refusal_threshold_is_the_largest_tile_configuration(emulated):
     assert torch.ops.fusedattn_cuda_emulation.largest_shared_bytes() == cuda_backend._SHARED_BYTES_NEEDED
 
 
-@pytest.mark.parametrize("case", FEATURE_CASES)
+@pytest.mark.parametrize("case", list(FEATURE_CASES))
 def test_emulated_features_match_reference(emulated, case):
     _check_feature(emulated, "cpu", case, torch.float32, 2, 1, 70, 97, 32)
 
@@ -288,7 +247,7 @@ def test_emulated_strided_inputs_match_reference(emulated):
 # ---- the compiled kernels on a GPU ----------------------------------------------------------
 @needs_gpu
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("case", FEATURE_CASES)
+@pytest.mark.parametrize("case", list(FEATURE_CASES))
 @pytest.mark.parametrize("heads_kv", [4, 2], ids=["mha", "gqa"])
 @pytest.mark.parametrize("seqlens", [(70, 97), (97, 70)], ids=["sq<sk", "sq>sk"])
 def test_features_match_reference(case, dtype, heads_kv, seqlens):

@@ -15,6 +15,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 from fusedattn import semantics
+from fusedattn.testing import FEATURE_CASES, SHAPE_FEATURES, feature_case
+from fusedattn.validation import validate_attention
 
 F64 = torch.float64
 
@@ -92,69 +94,50 @@ def loop_attention(q, k, v, *, causal=False, alignment="bottom_right", scale=Non
     return out, lse
 
 
-FEATURE_CASES = {
-    "plain": {},
-    "causal_bottom_right": {"causal": True},
-    "causal_top_left": {"causal": True, "causal_alignment": "top_left"},
-    "window": {"window": (3, 1)},
-    "window_left_only_causal": {"window": (2, None), "causal": True},
-    "softcap": {"softcap": 0.7},
-    "alibi": {"alibi": True},
-    "alibi_top_left": {"alibi": True, "causal_alignment": "top_left"},
-    "bool_mask": {"mask": "bool"},
-    "additive_mask": {"mask": "additive"},
-    "key_lengths": {"key_lengths": True},
+# The shared feature cases, plus what only the row loop checks: an explicit scale, ALiBi
+# with top-left alignment.
+REFERENCE_CASES = {
+    **FEATURE_CASES,
     "scale": {"scale": 0.3},
-    "dropout": {"dropout_p": 0.3},
-    "everything": {
-        "causal": True,
-        "window": (4, None),
-        "softcap": 2.0,
-        "alibi": True,
-        "mask": "additive",
-        "key_lengths": True,
-        "dropout_p": 0.2,
-    },  # fmt: skip
+    "alibi_top_left": {"alibi_slopes": "per_batch", "causal_alignment": "top_left"},
 }
 
 
-def _materialize(case, B, Hq, Sq, Sk):
-    """(kwargs for fusedattn.attention, kwargs for loop_attention)."""
-    api, loop = {}, {}
-    for name in ("causal", "causal_alignment", "scale", "softcap", "window", "dropout_p"):
-        if name in case:
-            api[name] = case[name]
-    loop["causal"] = case.get("causal", False)
-    loop["alignment"] = case.get("causal_alignment", "bottom_right")
-    loop["scale"] = case.get("scale")
-    loop["softcap"] = case.get("softcap")
-    loop["window"] = case.get("window", (None, None))
-    if case.get("dropout_p"):
-        api["dropout_seed"] = loop["seed"] = 987654321987
-        loop["dropout_p"] = case["dropout_p"]
-    if case.get("alibi"):
-        api["alibi_slopes"] = loop["alibi"] = torch.rand(B, Hq, dtype=torch.float32)
-    if case.get("mask") == "bool":
-        mask = torch.rand(B, 1, Sq, Sk) > 0.3  # broadcast over heads
-        api["attn_mask"] = mask
-        loop["mask"] = mask.expand(B, Hq, Sq, Sk)
-    elif case.get("mask") == "additive":
-        mask = torch.randn(Sq, Sk, dtype=F64)  # broadcast over batch and heads
-        mask[0, :] = -math.inf  # one fully masked row
-        api["attn_mask"] = mask
-        loop["mask"] = mask.expand(B, Hq, Sq, Sk)
-    if case.get("key_lengths"):
-        lengths = torch.tensor([Sk, 0, 3][:B], dtype=torch.int32)
-        api["key_lengths"] = loop["key_lengths"] = lengths
+def _materialize(name, q, k):
+    """(kwargs for fusedattn.attention, kwargs for loop_attention) of REFERENCE_CASES[name]."""
+    B, Hq, Sq, _ = q.shape
+    Sk = k.shape[2]
+    if name in FEATURE_CASES:
+        api = feature_case(name, q, k)
+    else:
+        api = dict(REFERENCE_CASES[name])
+        if api.get("alibi_slopes") == "per_batch":
+            api["alibi_slopes"] = torch.rand(B, Hq, dtype=torch.float32)
+    loop = {
+        "causal": api.get("causal", False),
+        "alignment": api.get("causal_alignment", "bottom_right"),
+        "scale": api.get("scale"),
+        "softcap": api.get("softcap"),
+        "window": api.get("window", (None, None)),
+    }
+    if api.get("dropout_p"):
+        loop["dropout_p"], loop["seed"] = api["dropout_p"], api["dropout_seed"]
+    if api.get("alibi_slopes") is not None:
+        loop["alibi"] = api["alibi_slopes"].expand(B, Hq)
+    if api.get("attn_mask") is not None:
+        mask = api["attn_mask"]
+        loop["mask"] = (mask if mask.dtype == torch.bool else mask.to(F64)).expand(B, Hq, Sq, Sk)
+    if api.get("key_lengths") is not None:
+        loop["key_lengths"] = api["key_lengths"]
     return api, loop
 
 
-@pytest.mark.parametrize("name", list(FEATURE_CASES))
+@pytest.mark.parametrize("name", list(REFERENCE_CASES))
 @pytest.mark.parametrize("sizes", [(2, 4, 2, 5, 7, 6, 5), (3, 2, 2, 7, 4, 3, 8)], ids=["sq<sk", "sq>sk"])
 def test_reference_matches_row_loop(name, sizes):
     B, Hq, Hkv, Sq, Sk, D, Dv = sizes
     q, k, v = _rand(B, Hq, Sq, D), _rand(B, Hkv, Sk, D), _rand(B, Hkv, Sk, Dv)
-    api, loop = _materialize(FEATURE_CASES[name], B, Hq, Sq, Sk)
+    api, loop = _materialize(name, q, k)
     out, lse = fusedattn.attention(q, k, v, return_lse=True, backend="reference", **api)
     expected_out, expected_lse = loop_attention(q, k, v, **loop)
     torch.testing.assert_close(out, expected_out, rtol=1e-10, atol=1e-10)
@@ -256,25 +239,11 @@ def test_dropout_rate_and_seed_behaviour():
 
 
 # ---- gradients --------------------------------------------------------------------------
-GRAD_CASES = {
-    "plain": {},
-    "causal": {"causal": True},
-    "causal_top_left": {"causal": True, "causal_alignment": "top_left"},
-    "window": {"window": (2, 1)},
-    "softcap": {"softcap": 0.9},
-    "alibi": {"alibi": True},
-    "bool_mask": {"mask": "bool"},
-    "additive_mask_with_masked_row": {"mask": "additive"},
-    "key_lengths_with_empty_batch": {"key_lengths": True},
-    "dropout": {"dropout_p": 0.3},
-}
-
-
-@pytest.mark.parametrize("name", list(GRAD_CASES))
+@pytest.mark.parametrize("name", list(FEATURE_CASES))
 def test_gradcheck(name):
     B, Hq, Hkv, Sq, Sk, D, Dv = 2, 4, 2, 4, 5, 3, 2
-    api, _ = _materialize(GRAD_CASES[name], B, Hq, Sq, Sk)
     inputs = [_rand(B, Hq, Sq, D), _rand(B, Hkv, Sk, D), _rand(B, Hkv, Sk, Dv)]
+    api = feature_case(name, inputs[0], inputs[1])
     inputs = [t.requires_grad_() for t in inputs]
     assert torch.autograd.gradcheck(lambda q, k, v: fusedattn.attention(q, k, v, **api), inputs)
 
@@ -306,3 +275,13 @@ def test_special_values(dtype):
 
     assert_hidden_nan_row_has_zero_gradient("reference", "cpu", dtype)
     assert_minus_infinite_scores_mask_the_row("reference", "cpu", dtype)
+
+
+def test_feature_cases_cover_every_feature():
+    # Every option feature has a case in the shared table; the rest come from the inputs.
+    q, k = torch.randn(2, 4, 9, 8, dtype=F64), torch.randn(2, 2, 11, 8, dtype=F64)
+    covered = set()
+    for name in FEATURE_CASES:
+        covered |= validate_attention(q, k, k, **feature_case(name, q, k)).features()
+    assert covered | SHAPE_FEATURES == set(semantics.FEATURES)
+    assert not SHAPE_FEATURES & {f for name in FEATURE_CASES for f in FEATURE_CASES[name]}

@@ -28,7 +28,7 @@ import fusedattn  # noqa: E402
 from fusedattn import semantics  # noqa: E402
 from fusedattn.backends import triton as triton_backend  # noqa: E402
 from fusedattn.backends.base import CallProfile  # noqa: E402
-from fusedattn.testing import assert_backend_matches, check_backend  # noqa: E402
+from fusedattn.testing import FEATURE_CASES, assert_backend_matches, check_backend, feature_case  # noqa: E402
 from fusedattn.validation import validate_attention, validate_varlen  # noqa: E402
 
 pytestmark = pytest.mark.interpreter
@@ -90,58 +90,12 @@ def _inputs(batch, heads_q, heads_kv, seqlen_q, seqlen_k, head_dim, head_dim_v=N
     return q, k, v
 
 
-def _features(name: str, dtype: torch.dtype) -> dict:
-    """Keyword arguments of one feature case for inputs of batch 2, Hq 4, Sq 24, Sk 37."""
-    on = {"device": DEVICE}
-    return {
-        "plain": {},
-        "causal_bottom_right": {"causal": True},
-        "causal_top_left": {"causal": True, "causal_alignment": "top_left"},
-        "window": {"window": (7, 3)},
-        "window_left_causal": {"window": (9, None), "causal": True},
-        "alibi": {"alibi_slopes": torch.rand(4, **on), "causal": True},
-        "alibi_per_batch_top_left": {"alibi_slopes": torch.rand(2, 4, **on), "causal_alignment": "top_left"},
-        "softcap": {"softcap": 1.5},
-        "bool_mask": {"attn_mask": torch.rand(24, 37, **on) > 0.4},
-        "additive_mask": {"attn_mask": torch.randn(2, 1, 24, 37, **on).to(dtype)},
-        "key_lengths": {"key_lengths": torch.tensor([0, 21], device=DEVICE)},
-        "dropout": {"dropout_p": 0.25, "dropout_seed": 77},
-        "everything": {
-            "causal": True,
-            "window": (12, None),
-            "alibi_slopes": torch.rand(4, **on),
-            "softcap": 3.0,
-            "attn_mask": torch.rand(2, 4, 24, 1, **on) > 0.1,
-            "key_lengths": torch.tensor([37, 30], device=DEVICE),
-            "dropout_p": 0.1,
-            "dropout_seed": 5,
-        },
-    }[name]
-
-
-FEATURE_CASES = [
-    "plain",
-    "causal_bottom_right",
-    "causal_top_left",
-    "window",
-    "window_left_causal",
-    "alibi",
-    "alibi_per_batch_top_left",
-    "softcap",
-    "bool_mask",
-    "additive_mask",
-    "key_lengths",
-    "dropout",
-    "everything",
-]
-
-
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("case", FEATURE_CASES)
+@pytest.mark.parametrize("case", list(FEATURE_CASES))
 def test_feature_forward_backward(case, dtype):
     # GQA (4 query heads over 2 KV heads) and Dv != D in every case; Sq != Sk.
     q, k, v = _inputs(2, 4, 2, 24, 37, 40, 24, dtype=dtype)
-    assert_backend_matches("triton", q, k, v, **_features(case, dtype))
+    assert_backend_matches("triton", q, k, v, **feature_case(case, q, k))
 
 
 @pytest.mark.parametrize(

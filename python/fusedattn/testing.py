@@ -46,6 +46,9 @@ __all__ = [
     "check_tensor",
     "check_backend",
     "flash_backward_bounds",
+    "FEATURE_CASES",
+    "SHAPE_FEATURES",
+    "feature_case",
     "poisoned_outputs",
     "ABSOLUTE_FLOOR",
     "RELATIVE_BOUND",
@@ -290,3 +293,84 @@ def assert_backend_matches(backend: str, q: torch.Tensor, k: torch.Tensor, v: to
     failures = [c for c in check_backend(backend, q, k, v, **kwargs) if not c.passed]
     if failures:
         raise AssertionError("; ".join(f"{c.name}: {c.reason}" for c in failures))
+
+
+# ---- feature cases shared by every backend's tests -------------------------------------------
+# Options by name; tensors are symbolic ("per_head", "bool", ...) and made by feature_case for
+# the inputs at hand. The backends' tests (reference, cpu, triton, cuda) run every case.
+FEATURE_CASES: dict[str, dict[str, Any]] = {
+    "plain": {},
+    "causal_bottom_right": {"causal": True},
+    "causal_top_left": {"causal": True, "causal_alignment": "top_left"},
+    "window": {"window": (7, 3)},
+    "window_left_only_causal": {"window": (9, None), "causal": True},
+    "window_top_left": {"window": (2, 6), "causal_alignment": "top_left"},
+    "window_right_only_top_left": {"window": (None, 9), "causal_alignment": "top_left"},
+    "alibi": {"alibi_slopes": "per_head", "causal": True},
+    "alibi_per_batch_top_left": {"alibi_slopes": "per_batch", "causal_alignment": "top_left"},
+    "softcap": {"softcap": 2.0},
+    "dropout": {"dropout_p": 0.3},
+    "dropout_causal": {"dropout_p": 0.3, "causal": True},
+    "bool_mask": {"attn_mask": "bool"},
+    "bool_mask_empty_rows": {"attn_mask": "bool_every_third_row_empty"},
+    "additive_mask": {"attn_mask": "additive"},
+    "key_lengths": {"key_lengths": "random"},
+    "key_lengths_zero": {"key_lengths": "first_zero"},
+    "everything": {
+        "causal": True,
+        "window": (9, None),
+        "alibi_slopes": "per_head",
+        "softcap": 3.0,
+        "attn_mask": "bool",
+        "key_lengths": "random",
+        "dropout_p": 0.2,
+    },
+    "additive_alibi_softcap_dropout": {
+        "attn_mask": "additive",
+        "alibi_slopes": "per_batch",
+        "softcap": 1.5,
+        "dropout_p": 0.4,
+        "causal": True,
+        "causal_alignment": "top_left",
+    },
+}
+
+# Features that come from the inputs' shapes, not from an option: the tests' inputs carry
+# them (GQA heads, Dv != D, packed sequences, gradients).
+SHAPE_FEATURES = frozenset({"gqa", "value_head_dim", "varlen", "backward"})
+
+
+def feature_case(name: str, q: torch.Tensor, k: torch.Tensor) -> dict[str, Any]:
+    """The keyword arguments of FEATURE_CASES[name] for dense q (B, Hq, Sq, D), k (B, Hkv, Sk, D),
+    on q's device and in q's dtype: masks with a fully masked row, key lengths in [1, Sk]
+    (or the first 0), a fixed dropout seed."""
+    batch, heads_q, seqlen_q, _ = q.shape
+    seqlen_k = k.shape[2]
+    device = q.device
+    options = dict(FEATURE_CASES[name])
+    slopes = options.get("alibi_slopes")
+    if slopes == "per_head":
+        options["alibi_slopes"] = torch.rand(heads_q, device=device) * 0.5
+    elif slopes == "per_batch":
+        options["alibi_slopes"] = torch.rand(batch, heads_q, device=device) * 0.5
+    mask = options.get("attn_mask")
+    if mask == "bool":  # broadcast over heads, row 0 fully masked
+        mask = torch.rand(batch, 1, seqlen_q, seqlen_k, device=device) > 0.3
+        mask[:, :, 0] = False
+        options["attn_mask"] = mask
+    elif mask == "bool_every_third_row_empty":
+        rows = torch.arange(seqlen_q, device=device)[:, None].expand(seqlen_q, seqlen_k)
+        options["attn_mask"] = rows % 3 != 0
+    elif mask == "additive":  # broadcast over batch and heads, row 1 half -inf
+        mask = torch.randn(seqlen_q, seqlen_k, device=device).to(q.dtype)
+        mask[min(1, seqlen_q - 1), ::2] = float("-inf")
+        options["attn_mask"] = mask
+    lengths = options.get("key_lengths")
+    if lengths == "random":
+        options["key_lengths"] = torch.randint(1, seqlen_k + 1, (batch,), dtype=torch.int32, device=device)
+    elif lengths == "first_zero":
+        options["key_lengths"] = torch.full((batch,), seqlen_k, dtype=torch.int32, device=device)
+        options["key_lengths"][0] = 0
+    if options.get("dropout_p"):
+        options["dropout_seed"] = 20261206
+    return options

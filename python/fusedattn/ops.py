@@ -16,6 +16,8 @@ infers it from Python annotations.)
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -33,59 +35,70 @@ def _seed_tensor(seed: int | torch.Tensor | None) -> torch.Tensor | None:
     return torch.tensor(seed, dtype=torch.int64)
 
 
+@dataclass(frozen=True)
+class OpOption:
+    """One option of the op schema: its name and type there, how it is encoded from the
+    AttentionCall field it carries, and decoded back into it."""
+
+    name: str
+    schema_type: str
+    field: str
+    encode: Callable[[Any], Any] = lambda value: value  # noqa: E731  (the identity by default)
+    decode: Callable[[Any], Any] = lambda value: value  # noqa: E731
+
+
+def _encode_side(side: int | None) -> int:
+    return _UNBOUNDED if side is None else side
+
+
+def _decode_side(side: int) -> int | None:
+    return None if side == _UNBOUNDED else side
+
+
+# The one table of options after q, k, v: the op schema, op_arguments, the call rebuilt
+# from the op's arguments, the fake implementation and the backends' native argument
+# lists (option_values, by name) all derive from it.
+OPTIONS: tuple[OpOption, ...] = (
+    OpOption("attn_mask", "Tensor?", "attn_mask"),
+    OpOption("key_lengths", "Tensor?", "key_lengths"),
+    OpOption("cu_seqlens_q", "Tensor?", "cu_seqlens_q"),
+    OpOption("cu_seqlens_k", "Tensor?", "cu_seqlens_k"),
+    OpOption("alibi_slopes", "Tensor?", "alibi_slopes"),
+    OpOption("max_seqlen_q", "SymInt", "max_seqlen_q"),
+    OpOption("max_seqlen_k", "SymInt", "max_seqlen_k"),
+    OpOption("scale", "float", "scale"),
+    OpOption("causal", "bool", "causal"),
+    OpOption("bottom_right", "bool", "causal_alignment", lambda alignment: alignment == "bottom_right",
+             lambda bottom_right: "bottom_right" if bottom_right else "top_left"),
+    OpOption("window_left", "int", "window_left", _encode_side, _decode_side),
+    OpOption("window_right", "int", "window_right", _encode_side, _decode_side),
+    OpOption("softcap", "float", "softcap", lambda cap: 0.0 if cap is None else cap,
+             lambda cap: None if cap == 0.0 else cap),
+    OpOption("dropout_p", "float", "dropout_p"),
+    OpOption("dropout_seed", "Tensor?", "dropout_seed", lambda seed: _seed_tensor(seed)),
+    OpOption("metadata_checked", "bool", "metadata_checked"),
+)  # fmt: skip
+_OPTION_PARAMETERS: tuple[tuple[str, str], ...] = tuple((option.name, option.schema_type) for option in OPTIONS)
+
+
+def option_values(call: AttentionCall) -> dict[str, Any]:
+    """The op's option values by name (what a backend passes to its native op)."""
+    return {option.name: option.encode(getattr(call, option.field)) for option in OPTIONS}
+
+
 def op_arguments(call: AttentionCall) -> tuple[Any, ...]:
     """The flat argument tuple of a forward op (and the tail of a backward op)."""
-    return (
-        call.q,
-        call.k,
-        call.v,
-        call.attn_mask,
-        call.key_lengths,
-        call.cu_seqlens_q,
-        call.cu_seqlens_k,
-        call.alibi_slopes,
-        call.max_seqlen_q,
-        call.max_seqlen_k,
-        call.scale,
-        call.causal,
-        call.causal_alignment == "bottom_right",
-        _UNBOUNDED if call.window_left is None else call.window_left,
-        _UNBOUNDED if call.window_right is None else call.window_right,
-        0.0 if call.softcap is None else call.softcap,
-        call.dropout_p,
-        _seed_tensor(call.dropout_seed),
-        call.metadata_checked,
-    )
+    return (call.q, call.k, call.v, *option_values(call).values())
 
 
 def _call_from_arguments(arguments: tuple[Any, ...], read_seed: bool = True) -> AttentionCall:
     """The AttentionCall of a forward op's arguments. read_seed=False keeps the seed as the
     op's 0-d tensor (triton_op backends: a traced body cannot read tensor values)."""
-    (q, k, v, attn_mask, key_lengths, cu_q, cu_k, alibi, max_q, max_k, scale, causal,
-     bottom_right, window_left, window_right, softcap, dropout_p, seed, metadata_checked) = arguments  # fmt: skip
-    if read_seed and seed is not None:
-        seed = int(seed.item())
-    return AttentionCall(
-        q=q,
-        k=k,
-        v=v,
-        scale=scale,
-        causal=causal,
-        causal_alignment="bottom_right" if bottom_right else "top_left",
-        attn_mask=attn_mask,
-        key_lengths=key_lengths,
-        cu_seqlens_q=cu_q,
-        cu_seqlens_k=cu_k,
-        max_seqlen_q=max_q,
-        max_seqlen_k=max_k,
-        window_left=None if window_left == _UNBOUNDED else window_left,
-        window_right=None if window_right == _UNBOUNDED else window_right,
-        alibi_slopes=alibi,
-        softcap=None if softcap == 0.0 else softcap,
-        dropout_p=dropout_p,
-        dropout_seed=seed,
-        metadata_checked=metadata_checked,
-    )
+    q, k, v, *values = arguments
+    fields = {option.field: option.decode(value) for option, value in zip(OPTIONS, values, strict=True)}
+    if read_seed and fields["dropout_seed"] is not None:
+        fields["dropout_seed"] = int(fields["dropout_seed"].item())
+    return AttentionCall(q=q, k=k, v=v, **fields)
 
 
 def _fake_outputs(call: AttentionCall) -> tuple[torch.Tensor, torch.Tensor]:
@@ -97,24 +110,6 @@ def _fake_outputs(call: AttentionCall) -> tuple[torch.Tensor, torch.Tensor]:
 _OPS: dict[str, tuple[Any, Any]] = {}
 
 
-_OPTION_PARAMETERS: tuple[tuple[str, str], ...] = (  # (name, schema type) after the tensors
-    ("attn_mask", "Tensor?"),
-    ("key_lengths", "Tensor?"),
-    ("cu_seqlens_q", "Tensor?"),
-    ("cu_seqlens_k", "Tensor?"),
-    ("alibi_slopes", "Tensor?"),
-    ("max_seqlen_q", "SymInt"),
-    ("max_seqlen_k", "SymInt"),
-    ("scale", "float"),
-    ("causal", "bool"),
-    ("bottom_right", "bool"),
-    ("window_left", "int"),
-    ("window_right", "int"),
-    ("softcap", "float"),
-    ("dropout_p", "float"),
-    ("dropout_seed", "Tensor?"),
-    ("metadata_checked", "bool"),
-)
 _FORWARD_TENSORS = ("q", "k", "v")
 _BACKWARD_TENSORS = ("grad_out", "out", "lse", "q", "k", "v")
 # Python annotations of the schema types: triton_op infers its schema from them.

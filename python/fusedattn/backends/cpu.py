@@ -13,7 +13,7 @@ import torch
 
 from .. import semantics
 from .._native import native, native_error
-from ..ops import op_arguments
+from ..ops import option_values
 from ..semantics import AttentionCall
 from .base import Backend, Capabilities, allocate_output
 
@@ -32,17 +32,22 @@ def selected_isa() -> str:
     return torch.ops.fusedattn_native.cpu_isa()
 
 
+# The native ops' options, in their schema's order (csrc/cpu/attention_cpu.cpp).
+_NATIVE_OPTIONS = ("attn_mask", "key_lengths", "cu_seqlens_q", "cu_seqlens_k", "alibi_slopes", "max_seqlen_q",
+                   "max_seqlen_k", "scale", "causal", "bottom_right", "window_left", "window_right", "softcap")  # fmt: skip
+
+
 def _options(call: AttentionCall) -> tuple:
     """The option tail shared by cpu_forward and cpu_backward.
 
-    The custom op's flattened options (ops.op_arguments: masks, varlen offsets, ALiBi,
+    The custom op's options by name (ops.option_values: masks, varlen offsets, ALiBi,
     max lengths, scale, causal, alignment, window, softcap), with ALiBi slopes as
     contiguous float32 and dropout as the integers the kernels hash with.
     """
-    options = list(op_arguments(call)[3:16])
-    alibi_position = 4
-    if options[alibi_position] is not None:
-        options[alibi_position] = options[alibi_position].to(torch.float32).contiguous()
+    values = option_values(call)
+    if values["alibi_slopes"] is not None:
+        values["alibi_slopes"] = values["alibi_slopes"].to(torch.float32).contiguous()
+    options = [values[name] for name in _NATIVE_OPTIONS]
     if call.dropout_p > 0.0:
         dropout = (
             semantics.dropout_threshold(call.dropout_p),

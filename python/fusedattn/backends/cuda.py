@@ -26,7 +26,7 @@ import torch
 
 from .. import semantics
 from .._native import build_info, native_error
-from ..ops import op_arguments
+from ..ops import option_values
 from ..semantics import AttentionCall
 from .base import Backend, CallProfile, Capabilities, allocate_output
 
@@ -101,13 +101,20 @@ def refuse(profile: CallProfile) -> str | None:
     return None
 
 
+# The native ops' options, in their schema's order (csrc/cuda/bindings.cpp).
+_NATIVE_OPTIONS = ("attn_mask", "key_lengths", "cu_seqlens_q", "cu_seqlens_k", "alibi_slopes", "max_seqlen_q",
+                   "max_seqlen_k", "scale", "causal", "bottom_right", "window_left", "window_right", "softcap",
+                   "dropout_p")  # fmt: skip
+
+
 def _native_options(call: AttentionCall) -> tuple[object, ...]:
     """The option arguments shared by both native ops (see csrc/cuda/bindings.cpp): the
-    custom op's flattened options (ops.op_arguments, masks through dropout_p), then
+    custom op's options by name (ops.option_values, masks through dropout_p), then
     dropout as the integers the kernels hash with."""
     dropout = call.dropout_p > 0.0
+    values = option_values(call)
     return (
-        *op_arguments(call)[3:17],
+        *(values[name] for name in _NATIVE_OPTIONS),
         semantics.dropout_seed_key(int(call.dropout_seed)) if dropout else 0,
         semantics.dropout_threshold(call.dropout_p) if dropout else 0,
     )

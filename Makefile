@@ -65,8 +65,16 @@ cuda-check:
 	scripts/cuda_check.sh
 
 # Compile the Triton kernels for sm_90 without a GPU (a few minutes; not part of CI).
+# Every Triton kernel compiled for sm_90 as a real launch builds it, with this Triton (3.9)
+# and, when TRITON36 holds a venv with triton==3.6.0 (the GPU image's; docs/building.md),
+# with that one too. Results in build/triton-compile-*.json. CI runs a slice (tests/test_triton_compile.py).
+TRITON36 ?= .venv-triton36
 triton-compile-check: setup
-	$(PY) scripts/device_compile_check.py --targets 90 --dtypes bfloat16 --head-dims 128,72:40
+	mkdir -p build
+	$(PY) scripts/device_compile_check.py --slice full --jobs 2 --json build/triton-compile-3.9.json
+	if test -x $(TRITON36)/bin/python; then \
+		$(TRITON36)/bin/python scripts/device_compile_check.py --slice full --jobs 2 --json build/triton-compile-3.6.json; \
+	else echo "no $(TRITON36): skipping Triton 3.6"; fi
 
 # On a GPU machine: build, GPU tests, parity on cuda, benchmark against SDPA, into OUT=DIR.
 device-check:

@@ -24,25 +24,48 @@ def _config(block_m: int, block_n: int, warps: int, stages: int) -> triton.Confi
     return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=warps, num_stages=stages)
 
 
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) by padded head dim, for bf16 / fp16 without
+# and with the heavy features (mask, dropout, softcap). Every one compiles for sm_90 with
+# Triton 3.6 and 3.9, with and without TMA, at zero register spills and within the shared
+# memory limit (scripts/device_compile_check.py; results in benchmarks/results/triton-compile/).
+# No num_stages=2 here: the ptxas of Triton 3.6 (CUDA 12.8) crashes (SIGSEGV) on the TMA +
+# wgmma kernel pipelined over two stages. Heavy features get narrower tiles or more warps:
+# the old 4-warp tiles spilled. The lists serve the TMA and the plain-load kernel alike.
+_HALF_CONFIGS = {
+    64: (
+        ((128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 4)),
+        ((64, 64, 4, 3), (128, 64, 8, 3)),
+    ),
+    128: (
+        ((128, 64, 8, 3), (128, 64, 8, 4), (64, 64, 4, 3)),
+        ((64, 32, 8, 3), (128, 32, 8, 3)),
+    ),
+    256: (
+        ((64, 64, 8, 3), (128, 32, 8, 3), (64, 32, 8, 3)),
+        ((32, 32, 8, 3), (64, 16, 8, 3)),
+    ),
+}
+# fp32 tiles take twice the shared memory, and its exact ("ieee") dots run on FMAs (no
+# wgmma: two stages compile with TMA too). They spill heavily (unrolled FMA dots); kept as
+# they were.
+_FLOAT32_CONFIGS = {
+    64: ((64, 64, 4, 3), (128, 32, 4, 3)),
+    128: ((64, 32, 4, 2), (64, 64, 4, 2)),
+    256: ((32, 32, 4, 1), (64, 32, 4, 1)),
+}
+
+
 @cache
 def forward_configs(block_d: int, dtype: torch.dtype, heavy_features: bool) -> tuple[triton.Config, ...]:
-    """A few forward configs for a padded head dim and dtype.
-
-    fp32 tiles take twice the shared memory, and masks/dropout/softcap add registers, so
-    those get the smaller tiles.
+    """A few forward configs for a padded head dim and dtype (the same for the TMA and the
+    plain-load kernel). Masks / dropout / softcap add registers: those get narrower tiles.
     """
-    wide = dtype == torch.float32 or heavy_features
-    if block_d <= 64:
-        if wide:
-            return (_config(64, 64, 4, 3), _config(128, 32, 4, 3))
-        return (_config(128, 64, 4, 3), _config(128, 128, 8, 3), _config(64, 64, 4, 4))
-    if block_d <= 128:
-        if wide:
-            return (_config(64, 32, 4, 2), _config(64, 64, 4, 2))
-        return (_config(128, 64, 8, 3), _config(128, 128, 8, 2), _config(64, 64, 4, 3))
-    if wide:
-        return (_config(32, 32, 4, 1), _config(64, 32, 4, 1))
-    return (_config(64, 64, 4, 2), _config(128, 32, 8, 2), _config(64, 32, 4, 2))
+    bucket = 64 if block_d <= 64 else (128 if block_d <= 128 else 256)
+    if dtype == torch.float32:
+        chosen = _FLOAT32_CONFIGS[bucket]
+    else:
+        chosen = _HALF_CONFIGS[bucket][1 if heavy_features else 0]
+    return tuple(_config(*config) for config in chosen)
 
 
 def backward_config(block_d: int, dtype: torch.dtype) -> dict[str, int]:

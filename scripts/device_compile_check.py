@@ -745,6 +745,7 @@ def main(argv=None) -> int:
     parser.add_argument("--cases", default=None, help=f"calls to record, of {','.join(ALL_CASES)}")
     parser.add_argument("--families", default=None, help="forward,forward-tma,backward,decode (default all)")
     parser.add_argument("--tma-only", action="store_true", help="compile only the forward TMA variants")
+    parser.add_argument("--only", default=None, help="compile only the kernels whose label matches this regex")
     parser.add_argument("--no-specialize", action="store_true", help="no divisibility hints (the old, unreal kernels)")
     parser.add_argument("--control", action="store_true", help="also compile the unspecialized twin of each task")
     parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1), help="parallel compiles")
@@ -766,10 +767,20 @@ def main(argv=None) -> int:
     if args.tma_only:
         families = {"forward-tma"}
     if not args.keep_cache:  # fresh cache: real compile times, and ptxas runs (its log gives the registers)
+        import atexit
+        import shutil
+
         cache = tempfile.mkdtemp(prefix="triton-compile-check-")
         os.environ["TRITON_CACHE_DIR"] = cache
+        atexit.register(shutil.rmtree, cache, ignore_errors=True)  # a full run leaves ~1 GB
 
     started = time.monotonic()
+    if args.only:
+        pattern, preset_select = re.compile(args.only), select
+
+        def select(task: dict) -> bool:
+            return bool(pattern.search(task["label"])) and (preset_select is None or preset_select(task))
+
     tasks = plan(targets, dtype_names, head_dims, cases, families, not args.no_specialize, select)
     # Half precision first: fp32 compiles (FMA dots, up to minutes each) are the ones a time box cuts.
     tasks.sort(key=lambda task: task["dtype"] == "float32")

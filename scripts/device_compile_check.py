@@ -530,27 +530,16 @@ def compile_task(task: dict) -> dict:
     if task.get("binder", "same") not in ("same", "unavailable", None):
         status = f"error: specialization {task['binder'][:1500]}"
     stack = resources["stack"]
-    return dict(
-        kernel=task["label"],
-        family=task["family"],
-        name=task["name"],
-        dtype=task["dtype"],
-        head_dim=task["head_dim"],
-        head_dim_v=task["head_dim_v"],
-        case=task["case"],
-        capability=capability,
-        config=task["config"],
-        specialized=task["specialized"],
-        divisible=task["divisible"],
-        binder=task["binder"],
-        status=status,
+    return _result(
+        task,
+        status,
+        seconds,
         registers=resources["registers"],
         spills=None if stack is None else stack // 4,  # compiled.n_spills: local bytes / 4
         spill_stores=resources["spill_stores"],
         spill_loads=resources["spill_loads"],
         shared=shared,
         ptx=features,
-        seconds=round(seconds, 2),
     )
 
 
@@ -563,29 +552,29 @@ def _worker(connection) -> None:
         connection.send(compile_task(task))
 
 
+def _result(task: dict, status: str, seconds: float, **measured: object) -> dict:
+    """One result row: the task's description, its status, and what ptxas measured (None
+    for a kernel that did not compile)."""
+    row = {
+        "kernel": task["label"],
+        **{key: task[key] for key in ("family", "name", "dtype", "head_dim", "head_dim_v", "case")},
+        "capability": task["capability"],
+        **{key: task[key] for key in ("config", "specialized", "divisible", "binder")},
+        "status": status,
+        "registers": None,
+        "spills": None,
+        "spill_stores": None,
+        "spill_loads": None,
+        "shared": None,
+        "ptx": [],
+    }
+    row.update(measured)
+    row["seconds"] = round(seconds, 2)
+    return row
+
+
 def _failed(task: dict, status: str, seconds: float) -> dict:
-    return dict(
-        kernel=task["label"],
-        family=task["family"],
-        name=task["name"],
-        dtype=task["dtype"],
-        head_dim=task["head_dim"],
-        head_dim_v=task["head_dim_v"],
-        case=task["case"],
-        capability=task["capability"],
-        config=task["config"],
-        specialized=task["specialized"],
-        divisible=task["divisible"],
-        binder=task["binder"],
-        status=status,
-        registers=None,
-        spills=None,
-        spill_stores=None,
-        spill_loads=None,
-        shared=None,
-        ptx=[],
-        seconds=round(seconds, 2),
-    )
+    return _result(task, status, seconds)
 
 
 def run_tasks(tasks: list[dict], jobs: int = 2, timeout: float = 600.0, report=None, deadline=None) -> list[dict]:

@@ -31,6 +31,7 @@ import torch
 from fusedattn import dispatch, semantics
 from fusedattn.backends import cuda as cuda_backend
 from fusedattn.backends.base import Backend, CallProfile
+from fusedattn.ops import NATIVE_OPTIONS
 from fusedattn.testing import FEATURE_CASES, assert_backend_matches, feature_case
 from fusedattn.validation import validate_attention
 
@@ -98,27 +99,6 @@ def test_forcing_cuda_on_cpu_tensors_raises_with_the_reason():
 def test_refuse_leaves_other_devices_to_the_capability_table():
     profile = CallProfile("cpu", torch.float16, 64, 64, frozenset())
     assert cuda_backend.refuse(profile) is None
-
-
-def test_native_options_follow_the_op_contract():
-    q, k, v = (torch.randn(2, 4, 8, 16) for _ in range(3))
-    call = validate_attention(
-        q, k, v, causal=True, causal_alignment="top_left", window=(3, None), softcap=30.0,
-        dropout_p=0.25, dropout_seed=2**40 + 7,
-    )  # fmt: skip
-    options = cuda_backend._native_options(call)
-    assert len(options) == 16
-    (_mask, _lengths, _cu_q, _cu_k, _alibi, max_q, max_k, scale, causal, bottom_right,
-     window_left, window_right, softcap, dropout_p, seed_key, threshold) = options  # fmt: skip
-    assert (max_q, max_k, causal, bottom_right) == (0, 0, True, False)
-    assert scale == pytest.approx(16**-0.5)
-    assert (window_left, window_right, softcap, dropout_p) == (3, -1, 30.0, 0.25)
-    # The kernels get the seed already mixed, and the integer drop threshold.
-    assert seed_key == semantics.dropout_seed_key(2**40 + 7) and 0 <= seed_key < 2**32
-    assert threshold == semantics.dropout_threshold(0.25) == 2**30
-    plain = cuda_backend._native_options(validate_attention(q, k, v, window=(None, 2**70)))
-    assert plain[10] == -1 and plain[11] == 2**30  # unbounded left; validation caps an over-wide side
-    assert plain[-2:] == (0, 0)
 
 
 # ---- feature cases shared by the emulation and the GPU -----------------------------------
@@ -202,6 +182,13 @@ def emulated():
     registry[backend.name] = backend
     yield backend.name
     registry.pop(backend.name, None)
+
+
+def test_emulated_schemas_take_the_native_options_in_order(emulated):
+    for operator in (torch.ops.fusedattn_cuda_emulation.cuda_attention_forward,
+                     torch.ops.fusedattn_cuda_emulation.cuda_attention_backward):  # fmt: skip
+        names = [argument.name for argument in operator.default._schema.arguments]
+        assert names[names.index("attn_mask") :] == list(NATIVE_OPTIONS)
 
 
 def test_refusal_threshold_is_the_largest_tile_configuration(emulated):
@@ -351,13 +338,19 @@ class _Guarded:
 
 
 def _native_call(name, *tensors, key_lengths=None, cu=(None, None), max_seqlens=(0, 0), options=None, scale=0.25):
+    """A native op called directly (no validation), its options by name (ops.NATIVE_OPTIONS)."""
     options = options or {}
     dropout_p = options.get("dropout_p", 0.0)
-    getattr(torch.ops.fusedattn_cuda_emulation, name)(
-        *tensors, None, key_lengths, *cu, options.get("alibi"), *max_seqlens, scale, options.get("causal", False),
-        True, *options.get("window", (-1, -1)), 0.0, dropout_p,
-        semantics.dropout_seed_key(5) if dropout_p else 0, semantics.dropout_threshold(dropout_p) if dropout_p else 0,
+    window_left, window_right = options.get("window", (-1, -1))
+    values = dict(
+        attn_mask=None, key_lengths=key_lengths, cu_seqlens_q=cu[0], cu_seqlens_k=cu[1],
+        alibi_slopes=options.get("alibi"), max_seqlen_q=max_seqlens[0], max_seqlen_k=max_seqlens[1], scale=scale,
+        causal=options.get("causal", False), bottom_right=True, window_left=window_left, window_right=window_right,
+        softcap=0.0, dropout_threshold=semantics.dropout_threshold(dropout_p),
+        dropout_keep_scale=semantics.dropout_keep_scale(dropout_p),
+        dropout_seed_key=semantics.dropout_seed_key(5) if dropout_p else 0,
     )  # fmt: skip
+    getattr(torch.ops.fusedattn_cuda_emulation, name)(*tensors, *(values[option] for option in NATIVE_OPTIONS))
 
 
 def _guarded_inputs(shapes, dtype):

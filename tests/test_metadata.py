@@ -21,7 +21,7 @@ from fusedattn import validation
 from fusedattn.backends.cpu import BACKEND as CPU_BACKEND
 from fusedattn.backends.cpu import _options as cpu_native_options
 from fusedattn.compat import flash_attn_varlen_func, flash_attn_with_kvcache
-from fusedattn.ops import op_arguments, ops_for
+from fusedattn.ops import backward_arguments, op_arguments, ops_for
 
 TOKENS = 10
 VALID_OFFSETS = [0, 4, 10]
@@ -144,7 +144,7 @@ def test_direct_op_calls_check_the_values(backend_name, offsets, max_seqlen, mes
         forward_op(*op_arguments(bad))
     out, lse = forward_op(*op_arguments(call))
     with pytest.raises(ValueError, match="cu_seqlens_q|max_seqlen_q"):
-        backward_op(torch.ones_like(out), out, lse, *op_arguments(bad))
+        backward_op(torch.ones_like(out), out, lse, *backward_arguments(bad))
 
 
 @NATIVE

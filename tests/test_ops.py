@@ -30,3 +30,52 @@ def test_op_arguments_round_trip():
             assert theirs is mine, field.name
         else:
             assert theirs == mine, field.name
+
+
+def _option_names(operator) -> list[str]:
+    """The argument names of a native op's schema after its tensor arguments."""
+    names = [argument.name for argument in operator.default._schema.arguments]
+    return names[names.index("attn_mask") :]
+
+
+def test_native_schemas_take_the_options_in_one_order():
+    # csrc/native_options.h writes the list once; ops.NATIVE_OPTIONS is its Python side.
+    import pytest
+    from fusedattn._native import native
+    from fusedattn.ops import NATIVE_OPTIONS
+
+    if native() is None or not hasattr(torch.ops.fusedattn_native, "cpu_forward"):
+        pytest.skip("fusedattn._C is not built")
+    for name in ("cpu_forward", "cpu_backward", "cuda_attention_forward", "cuda_attention_backward"):
+        if hasattr(torch.ops.fusedattn_native, name):
+            assert _option_names(getattr(torch.ops.fusedattn_native, name)) == list(NATIVE_OPTIONS), name
+
+
+def test_native_option_values_follow_the_op_contract():
+    import pytest
+    from fusedattn import semantics
+    from fusedattn.ops import NATIVE_OPTIONS, native_option_values
+
+    q, k, v = (torch.randn(2, 4, 8, 16) for _ in range(3))
+    call = validate_attention(
+        q, k, v, causal=True, causal_alignment="top_left", window=(3, None), softcap=30.0,
+        dropout_p=0.25, dropout_seed=2**40 + 7,
+    )  # fmt: skip
+    values = dict(zip(NATIVE_OPTIONS, native_option_values(call), strict=True))
+    assert (values["max_seqlen_q"], values["max_seqlen_k"], values["causal"], values["bottom_right"]) == (
+        0,
+        0,
+        True,
+        False,
+    )
+    assert values["scale"] == pytest.approx(16**-0.5)
+    assert (values["window_left"], values["window_right"], values["softcap"]) == (3, -1, 30.0)
+    # The kernels get the seed already mixed, the integer drop threshold and 1 / (1 - p).
+    assert (
+        values["dropout_seed_key"] == semantics.dropout_seed_key(2**40 + 7) and 0 <= values["dropout_seed_key"] < 2**32
+    )
+    assert values["dropout_threshold"] == semantics.dropout_threshold(0.25) == 2**30
+    assert values["dropout_keep_scale"] == pytest.approx(4 / 3)
+    plain = dict(zip(NATIVE_OPTIONS, native_option_values(validate_attention(q, k, v, window=(None, 2**70)))))
+    assert plain["window_left"] == -1 and plain["window_right"] == 2**30  # validation caps an over-wide side
+    assert (plain["dropout_threshold"], plain["dropout_keep_scale"], plain["dropout_seed_key"]) == (0, 1.0, 0)

@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "cpu/attention_problem.h"
+#include "native_options.h"
 
 namespace fusedattn::cpu {
 namespace {
@@ -173,12 +174,8 @@ void check_offsets(const char* name, const at::Tensor& offsets, int64_t total, c
 }
 
 AttentionProblem describe(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                          const std::optional<at::Tensor>& attn_mask, const std::optional<at::Tensor>& key_lengths,
-                          const std::optional<at::Tensor>& cu_seqlens_q, const std::optional<at::Tensor>& cu_seqlens_k,
-                          const std::optional<at::Tensor>& alibi_slopes, int64_t max_seqlen_q, int64_t max_seqlen_k,
-                          double scale, bool causal, bool bottom_right, int64_t window_left, int64_t window_right,
-                          double softcap, int64_t dropout_threshold, double dropout_keep_scale,
-                          int64_t dropout_seed_key) {
+                          const NativeOptions& options) {
+  FUSEDATTN_UNPACK_OPTIONS(options);
   for (const auto& [name, tensor] : {std::pair<const char*, const at::Tensor*>{"q", &q}, {"k", &k}, {"v", &v}})
     TORCH_CHECK_VALUE(tensor->device().is_cpu(), name, ": expected a CPU tensor, got one on ", tensor->device());
   AttentionProblem problem;
@@ -270,12 +267,13 @@ AttentionProblem describe(const at::Tensor& q, const at::Tensor& k, const at::Te
   problem.scale = static_cast<float>(scale);
   problem.causal = causal;
   problem.bottom_right = bottom_right;
-  TORCH_CHECK_VALUE(window_left >= -1 && window_right >= -1, "window: expected sides >= 0 or -1 (unbounded), got (",
-                    window_left, ", ", window_right, ")");
-  // A side this wide hides nothing (as in validation.py): capping keeps position arithmetic exact.
-  constexpr int64_t kWidestWindow = int64_t(1) << 30;
-  problem.window_left = std::min(window_left, kWidestWindow);
-  problem.window_right = std::min(window_right, kWidestWindow);
+  // Validation caps the sides at kWidestWindow (a wider side hides nothing).
+  TORCH_CHECK_VALUE(window_left >= -1 && window_right >= -1 && window_left <= kWidestWindow &&
+                        window_right <= kWidestWindow,
+                    "window: expected sides in [0, 2**30] or -1 (unbounded), got (", window_left, ", ", window_right,
+                    ")");
+  problem.window_left = window_left;
+  problem.window_right = window_right;
   problem.softcap = static_cast<float>(softcap);
   TORCH_CHECK_VALUE(dropout_threshold >= 0 && dropout_threshold <= (int64_t(1) << 32),
                     "dropout_threshold: expected a value in [0, 2**32], got ", dropout_threshold);
@@ -306,16 +304,10 @@ void check_lse(const at::Tensor& lse, const at::Tensor& q, bool varlen) {
     check_shape("lse", lse, {q.size(0), q.size(1), q.size(2)});
 }
 
-void cpu_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& out, at::Tensor& lse,
-                 const std::optional<at::Tensor>& attn_mask, const std::optional<at::Tensor>& key_lengths,
-                 const std::optional<at::Tensor>& cu_seqlens_q, const std::optional<at::Tensor>& cu_seqlens_k,
-                 const std::optional<at::Tensor>& alibi_slopes, int64_t max_seqlen_q, int64_t max_seqlen_k,
-                 double scale, bool causal, bool bottom_right, int64_t window_left, int64_t window_right,
-                 double softcap, int64_t dropout_threshold, double dropout_keep_scale, int64_t dropout_seed_key) {
-  AttentionProblem problem =
-      describe(q, k, v, attn_mask, key_lengths, cu_seqlens_q, cu_seqlens_k, alibi_slopes, max_seqlen_q, max_seqlen_k,
-               scale, causal, bottom_right, window_left, window_right, softcap, dropout_threshold,
-               dropout_keep_scale, dropout_seed_key);
+void cpu_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& out,
+                 at::Tensor& lse FUSEDATTN_OPTION_PARAMETERS) {
+  FUSEDATTN_COLLECT_OPTIONS();
+  AttentionProblem problem = describe(q, k, v, options);
   check_like("out", out, q, v.size(-1));
   check_lse(lse, q, cu_seqlens_q.has_value());
   problem.out = token_view(out);
@@ -325,16 +317,9 @@ void cpu_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, 
 
 void cpu_backward(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                   const at::Tensor& out, const at::Tensor& lse, at::Tensor& grad_q, at::Tensor& grad_k,
-                  at::Tensor& grad_v, const std::optional<at::Tensor>& attn_mask,
-                  const std::optional<at::Tensor>& key_lengths, const std::optional<at::Tensor>& cu_seqlens_q,
-                  const std::optional<at::Tensor>& cu_seqlens_k, const std::optional<at::Tensor>& alibi_slopes,
-                  int64_t max_seqlen_q, int64_t max_seqlen_k, double scale, bool causal, bool bottom_right,
-                  int64_t window_left, int64_t window_right, double softcap, int64_t dropout_threshold,
-                  double dropout_keep_scale, int64_t dropout_seed_key) {
-  AttentionProblem problem =
-      describe(q, k, v, attn_mask, key_lengths, cu_seqlens_q, cu_seqlens_k, alibi_slopes, max_seqlen_q, max_seqlen_k,
-               scale, causal, bottom_right, window_left, window_right, softcap, dropout_threshold,
-               dropout_keep_scale, dropout_seed_key);
+                  at::Tensor& grad_v FUSEDATTN_OPTION_PARAMETERS) {
+  FUSEDATTN_COLLECT_OPTIONS();
+  AttentionProblem problem = describe(q, k, v, options);
   check_like("grad_out", grad_out, q, v.size(-1));
   check_like("out", out, q, v.size(-1));
   check_lse(lse, q, cu_seqlens_q.has_value());
@@ -355,15 +340,10 @@ std::string cpu_isa() { return select_variant().name; }
 }  // namespace
 }  // namespace fusedattn::cpu
 
-#define FUSEDATTN_CPU_OPTIONS                                                                              \
-  "Tensor? attn_mask, Tensor? key_lengths, Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, Tensor? alibi_slopes, " \
-  "int max_seqlen_q, int max_seqlen_k, float scale, bool causal, bool bottom_right, int window_left, "          \
-  "int window_right, float softcap, int dropout_threshold, float dropout_keep_scale, int dropout_seed_key"
-
 TORCH_LIBRARY_FRAGMENT(fusedattn_native, m) {
-  m.def("cpu_forward(Tensor q, Tensor k, Tensor v, Tensor(a!) out, Tensor(b!) lse, " FUSEDATTN_CPU_OPTIONS ") -> ()");
+  m.def("cpu_forward(Tensor q, Tensor k, Tensor v, Tensor(a!) out, Tensor(b!) lse" FUSEDATTN_OPTIONS_SCHEMA ") -> ()");
   m.def("cpu_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor(a!) grad_q, "
-        "Tensor(b!) grad_k, Tensor(c!) grad_v, " FUSEDATTN_CPU_OPTIONS ") -> ()");
+        "Tensor(b!) grad_k, Tensor(c!) grad_v" FUSEDATTN_OPTIONS_SCHEMA ") -> ()");
   m.def("cpu_isa() -> str", &fusedattn::cpu::cpu_isa);
 }
 

@@ -86,7 +86,7 @@ __global__ void __launch_bounds__(kThreads) attention_backward_kernel(const Atte
   if (key_start >= view.seqlen_k) return;
   const int valid_keys = min(kBlockN, view.seqlen_k - key_start);
   const int group = p.heads_q / p.heads_kv;
-  const bool dropout = p.dropout_p > 0.0f;
+  const bool dropout = p.dropout_threshold != 0;
   const int qk_tiles = tiles_of(p.head_dim);
   const int value_tiles = tiles_of(p.head_dim_v);
 

@@ -75,7 +75,7 @@ __global__ void __launch_bounds__(kThreads) attention_forward_kernel(const Atten
   const int valid_rows = min(kBlockM, view.seqlen_q - first_row);
   const int kv_head = head / (p.heads_q / p.heads_kv);
   const ScoreRule<Element> rule(p, view, batch, head);
-  const bool dropout = p.dropout_p > 0.0f;
+  const bool dropout = p.dropout_threshold != 0;
 
   const Element* q = static_cast<const Element*>(p.q) + batch * p.q_strides.batch + head * p.q_strides.head +
                      (int64_t{view.q_row_base} + first_row) * p.q_strides.row;

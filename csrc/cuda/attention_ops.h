@@ -18,6 +18,7 @@
 #include <optional>
 #include <vector>
 
+#include "../native_options.h"
 #include "attention_params.h"
 
 namespace fusedattn::cuda {
@@ -111,16 +112,7 @@ inline void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Ten
   TORCH_CHECK(q.size(0) <= INT32_MAX && q.size(1) <= INT32_MAX, "fusedattn cuda: too many sequences or heads");
 }
 
-// The options shared by forward and backward, as in fusedattn/ops.py's op schema.
-struct Options {
-  std::optional<at::Tensor> attn_mask, key_lengths, cu_seqlens_q, cu_seqlens_k, alibi_slopes;
-  int64_t max_seqlen_q, max_seqlen_k;
-  double scale;
-  bool causal, bottom_right;
-  int64_t window_left, window_right;
-  double softcap, dropout_p;
-  int64_t dropout_seed_key, dropout_threshold;
-};
+using Options = ::fusedattn::NativeOptions;  // csrc/native_options.h
 
 // Fill p from q, k, v and the options. `keep_alive` holds converted tensors until the launch.
 inline AttentionParams make_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
@@ -176,11 +168,12 @@ inline AttentionParams make_params(const at::Tensor& q, const at::Tensor& k, con
   p.scale = static_cast<float>(options.scale);
   p.causal = options.causal;
   p.bottom_right = options.bottom_right;
-  // A window side wider than Sq + Sk (and than any sequence: max_seqlen is clamped to the
-  // packed tokens) hides nothing; clamping keeps the sides in int.
-  const int64_t widest = std::min<int64_t>(static_cast<int64_t>(p.seqlen_q) + p.seqlen_k + 1, INT32_MAX);
-  p.window_left = options.window_left < 0 ? -1 : static_cast<int>(std::min(options.window_left, widest));
-  p.window_right = options.window_right < 0 ? -1 : static_cast<int>(std::min(options.window_right, widest));
+  // Validation caps the sides at kWidestWindow (fusedattn.validation.WIDEST_WINDOW).
+  for (const int64_t side : {options.window_left, options.window_right})
+    TORCH_CHECK(side >= -1 && side <= kWidestWindow, "fusedattn cuda: window sides must be -1 or in [0, 2**30], got ",
+                side);
+  p.window_left = static_cast<int>(options.window_left);
+  p.window_right = static_cast<int>(options.window_right);
   p.softcap = static_cast<float>(options.softcap);
   if (options.alibi_slopes.has_value()) {
     const at::Tensor slopes = options.alibi_slopes->to(at::kFloat);
@@ -203,12 +196,11 @@ inline AttentionParams make_params(const at::Tensor& q, const at::Tensor& k, con
     p.mask = mask.data_ptr();
     for (int dim = 0; dim < 4; ++dim) p.mask_strides[dim] = mask.stride(dim);
   }
-  p.dropout_p = static_cast<float>(options.dropout_p);
-  if (options.dropout_p > 0.0) {
-    p.dropout_threshold = static_cast<uint64_t>(options.dropout_threshold);
-    p.dropout_seed_key = static_cast<uint32_t>(options.dropout_seed_key & 0xFFFFFFFF);
-    p.dropout_keep_scale = options.dropout_p >= 1.0 ? 0.0f : static_cast<float>(1.0 / (1.0 - options.dropout_p));
-  }
+  TORCH_CHECK(options.dropout_threshold >= 0 && options.dropout_threshold <= (int64_t(1) << 32),
+              "fusedattn cuda: dropout_threshold must be in [0, 2**32], got ", options.dropout_threshold);
+  p.dropout_threshold = static_cast<uint64_t>(options.dropout_threshold);
+  p.dropout_seed_key = static_cast<uint32_t>(options.dropout_seed_key & 0xFFFFFFFF);
+  p.dropout_keep_scale = static_cast<float>(options.dropout_keep_scale);
   return p;
 }
 
@@ -238,20 +230,11 @@ struct PreparedCall {
 // stream to launch on (bindings.cpp: CUDA; the CPU emulation of the tests: none).
 template <typename Device>
 void attention_forward_op(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in, at::Tensor& out,
-                          at::Tensor& lse, const std::optional<at::Tensor>& attn_mask,
-                          const std::optional<at::Tensor>& key_lengths,
-                          const std::optional<at::Tensor>& cu_seqlens_q,
-                          const std::optional<at::Tensor>& cu_seqlens_k,
-                          const std::optional<at::Tensor>& alibi_slopes, int64_t max_seqlen_q,
-                          int64_t max_seqlen_k, double scale, bool causal, bool bottom_right, int64_t window_left,
-                          int64_t window_right, double softcap, double dropout_p, int64_t dropout_seed_key,
-                          int64_t dropout_threshold) {
+                          at::Tensor& lse FUSEDATTN_OPTION_PARAMETERS) {
   Device::check(q_in);
   [[maybe_unused]] const auto device_guard = Device::guard(q_in);
-  detail::PreparedCall call(q_in, k_in, v_in,
-                            {attn_mask, key_lengths, cu_seqlens_q, cu_seqlens_k, alibi_slopes, max_seqlen_q,
-                             max_seqlen_k, scale, causal, bottom_right, window_left, window_right, softcap,
-                             dropout_p, dropout_seed_key, dropout_threshold});
+  FUSEDATTN_COLLECT_OPTIONS();
+  detail::PreparedCall call(q_in, k_in, v_in, options);
   detail::require_output(out, call.q, call.q.scalar_type(), "out");
   detail::require_output(lse, call.q, at::kFloat, "lse");
   detail::require_shape(out, detail::with_last(call.q.sizes(), call.v.size(-1)), "out");
@@ -268,21 +251,12 @@ void attention_forward_op(const at::Tensor& q_in, const at::Tensor& k_in, const 
 template <typename Device>
 void attention_backward_op(const at::Tensor& grad_out_in, const at::Tensor& q_in, const at::Tensor& k_in,
                            const at::Tensor& v_in, const at::Tensor& out, const at::Tensor& lse, at::Tensor& dq,
-                           at::Tensor& dk, at::Tensor& dv, const std::optional<at::Tensor>& attn_mask,
-                           const std::optional<at::Tensor>& key_lengths,
-                           const std::optional<at::Tensor>& cu_seqlens_q,
-                           const std::optional<at::Tensor>& cu_seqlens_k,
-                           const std::optional<at::Tensor>& alibi_slopes, int64_t max_seqlen_q,
-                           int64_t max_seqlen_k, double scale, bool causal, bool bottom_right, int64_t window_left,
-                           int64_t window_right, double softcap, double dropout_p, int64_t dropout_seed_key,
-                           int64_t dropout_threshold) {
+                           at::Tensor& dk, at::Tensor& dv FUSEDATTN_OPTION_PARAMETERS) {
   using namespace detail;
   Device::check(q_in);
   [[maybe_unused]] const auto device_guard = Device::guard(q_in);
-  PreparedCall call(q_in, k_in, v_in,
-                    {attn_mask, key_lengths, cu_seqlens_q, cu_seqlens_k, alibi_slopes, max_seqlen_q, max_seqlen_k,
-                     scale, causal, bottom_right, window_left, window_right, softcap, dropout_p, dropout_seed_key,
-                     dropout_threshold});
+  FUSEDATTN_COLLECT_OPTIONS();
+  PreparedCall call(q_in, k_in, v_in, options);
   const at::Tensor grad_out = with_contiguous_rows(grad_out_in);
   const at::Tensor& q = call.q;
   const bool varlen = call.varlen;
@@ -329,11 +303,5 @@ void attention_backward_op(const at::Tensor& grad_out_in, const at::Tensor& q_in
   TORCH_CHECK(error == nullptr, "fusedattn cuda backward: ", error);
   dq.copy_(dq_accum);
 }
-
-// The option arguments of both operator schemas.
-#define FUSEDATTN_CUDA_OPTIONS                                                                                 \
-  "Tensor? attn_mask, Tensor? key_lengths, Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, Tensor? alibi_slopes, " \
-  "int max_seqlen_q, int max_seqlen_k, float scale, bool causal, bool bottom_right, int window_left, "          \
-  "int window_right, float softcap, float dropout_p, int dropout_seed_key, int dropout_threshold"
 
 }  // namespace fusedattn::cuda

@@ -70,8 +70,7 @@ struct AttentionParams {
   const void* mask = nullptr;  // bool (1 byte) or the element type, read through strides
   int64_t mask_strides[4] = {0, 0, 0, 0};  // (batch, head, query, key)
 
-  float dropout_p = 0.0f;
-  uint64_t dropout_threshold = 0;  // drop when hash < floor(p * 2^32); may equal 2^32
+  uint64_t dropout_threshold = 0;  // drop when hash < floor(p * 2^32); may equal 2^32; 0: no dropout
   uint32_t dropout_seed_key = 0;   // semantics.dropout_seed_key(seed)
   float dropout_keep_scale = 1.0f;  // 1 / (1 - p), 0 when p == 1
 

@@ -19,11 +19,11 @@ struct CudaDevice {
 }  // namespace fusedattn::cuda
 
 TORCH_LIBRARY_FRAGMENT(fusedattn_native, m) {
-  m.def("cuda_attention_forward(Tensor q, Tensor k, Tensor v, Tensor(a!) out, Tensor(b!) lse, " FUSEDATTN_CUDA_OPTIONS
+  m.def("cuda_attention_forward(Tensor q, Tensor k, Tensor v, Tensor(a!) out, Tensor(b!) lse" FUSEDATTN_OPTIONS_SCHEMA
         ") -> ()");
   m.def(
       "cuda_attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
-      "Tensor(a!) dq, Tensor(b!) dk, Tensor(c!) dv, " FUSEDATTN_CUDA_OPTIONS ") -> ()");
+      "Tensor(a!) dq, Tensor(b!) dk, Tensor(c!) dv" FUSEDATTN_OPTIONS_SCHEMA ") -> ()");
 }
 
 TORCH_LIBRARY_IMPL(fusedattn_native, CUDA, m) {

@@ -84,6 +84,10 @@ def refusal(backend: Backend, call: AttentionCall | CallProfile) -> str | None:
     if missing:
         names = ", ".join(repr(m) for m in missing)
         return f"feature {names} is not supported" if len(missing) == 1 else f"features {names} are not supported"
+    not_differentiated = sorted(profile.differentiated_options - capabilities.differentiable_options)
+    if not_differentiated:
+        names = ", ".join(not_differentiated)
+        return f"no gradient for {names} (it requires grad)"
     return backend.refuse(profile)
 
 
@@ -103,7 +107,7 @@ def select_backend(call: AttentionCall, backend: str = AUTO) -> Backend:
     profile = CallProfile.of(call)
     name, error = _select_name(
         profile.device, profile.dtype, profile.head_dim, profile.head_dim_v,
-        tuple(sorted(profile.features)), bool(call.is_empty), backend,
+        tuple(sorted(profile.features)), tuple(sorted(profile.differentiated_options)), bool(call.is_empty), backend,
     )  # fmt: skip
     if error:
         # Raised here, not inside _select_name: an exception there would surface from a
@@ -119,6 +123,7 @@ def _select_name(
     head_dim: int,
     head_dim_v: int,
     features: tuple[str, ...],
+    differentiated_options: tuple[str, ...],
     empty: bool,
     backend: str,
 ) -> tuple[str, str]:
@@ -126,7 +131,7 @@ def _select_name(
     a forced backend that cannot serve it, or "" for an unknown name."""
     # Plain values in, plain strings out: torch.compile runs this once while tracing and
     # keeps the answer as a constant, instead of tracing through the registry.
-    profile = CallProfile(device, dtype, head_dim, head_dim_v, frozenset(features))
+    profile = CallProfile(device, dtype, head_dim, head_dim_v, frozenset(features), frozenset(differentiated_options))
     name = requested_backend(backend)
     backends = registry()
     if name != AUTO:

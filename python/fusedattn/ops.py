@@ -22,8 +22,9 @@ from typing import Any
 
 import torch
 
+from . import semantics
 from .backends.base import Backend
-from .semantics import AttentionCall, lse_dtype
+from .semantics import DIFFERENTIABLE_OPTIONS, AttentionCall, lse_dtype
 from .validation import metadata_guard, poison_if_invalid
 
 _UNBOUNDED = -1  # window side encoding in the op schema: -1 = unbounded
@@ -79,11 +80,41 @@ OPTIONS: tuple[OpOption, ...] = (
     OpOption("metadata_checked", "bool", "metadata_checked"),
 )  # fmt: skip
 _OPTION_PARAMETERS: tuple[tuple[str, str], ...] = tuple((option.name, option.schema_type) for option in OPTIONS)
+_OPTION_POSITIONS = {option.name: position for position, option in enumerate(OPTIONS)}
+# The backward op returns one gradient per differentiable option after dq, dk, dv (an
+# empty tensor where none was asked for); its last arguments, one bool per differentiable
+# option (NAME_gradient), say which are asked for.
+_DIFFERENTIABLE_POSITIONS = tuple(_OPTION_POSITIONS[name] for name in DIFFERENTIABLE_OPTIONS)
+_WANTED_PARAMETERS = tuple((f"{name}_gradient", "bool") for name in DIFFERENTIABLE_OPTIONS)
 
 
 def option_values(call: AttentionCall) -> dict[str, Any]:
     """The op's option values by name (what a backend passes to its native op)."""
     return {option.name: option.encode(getattr(call, option.field)) for option in OPTIONS}
+
+
+# The option arguments of every native operator (cpu_forward / cpu_backward,
+# cuda_attention_forward / cuda_attention_backward), in their schemas' one order
+# (csrc/native_options.h): the table's options, with dropout as the integers the kernels
+# hash with instead of dropout_p / dropout_seed. tests/test_ops.py checks the schemas.
+NATIVE_OPTIONS: tuple[str, ...] = (
+    *(option.name for option in OPTIONS if option.name not in ("dropout_p", "dropout_seed", "metadata_checked")),
+    "dropout_threshold",
+    "dropout_keep_scale",
+    "dropout_seed_key",
+)
+
+
+def native_option_values(call: AttentionCall) -> tuple[Any, ...]:
+    """The values of NATIVE_OPTIONS for call (ALiBi slopes contiguous float32)."""
+    values = option_values(call)
+    if values["alibi_slopes"] is not None:
+        values["alibi_slopes"] = values["alibi_slopes"].to(torch.float32).contiguous()
+    dropout = call.dropout_p > 0.0
+    values["dropout_threshold"] = semantics.dropout_threshold(call.dropout_p) if dropout else 0
+    values["dropout_keep_scale"] = semantics.dropout_keep_scale(call.dropout_p) if dropout else 1.0
+    values["dropout_seed_key"] = semantics.dropout_seed_key(int(call.dropout_seed)) if dropout else 0
+    return tuple(values[name] for name in NATIVE_OPTIONS)
 
 
 def op_arguments(call: AttentionCall) -> tuple[Any, ...]:
@@ -112,6 +143,20 @@ _OPS: dict[str, tuple[Any, Any]] = {}
 
 _FORWARD_TENSORS = ("q", "k", "v")
 _BACKWARD_TENSORS = ("grad_out", "out", "lse", "q", "k", "v")
+_BACKWARD_RETURNS = 3 + len(DIFFERENTIABLE_OPTIONS)
+
+
+def _wanted_options(flags: tuple[bool, ...]) -> tuple[str, ...]:
+    """The differentiable options whose gradient the backward op is asked for."""
+    return tuple(name for name, wanted in zip(DIFFERENTIABLE_OPTIONS, flags, strict=True) if wanted)
+
+
+def backward_arguments(call: AttentionCall, option_gradients: tuple[str, ...] = ()) -> tuple[Any, ...]:
+    """The tail of a backward op's arguments after (grad_out, out, lse): the forward's
+    arguments, then one flag per differentiable option."""
+    return (*op_arguments(call), *(name in option_gradients for name in DIFFERENTIABLE_OPTIONS))
+
+
 # Python annotations of the schema types: triton_op infers its schema from them.
 _ANNOTATIONS = {
     "Tensor": torch.Tensor,
@@ -123,14 +168,18 @@ _ANNOTATIONS = {
 }
 
 
-def _schema(tensor_names: tuple[str, ...], returns: int) -> str:
-    parameters = [f"Tensor {name}" for name in tensor_names] + [f"{kind} {name}" for name, kind in _OPTION_PARAMETERS]
+def _parameters(tensor_names: tuple[str, ...], backward: bool) -> list[tuple[str, str]]:
+    return [(name, "Tensor") for name in tensor_names] + list(_OPTION_PARAMETERS) + list(_WANTED_PARAMETERS * backward)
+
+
+def _schema(tensor_names: tuple[str, ...], returns: int, backward: bool = False) -> str:
+    parameters = [f"{kind} {name}" for name, kind in _parameters(tensor_names, backward)]
     return f"({', '.join(parameters)}) -> ({', '.join(['Tensor'] * returns)})"
 
 
-def _with_signature(function: Any, tensor_names: tuple[str, ...], returns: int) -> Any:
+def _with_signature(function: Any, tensor_names: tuple[str, ...], returns: int, backward: bool = False) -> Any:
     """Give a (*arguments) function the op's typed signature, for triton_op's schema inference."""
-    parameters = [(name, "Tensor") for name in tensor_names] + list(_OPTION_PARAMETERS)
+    parameters = _parameters(tensor_names, backward)
     function.__signature__ = inspect.Signature(
         [
             inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=_ANNOTATIONS[kind])
@@ -160,19 +209,40 @@ def _define(backend: Backend) -> tuple[Any, Any]:
     def backward_impl(grad_out: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, *arguments: Any):
         if backend.backward is None:
             raise NotImplementedError(f"backend {name!r} has no backward")
+        arguments, wanted_flags = arguments[: len(OPTIONS) + 3], arguments[len(OPTIONS) + 3 :]
         call = _call_from_arguments(arguments, read_seed)
+        wanted = _wanted_options(wanted_flags)
+        missing = sorted(set(wanted) - backend.capabilities.differentiable_options)
+        if missing:  # the dispatcher refuses such calls; a direct op call must not drop them
+            raise NotImplementedError(f"backend {name!r} cannot differentiate {', '.join(missing)}")
         invalid = metadata_guard(call, synchronize=backend.reads_metadata_on_host)
-        grads = poison_if_invalid(invalid, *backend.backward(call, grad_out, out, lse))
-        return tuple(g.contiguous() for g in grads)
+        if wanted:
+            grads = backend.backward(call, grad_out, out, lse, option_gradients=wanted)
+        else:
+            grads = backend.backward(call, grad_out, out, lse)
+        grads = poison_if_invalid(invalid, *grads)
+        option_grads = dict(zip(wanted, grads[3:], strict=True))
+        return tuple(g.contiguous() for g in grads[:3]) + tuple(
+            option_grads[option].contiguous() if option in option_grads else grad_out.new_empty(0)
+            for option in DIFFERENTIABLE_OPTIONS
+        )
 
     def forward_fake(*arguments: Any) -> tuple[torch.Tensor, torch.Tensor]:
         return _fake_outputs(_call_from_arguments_fake(arguments))
 
     def backward_fake(grad_out, out, lse, q, k, v, *rest):
+        options, wanted_flags = rest[: len(OPTIONS)], rest[len(OPTIONS) :]
+        option_grads = []
+        for position, wanted in zip(_DIFFERENTIABLE_POSITIONS, wanted_flags, strict=True):
+            option = options[position]
+            option_grads.append(
+                torch.empty(option.shape, dtype=option.dtype, device=option.device) if wanted else grad_out.new_empty(0)
+            )
         return (
             torch.empty(q.shape, dtype=q.dtype, device=q.device),
             torch.empty(k.shape, dtype=k.dtype, device=k.device),
             torch.empty(v.shape, dtype=v.dtype, device=v.device),
+            *option_grads,
         )
 
     library = None
@@ -184,14 +254,16 @@ def _define(backend: Backend) -> tuple[Any, Any]:
             qualified_forward, _with_signature(forward_impl, _FORWARD_TENSORS, 2), mutates_args=()
         )
         backward_definition = torch.library.triton_op(
-            qualified_backward, _with_signature(backward_impl, _BACKWARD_TENSORS, 3), mutates_args=()
+            qualified_backward,
+            _with_signature(backward_impl, _BACKWARD_TENSORS, _BACKWARD_RETURNS, backward=True),
+            mutates_args=(),
         )
         forward_definition.register_fake(forward_fake)
         backward_definition.register_fake(backward_fake)
     else:
         library = torch.library.Library("fusedattn", "FRAGMENT")
         library.define(f"{name}_forward{_schema(_FORWARD_TENSORS, 2)}")
-        library.define(f"{name}_backward{_schema(_BACKWARD_TENSORS, 3)}")
+        library.define(f"{name}_backward{_schema(_BACKWARD_TENSORS, _BACKWARD_RETURNS, backward=True)}")
         _LIBRARIES.append(library)
         # One implementation for every device: backends route devices themselves.
         torch.library.impl(qualified_forward, "CompositeExplicitAutograd", lib=library)(forward_impl)
@@ -209,6 +281,8 @@ def _define(backend: Backend) -> tuple[Any, Any]:
         ctx.save_for_backward(q, k, v, out, lse, *(tensors_and_options[i] for i in tensor_positions))
         ctx.tensor_positions = tensor_positions
         ctx.options = [None if isinstance(x, torch.Tensor) else x for x in tensors_and_options]
+        # needs_input_grad counts q, k, v first.
+        ctx.option_gradients = [ctx.needs_input_grad[3 + position] for position in _DIFFERENTIABLE_POSITIONS]
         ctx.mark_non_differentiable(lse)
 
     def autograd_backward(ctx: Any, grad_out: torch.Tensor | None, _grad_lse: Any):
@@ -218,8 +292,12 @@ def _define(backend: Backend) -> tuple[Any, Any]:
             options[position] = tensor
         if grad_out is None:
             grad_out = torch.zeros_like(out)
-        dq, dk, dv = backward_op(grad_out, out, lse, q, k, v, *options)
-        return (dq, dk, dv) + (None,) * len(options)
+        dq, dk, dv, *option_grads = backward_op(grad_out, out, lse, q, k, v, *options, *ctx.option_gradients)
+        gradients: list[torch.Tensor | None] = [None] * len(options)
+        for position, wanted, grad in zip(_DIFFERENTIABLE_POSITIONS, ctx.option_gradients, option_grads, strict=True):
+            if wanted:
+                gradients[position] = grad
+        return (dq, dk, dv, *gradients)
 
     torch.library.register_autograd(qualified_forward, autograd_backward, setup_context=setup_context, lib=library)
     return forward_op, backward_op

@@ -42,6 +42,12 @@ FEATURES: tuple[str, ...] = (
     "backward",
 )
 
+# Option tensors the output is differentiable in (besides q, k, v): both enter the
+# scores additively. A backend lists the ones its backward differentiates
+# (Capabilities.differentiable_options); the dispatcher refuses a call whose option
+# requires grad to a backend that does not list it.
+DIFFERENTIABLE_OPTIONS: tuple[str, ...] = ("attn_mask", "alibi_slopes")
+
 _MASK32 = 0xFFFFFFFF
 
 
@@ -178,6 +184,16 @@ class AttentionCall:
         if self.needs_grad:
             used.add("backward")
         return frozenset(used)
+
+    def differentiated_options(self) -> frozenset[str]:
+        """The DIFFERENTIABLE_OPTIONS whose tensors require grad (with grad mode on)."""
+        if not torch.is_grad_enabled():
+            return frozenset()
+        return frozenset(
+            name
+            for name in DIFFERENTIABLE_OPTIONS
+            if getattr(self, name) is not None and getattr(self, name).requires_grad
+        )
 
     def with_tensors(self, **tensors: torch.Tensor) -> AttentionCall:
         return replace(self, **tensors)

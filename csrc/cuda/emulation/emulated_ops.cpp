@@ -132,11 +132,11 @@ const char* attention_backward(const AttentionBackwardParams& bp, void*) {
 }  // namespace fusedattn::cuda
 
 TORCH_LIBRARY(fusedattn_cuda_emulation, m) {
-  m.def("cuda_attention_forward(Tensor q, Tensor k, Tensor v, Tensor(a!) out, Tensor(b!) lse, " FUSEDATTN_CUDA_OPTIONS
+  m.def("cuda_attention_forward(Tensor q, Tensor k, Tensor v, Tensor(a!) out, Tensor(b!) lse" FUSEDATTN_OPTIONS_SCHEMA
         ") -> ()");
   m.def(
       "cuda_attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
-      "Tensor(a!) dq, Tensor(b!) dk, Tensor(c!) dv, " FUSEDATTN_CUDA_OPTIONS ") -> ()");
+      "Tensor(a!) dq, Tensor(b!) dk, Tensor(c!) dv" FUSEDATTN_OPTIONS_SCHEMA ") -> ()");
   m.def("largest_shared_bytes() -> int", &fusedattn::cuda::largest_shared_bytes);
   m.def("sample_blocks(int[] blocks) -> ()", &fusedattn::cuda::sample_blocks);
 }

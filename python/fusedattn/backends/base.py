@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..outputs import allocate_output, poisoned_outputs
-from ..semantics import FEATURES, AttentionCall
+from ..semantics import DIFFERENTIABLE_OPTIONS, FEATURES, AttentionCall
 
 # Backends allocate every output through allocate_output (fusedattn.outputs, where the
 # Triton kernels import it from); re-exported here for the backends and the tests.
@@ -30,20 +30,29 @@ class CallProfile:
     head_dim: int
     head_dim_v: int
     features: frozenset[str]
+    differentiated_options: frozenset[str] = frozenset()
 
     @classmethod
     def of(cls, call: AttentionCall) -> CallProfile:
-        return cls(call.device.type, call.dtype, int(call.head_dim), int(call.head_dim_v), call.features())
+        return cls(
+            call.device.type,
+            call.dtype,
+            int(call.head_dim),
+            int(call.head_dim_v),
+            call.features(),
+            call.differentiated_options(),
+        )
 
 
 ForwardFn = Callable[[AttentionCall], tuple[torch.Tensor, torch.Tensor]]
 """(call) -> (out, lse): out (*q.shape[:-1], Dv) in q's dtype, lse float32 (see AttentionCall)."""
 
-BackwardFn = Callable[
-    [AttentionCall, torch.Tensor, torch.Tensor, torch.Tensor],
-    tuple[torch.Tensor, torch.Tensor, torch.Tensor],
-]
-"""(call, grad_out, out, lse) -> (dq, dk, dv), shaped like q, k, v."""
+BackwardFn = Callable[..., tuple[torch.Tensor, ...]]
+"""(call, grad_out, out, lse) -> (dq, dk, dv), shaped like q, k, v.
+
+A backend that lists differentiable_options is also called with the keyword
+option_gradients=(names...) (a subset of its list, in semantics.DIFFERENTIABLE_OPTIONS
+order) and then returns (dq, dk, dv, *one gradient per name, shaped like that option)."""
 
 
 @dataclass(frozen=True)
@@ -54,6 +63,8 @@ class Capabilities:
     dtypes: frozenset[torch.dtype]
     features: frozenset[str]
     max_head_dim: int = 256
+    # Option tensors (of semantics.DIFFERENTIABLE_OPTIONS) whose gradient the backward returns.
+    differentiable_options: frozenset[str] = frozenset()
     # Speed rank per device type for backend="auto": higher wins among eligible backends.
     priority: dict[str, int] = field(default_factory=dict)
 
@@ -61,6 +72,9 @@ class Capabilities:
         unknown = set(self.features) - set(FEATURES)
         if unknown:
             raise ValueError(f"unknown feature names {sorted(unknown)}; known: {FEATURES}")
+        unknown = set(self.differentiable_options) - set(DIFFERENTIABLE_OPTIONS)
+        if unknown:
+            raise ValueError(f"unknown differentiable options {sorted(unknown)}; known: {DIFFERENTIABLE_OPTIONS}")
 
 
 @dataclass(frozen=True)

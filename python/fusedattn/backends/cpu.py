@@ -13,7 +13,7 @@ import torch
 
 from .. import semantics
 from .._native import native, native_error
-from ..ops import option_values
+from ..ops import native_option_values
 from ..semantics import AttentionCall
 from .base import Backend, Capabilities, allocate_output
 
@@ -32,39 +32,12 @@ def selected_isa() -> str:
     return torch.ops.fusedattn_native.cpu_isa()
 
 
-# The native ops' options, in their schema's order (csrc/cpu/attention_cpu.cpp).
-_NATIVE_OPTIONS = ("attn_mask", "key_lengths", "cu_seqlens_q", "cu_seqlens_k", "alibi_slopes", "max_seqlen_q",
-                   "max_seqlen_k", "scale", "causal", "bottom_right", "window_left", "window_right", "softcap")  # fmt: skip
-
-
-def _options(call: AttentionCall) -> tuple:
-    """The option tail shared by cpu_forward and cpu_backward.
-
-    The custom op's options by name (ops.option_values: masks, varlen offsets, ALiBi,
-    max lengths, scale, causal, alignment, window, softcap), with ALiBi slopes as
-    contiguous float32 and dropout as the integers the kernels hash with.
-    """
-    values = option_values(call)
-    if values["alibi_slopes"] is not None:
-        values["alibi_slopes"] = values["alibi_slopes"].to(torch.float32).contiguous()
-    options = [values[name] for name in _NATIVE_OPTIONS]
-    if call.dropout_p > 0.0:
-        dropout = (
-            semantics.dropout_threshold(call.dropout_p),
-            semantics.dropout_keep_scale(call.dropout_p),
-            semantics.dropout_seed_key(int(call.dropout_seed)),
-        )
-    else:
-        dropout = (0, 1.0, 0)
-    return (*options, *dropout)
-
-
 def forward(call: AttentionCall) -> tuple[torch.Tensor, torch.Tensor]:
     """out (*q.shape[:-1], Dv) in q's dtype and lse float32 (B, Hq, Sq) or (Hq, Tq)."""
     native()
     out = allocate_output(call.out_shape, call.dtype, call.device)
     lse = allocate_output(call.lse_shape, torch.float32, call.device)
-    torch.ops.fusedattn_native.cpu_forward(call.q, call.k, call.v, out, lse, *_options(call))
+    torch.ops.fusedattn_native.cpu_forward(call.q, call.k, call.v, out, lse, *native_option_values(call))
     return out, lse
 
 
@@ -77,7 +50,7 @@ def backward(
     grad_k = allocate_output(tuple(call.k.shape), call.dtype, call.device)
     grad_v = allocate_output(tuple(call.v.shape), call.dtype, call.device)
     torch.ops.fusedattn_native.cpu_backward(
-        grad_out.to(call.dtype), call.q, call.k, call.v, out, lse, grad_q, grad_k, grad_v, *_options(call)
+        grad_out.to(call.dtype), call.q, call.k, call.v, out, lse, grad_q, grad_k, grad_v, *native_option_values(call)
     )
     return grad_q, grad_k, grad_v
 

@@ -26,7 +26,7 @@ import torch
 
 from .. import semantics
 from .._native import build_info, native_error
-from ..ops import option_values
+from ..ops import native_option_values
 from ..semantics import AttentionCall
 from .base import Backend, CallProfile, Capabilities, allocate_output
 
@@ -101,25 +101,6 @@ def refuse(profile: CallProfile) -> str | None:
     return None
 
 
-# The native ops' options, in their schema's order (csrc/cuda/bindings.cpp).
-_NATIVE_OPTIONS = ("attn_mask", "key_lengths", "cu_seqlens_q", "cu_seqlens_k", "alibi_slopes", "max_seqlen_q",
-                   "max_seqlen_k", "scale", "causal", "bottom_right", "window_left", "window_right", "softcap",
-                   "dropout_p")  # fmt: skip
-
-
-def _native_options(call: AttentionCall) -> tuple[object, ...]:
-    """The option arguments shared by both native ops (see csrc/cuda/bindings.cpp): the
-    custom op's options by name (ops.option_values, masks through dropout_p), then
-    dropout as the integers the kernels hash with."""
-    dropout = call.dropout_p > 0.0
-    values = option_values(call)
-    return (
-        *(values[name] for name in _NATIVE_OPTIONS),
-        semantics.dropout_seed_key(int(call.dropout_seed)) if dropout else 0,
-        semantics.dropout_threshold(call.dropout_p) if dropout else 0,
-    )
-
-
 def forward(call: AttentionCall, operators: object | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """out (*q.shape[:-1], Dv) in q's dtype and lse float32 (B, Hq, Sq) or (Hq, Tq).
 
@@ -129,7 +110,7 @@ def forward(call: AttentionCall, operators: object | None = None) -> tuple[torch
     operators = torch.ops.fusedattn_native if operators is None else operators
     out = allocate_output(call.out_shape, call.dtype, call.device)
     lse = allocate_output(call.lse_shape, torch.float32, call.device)
-    operators.cuda_attention_forward(call.q, call.k, call.v, out, lse, *_native_options(call))
+    operators.cuda_attention_forward(call.q, call.k, call.v, out, lse, *native_option_values(call))
     return out, lse
 
 
@@ -145,7 +126,9 @@ def backward(
     dq = allocate_output(tuple(call.q.shape), call.dtype, call.device)
     dk = allocate_output(tuple(call.k.shape), call.dtype, call.device)
     dv = allocate_output(tuple(call.v.shape), call.dtype, call.device)
-    operators.cuda_attention_backward(grad_out, call.q, call.k, call.v, out, lse, dq, dk, dv, *_native_options(call))
+    operators.cuda_attention_backward(
+        grad_out, call.q, call.k, call.v, out, lse, dq, dk, dv, *native_option_values(call)
+    )
     return dq, dk, dv
 
 

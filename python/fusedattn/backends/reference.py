@@ -146,12 +146,14 @@ def reference_attention(
     call: AttentionCall,
     compute_dtype: torch.dtype | None = None,
     grad_out: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None]:
+    option_gradients: tuple[str, ...] = (),
+) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...] | None]:
     """Attention per docs/semantics.md, computed entirely in compute_dtype.
 
-    Returns (out, lse, grads) in compute_dtype; grads is (dq, dk, dv) for grad_out, or
-    None without grad_out. With compute_dtype=q.dtype this is the "same low precision"
-    run of the parity rule; with float64 it is the oracle.
+    Returns (out, lse, grads) in compute_dtype; grads is (dq, dk, dv) for grad_out, then
+    the gradient of each option named in option_gradients (semantics.DIFFERENTIABLE_OPTIONS,
+    shaped like that option), or None without grad_out. With compute_dtype=q.dtype this is
+    the "same low precision" run of the parity rule; with float64 it is the oracle.
     """
     compute_dtype = compute_dtype or default_compute_dtype(call.dtype)
     if grad_out is None:
@@ -159,12 +161,13 @@ def reference_attention(
             out, lse = _compute(call, compute_dtype)
         return out, lse, None
     with torch.enable_grad():
-        inputs = [t.detach().to(compute_dtype).requires_grad_(True) for t in (call.q, call.k, call.v)]
-        out, lse = _compute(call.with_tensors(q=inputs[0], k=inputs[1], v=inputs[2]), compute_dtype)
+        names = ("q", "k", "v", *option_gradients)
+        inputs = [getattr(call, name).detach().to(compute_dtype).requires_grad_(True) for name in names]
+        out, lse = _compute(call.with_tensors(**dict(zip(names, inputs))), compute_dtype)
         if out.requires_grad:
             grads = torch.autograd.grad(out, inputs, grad_out.to(compute_dtype), allow_unused=True)
         else:  # no keys at all: the output is constant 0
-            grads = (None, None, None)
+            grads = (None,) * len(inputs)
     grads = tuple(torch.zeros_like(x) if g is None else g for g, x in zip(grads, inputs))
     return out.detach(), lse.detach(), grads
 
@@ -175,10 +178,16 @@ def forward(call: AttentionCall) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def backward(
-    call: AttentionCall, grad_out: torch.Tensor, out: torch.Tensor, lse: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    _, _, (dq, dk, dv) = reference_attention(call, grad_out=grad_out)
-    return dq.to(call.dtype), dk.to(call.dtype), dv.to(call.dtype)
+    call: AttentionCall,
+    grad_out: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    option_gradients: tuple[str, ...] = (),
+) -> tuple[torch.Tensor, ...]:
+    """(dq, dk, dv, *gradients of option_gradients), each in its input's dtype."""
+    _, _, grads = reference_attention(call, grad_out=grad_out, option_gradients=option_gradients)
+    names = ("q", "k", "v", *option_gradients)
+    return tuple(grad.to(getattr(call, name).dtype) for name, grad in zip(names, grads))
 
 
 BACKEND = Backend(
@@ -190,6 +199,7 @@ BACKEND = Backend(
         features=frozenset(semantics.FEATURES),
         max_head_dim=semantics.MAX_HEAD_DIM,
         priority={"cpu": 0, "cuda": 0},
+        differentiable_options=frozenset(semantics.DIFFERENTIABLE_OPTIONS),
     ),
     forward=forward,
     backward=backward,

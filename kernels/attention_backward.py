@@ -529,6 +529,9 @@ PROGRAMS_PER_MULTIPROCESSOR = 2
 INTERPRETER_MULTIPROCESSORS = 4  # small enough that the tests' shapes split
 
 
+PREPROCESS_BLOCK_M = 64  # rows per program of the delta = rowsum(dO * O) kernel
+
+
 def group_splits(problem: Problem, block_n: int, device: torch.device) -> int:
     """How many programs share one KV head's dK/dV: 1 (the whole group in one program)
     unless B * Hkv * key blocks leaves the GPU idle; then the largest divisor of the
@@ -571,16 +574,15 @@ def _run_backward(
     varlen = problem.varlen
     block_d = padded_dim(problem.head_dim)
     block_dv = padded_dim(problem.head_dim_v)
-    config = configs.backward_config(max(block_d, block_dv), q.dtype)
-    block_m, block_n = config["BLOCK_M"], config["BLOCK_N"]
-    launch_options = dict(num_warps=config["num_warps"], num_stages=config["num_stages"])
+    heavy = call.attn_mask is not None or call.dropout_p > 0.0 or call.softcap is not None
+    dkdv_config, dq_config = configs.backward_configs(max(block_d, block_dv), q.dtype, heavy)
     features = feature_arguments(call)
 
     delta = torch.empty_like(lse)
     statistics_strides = dict(zip(("stride_lb", "stride_lh", "stride_ls"), lse_strides(lse, varlen)))
     launch(
         attention_backward_preprocess_kernel,
-        flat_grid(triton.cdiv(problem.seqlen_q, block_m), problem.heads_q, problem.batch),
+        flat_grid(triton.cdiv(problem.seqlen_q, PREPROCESS_BLOCK_M), problem.heads_q, problem.batch),
         Out=out,
         GradOut=grad_out,
         Delta=delta,
@@ -594,7 +596,7 @@ def _run_backward(
         HEAD_DIM_V=problem.head_dim_v,
         BLOCK_DV=block_dv,
         IS_VARLEN=varlen,
-        BLOCK_M=block_m,
+        BLOCK_M=PREPROCESS_BLOCK_M,
         num_warps=4,
     )
 
@@ -621,11 +623,9 @@ def _run_backward(
         HEAD_DIM_V=problem.head_dim_v,
         BLOCK_D=block_d,
         BLOCK_DV=block_dv,
-        BLOCK_M=block_m,
-        BLOCK_N=block_n,
         **features,
-        **launch_options,
     )
+    block_n = dkdv_config["BLOCK_N"]
     splits = group_splits(problem, block_n, q.device)
     if splits > 1:
         grad_k_partial, grad_v_partial = (_group_partial(t, splits) for t in (grad_k, grad_v))
@@ -645,6 +645,7 @@ def _run_backward(
         group_splits=splits,
         ATOMIC_DQ=not deterministic,
         **shared,
+        **dkdv_config,
     )
     if splits > 1:
         # Heads are dim 1 of (B, Hkv * splits, Sk, D) and of varlen's (T, Hkv * splits, D).
@@ -655,12 +656,13 @@ def _run_backward(
     if deterministic:
         launch(
             attention_backward_dq_kernel,
-            flat_grid(triton.cdiv(problem.seqlen_q, block_m), problem.heads_q, problem.batch),
+            flat_grid(triton.cdiv(problem.seqlen_q, dq_config["BLOCK_M"]), problem.heads_q, problem.batch),
             GradQ=grad_q,
             **_strides("stride_dq", grad_q, varlen),
             heads_q=problem.heads_q,
             grid_rows=problem.seqlen_q,
             **shared,
+            **dq_config,
         )
     else:
         grad_q.copy_(grad_q_accumulator)

@@ -3,7 +3,7 @@
 On a GPU the forward kernel is autotuned over a short list chosen by head dim, dtype and
 features (pruned by hand: at most four configs, so a first call tunes in seconds), and
 the autotuner keys on the GPU, the padded head dims, the features and the sequence
-length bucket. Backward and decode use one heuristic config each. Under the Triton
+length bucket. Backward (one config per kernel) and decode use fixed configs. Under the Triton
 interpreter every kernel gets one small config: the interpreter runs each program in
 Python, so autotuning there would only multiply test time.
 """
@@ -68,15 +68,40 @@ def forward_configs(block_d: int, dtype: torch.dtype, heavy_features: bool) -> t
     return tuple(_config(*config) for config in chosen)
 
 
-def backward_config(block_d: int, dtype: torch.dtype) -> dict[str, int]:
-    """BLOCK_M, BLOCK_N, num_warps, num_stages for the dK/dV and dQ kernels."""
+# Backward (BLOCK_M, BLOCK_N, num_warps, num_stages) by padded head dim, for bf16 / fp16,
+# each (without heavy features, with them): the dK/dV kernel first, the dQ kernel second.
+# The two kernels want different shapes: dK/dV holds BLOCK_N keys (its dK, dV accumulators)
+# and runs its dots in the transposed orientation, where BLOCK_N is the wgmma M dimension,
+# so it takes many keys and few queries per step; dQ holds BLOCK_M query rows. Chosen by
+# compiling candidates for sm_90 with Triton 3.6 (scripts/device_compile_check.py) for the
+# fewest spills; results in benchmarks/results/triton-compile/.
+_HALF_BACKWARD_CONFIGS = {
+    64: (((32, 128, 8, 2), (32, 128, 8, 2)), ((64, 64, 8, 2), (64, 64, 8, 2))),
+    128: (((32, 128, 8, 2), (16, 128, 8, 2)), ((64, 64, 8, 2), (64, 64, 8, 2))),
+    256: (((64, 32, 8, 1), (64, 32, 8, 1)), ((32, 64, 8, 1), (32, 64, 8, 1))),
+}
+# fp32 (exact FMA dots) and the d256 fallback of old: small tiles, one stage.
+_FLOAT32_BACKWARD_CONFIGS = {
+    64: ((32, 64, 4, 1), (32, 64, 4, 1)),
+    128: ((32, 32, 4, 1), (32, 32, 4, 1)),
+    256: ((32, 32, 4, 1), (32, 32, 4, 1)),
+}
+
+
+def _launch_config(block_m: int, block_n: int, warps: int, stages: int) -> dict[str, int]:
+    return dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages)
+
+
+def backward_configs(block_d: int, dtype: torch.dtype, heavy_features: bool) -> tuple[dict[str, int], dict[str, int]]:
+    """(dK/dV kernel, dQ kernel) launch configs: BLOCK_M, BLOCK_N, num_warps, num_stages."""
     if interpreting():
-        return dict(BLOCK_M=INTERPRETER_BLOCK, BLOCK_N=INTERPRETER_BLOCK, num_warps=4, num_stages=1)
-    if dtype == torch.float32 or block_d > 128:
-        return dict(BLOCK_M=32, BLOCK_N=64 if block_d <= 64 else 32, num_warps=4, num_stages=1)
-    if block_d <= 64:
-        return dict(BLOCK_M=64, BLOCK_N=128, num_warps=8, num_stages=2)
-    return dict(BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=2)
+        small = _launch_config(INTERPRETER_BLOCK, INTERPRETER_BLOCK, 4, 1)
+        return small, small
+    bucket = 64 if block_d <= 64 else (128 if block_d <= 128 else 256)
+    if dtype == torch.float32:
+        return tuple(_launch_config(*config) for config in _FLOAT32_BACKWARD_CONFIGS[bucket])
+    dkdv, dq = _HALF_BACKWARD_CONFIGS[bucket]
+    return _launch_config(*dkdv[heavy_features]), _launch_config(*dq[heavy_features])
 
 
 def decode_config(block_d: int, dtype: torch.dtype) -> dict[str, int]:

@@ -382,3 +382,18 @@ def test_a_gradient_that_cancels_to_zero_is_judged_on_the_scale_of_its_terms():
     nan = noise.clone()
     nan[0, 0] = float("nan")
     assert not check_tensor("dq", nan, zero, zero, torch.float16, magnitude=10.0).passed
+
+
+def test_grid_draws_options_from_the_shared_feature_case_table():
+    # The parity grid and every backend's tests share fusedattn.testing.FEATURE_CASES: each
+    # option focus has table entries, and the grid adopts them (window sides, softcaps and
+    # dropout rates the random draws never produce).
+    from fusedattn.parity.cases import FOCUS, _table_entries_for
+    from fusedattn.testing import FEATURE_CASES, SHAPE_FEATURES
+
+    option_foci = [f for f in FOCUS if f not in SHAPE_FEATURES and f not in ("fully_masked", "non_contiguous")]
+    assert all(_table_entries_for(focus) for focus in option_foci)
+    cases = select_cases(40 * len(FOCUS), 3, SMALL)
+    windows = {c.window for c in cases}
+    assert {tuple(o["window"]) for o in FEATURE_CASES.values() if "window" in o} <= windows
+    assert {o["softcap"] for o in FEATURE_CASES.values() if "softcap" in o} <= {c.softcap for c in cases}

@@ -8,7 +8,10 @@ Coverage is guaranteed by construction, not by luck: case i focuses on
 FOCUS[i % len(FOCUS)] (each feature of semantics.FEATURES, plus fully masked rows and
 non-contiguous inputs) and draws the other features at random; its dtype, query length,
 head dim and GQA ratio cycle through their lists, so the first 3 x len(FOCUS) cases hold
-every (focus, dtype) pair.
+every (focus, dtype) pair. Half the cases whose focus is an option take that option (and
+the others of the entry) from an entry of the shared feature-case table
+(fusedattn.testing.FEATURE_CASES, the one every backend's tests run) that uses it, on the
+grid's random shapes; the other half draw the option's values.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from typing import Any
 import torch
 
 from ..semantics import FEATURES, AttentionCall
+from ..testing import FEATURE_CASES
 
 DTYPES: dict[str, torch.dtype] = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 _DTYPE_ALIASES = {
@@ -40,6 +44,7 @@ _DTYPE_ALIASES = {
 FOCUS: tuple[str, ...] = tuple(name for name in FEATURES if name != "backward") + ("fully_masked", "non_contiguous")
 _DRAWN = tuple(name for name in FOCUS if not name.startswith("causal_")) + ("causal",)
 _DRAW_PROBABILITY = 0.2
+_TABLE_PROBABILITY = 0.5
 _MASK_FEATURES = ("bool_mask", "additive_mask", "key_lengths")  # dense-only: attention_varlen has none
 
 HEAD_DIMS: tuple[int, ...] = (16, 32, 40, 64, 80, 96, 112, 128, 192, 256)
@@ -273,6 +278,53 @@ def _mask_shape(rng: random.Random, batch: int, heads_q: int, seqlen_q: int, seq
     )
 
 
+# ---- the shared feature-case table as grid options -------------------------------------
+_TABLE_MASKS = {"bool": ("bool_mask", None), "bool_every_third_row_empty": ("bool_mask", "mask_row"),
+                "additive": ("additive_mask", None)}  # fmt: skip
+
+
+def _table_entry(name: str) -> tuple[frozenset[str], str | None, dict[str, Any], str | None]:
+    """(grid features it turns on, its causal alignment or None, Case fields, fully_masked)
+    of FEATURE_CASES[name], whose symbolic values the grid's Case fields share."""
+    options = FEATURE_CASES[name]
+    on, fields, fully_masked = set(), {}, None
+    if options.get("causal"):
+        on.add("causal")
+    if "window" in options:
+        on.add("window")
+        fields["window"] = tuple(options["window"])
+    if "alibi_slopes" in options:
+        on.add("alibi")
+        fields["alibi"] = options["alibi_slopes"]
+    if "softcap" in options:
+        on.add("softcap")
+        fields["softcap"] = options["softcap"]
+    if options.get("dropout_p"):
+        on.add("dropout")
+        fields["dropout_p"] = options["dropout_p"]
+    if "attn_mask" in options:
+        feature, fully_masked = _TABLE_MASKS[options["attn_mask"]]
+        on.add(feature)
+    if "key_lengths" in options:
+        on.add("key_lengths")
+        if options["key_lengths"] == "first_zero":
+            fully_masked = "zero_key_length"
+    return frozenset(on), options.get("causal_alignment"), fields, fully_masked
+
+
+def _table_entries_for(focus: str) -> list[str]:
+    """The FEATURE_CASES names that use the option feature focus (empty for shape features)."""
+    names = []
+    for name in FEATURE_CASES:
+        on, alignment, _, _ = _table_entry(name)
+        if focus.startswith("causal_"):
+            if "causal" in on and (alignment or "bottom_right") == focus.removeprefix("causal_"):
+                names.append(name)
+        elif focus in on:
+            names.append(name)
+    return names
+
+
 def make_case(index: int, seed: int, profile: SizeProfile) -> Case:
     """Case number index of the grid for (seed, profile)."""
     if index < 0:
@@ -289,6 +341,19 @@ def make_case(index: int, seed: int, profile: SizeProfile) -> Case:
     # attention_varlen takes no attn_mask or key_lengths; one attn_mask at a time.
     if on["varlen"] and focus in _MASK_FEATURES:
         on["varlen"] = False
+    if on["varlen"]:
+        for name in _MASK_FEATURES:
+            on[name] = False
+    table_fields: dict[str, Any] = {}
+    table_fully_masked = None
+    entries = _table_entries_for(focus)
+    if entries and rng.random() < _TABLE_PROBABILITY:
+        entry_on, entry_alignment, table_fields, table_fully_masked = _table_entry(rng.choice(entries))
+        for name in ("causal", "window", "alibi", "softcap", "dropout", "bool_mask", "additive_mask", "key_lengths"):
+            on[name] = name in entry_on
+        alignment = entry_alignment or "bottom_right"
+        if entry_on & set(_MASK_FEATURES):
+            on["varlen"] = False
     if on["varlen"]:
         for name in _MASK_FEATURES:
             on[name] = False
@@ -320,8 +385,8 @@ def make_case(index: int, seed: int, profile: SizeProfile) -> Case:
         seqlen_k = seqlen_q if rng.random() < 0.4 else rng.choice(profile.seqlens)
 
     fields: dict[str, Any] = {}
-    fully_masked = None
-    if on["fully_masked"]:
+    fully_masked = table_fully_masked
+    if on["fully_masked"] and fully_masked is None:
         if on["varlen"]:
             fully_masked = rng.choice(("empty_key_sequence", "causal_short_keys"))
         else:
@@ -372,6 +437,7 @@ def make_case(index: int, seed: int, profile: SizeProfile) -> Case:
     if on["dropout"]:
         fields["dropout_p"] = rng.choice((0.1, 0.25, 0.5))
         fields["dropout_seed"] = rng.randrange(2**62)
+    fields.update(table_fields)  # a table entry's values replace the drawn ones
     if rng.random() < 0.2:
         fields["scale"] = round(rng.uniform(0.3, 2.0) / math.sqrt(head_dim), 6)
     return Case(

@@ -19,9 +19,9 @@ import pytest
 import torch
 from fusedattn import validation
 from fusedattn.backends.cpu import BACKEND as CPU_BACKEND
-from fusedattn.backends.cpu import _options as cpu_native_options
 from fusedattn.compat import flash_attn_varlen_func, flash_attn_with_kvcache
 from fusedattn.ops import backward_arguments, op_arguments, ops_for
+from fusedattn.ops import native_option_values as cpu_native_options
 
 TOKENS = 10
 VALID_OFFSETS = [0, 4, 10]

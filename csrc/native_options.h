@@ -26,6 +26,7 @@
   X(const std::optional<at::Tensor>&, cu_seqlens_q, "Tensor?") \
   X(const std::optional<at::Tensor>&, cu_seqlens_k, "Tensor?") \
   X(const std::optional<at::Tensor>&, alibi_slopes, "Tensor?") \
+  X(const std::optional<at::Tensor>&, sinks, "Tensor?")        \
   X(int64_t, max_seqlen_q, "int")                              \
   X(int64_t, max_seqlen_k, "int")                              \
   X(double, scale, "float")                                    \

@@ -58,6 +58,9 @@ def attention_backward_preprocess_kernel(
     Out,
     GradOut,
     Delta,
+    Lse,
+    Sinks,
+    SinkTerms,
     CuSeqlensQ,
     stride_ob,
     stride_oh,
@@ -74,9 +77,11 @@ def attention_backward_preprocess_kernel(
     HEAD_DIM_V: tl.constexpr,
     BLOCK_DV: tl.constexpr,
     IS_VARLEN: tl.constexpr,
+    HAS_SINKS: tl.constexpr,
     BLOCK_M: tl.constexpr,
 ):
-    """delta[row] = sum_d dO[row, d] * O[row, d] in float32."""
+    """delta[row] = sum_d dO[row, d] * O[row, d] in float32; with sinks also the row's term
+    of d sink[head] = -sum_rows exp(sink - lse) * delta (the sink's probability times delta)."""
     block_m, head, batch = grid_position(tl.cdiv(grid_rows, BLOCK_M), heads_q)
     if IS_VARLEN:
         q_start, len_q = packed_span(CuSeqlensQ, batch, extent_q)
@@ -106,8 +111,14 @@ def attention_backward_preprocess_kernel(
         other=0.0,
     )
     delta = tl.sum(out.to(tl.float32) * grad_out.to(tl.float32), 1)
-    lse_base = Delta + batch.to(tl.int64) * stride_lb + head.to(tl.int64) * stride_lh + q_start.to(tl.int64) * stride_ls
-    tl.store(lse_base + rows * stride_ls, delta, mask=rows < len_q)
+    statistics = batch.to(tl.int64) * stride_lb + head.to(tl.int64) * stride_lh + q_start.to(tl.int64) * stride_ls
+    tl.store(Delta + statistics + rows * stride_ls, delta, mask=rows < len_q)
+    if HAS_SINKS:
+        lse = tl.load(Lse + statistics + rows * stride_ls, mask=rows < len_q, other=float("-inf"))
+        sink = tl.load(Sinks + head).to(tl.float32)
+        # lse >= sink when the sink is finite; a -inf sink has probability 0.
+        sink_probability = tl.where(lse == float("-inf"), 0.0, tl.exp(sink - lse))
+        tl.store(SinkTerms + statistics + rows * stride_ls, -sink_probability * delta, mask=rows < len_q)
 
 
 @triton.jit
@@ -575,10 +586,18 @@ def _run_backward(
     block_d = padded_dim(problem.head_dim)
     block_dv = padded_dim(problem.head_dim_v)
     heavy = call.attn_mask is not None or call.dropout_p > 0.0 or call.softcap is not None
-    dkdv_config, dq_config = configs.backward_configs(max(block_d, block_dv), q.dtype, heavy)
+    ragged = problem.head_dim != block_d or problem.head_dim_v != block_dv
+    dkdv_config, dq_config = configs.backward_configs(max(block_d, block_dv), q.dtype, heavy, ragged)
     features = feature_arguments(call)
+    # Sinks change no score gradient (P comes from the lse, which holds them): only the
+    # preprocess kernel reads them, for d sinks.
+    sinks, has_sinks = features.pop("Sinks"), features.pop("HAS_SINKS")
 
     delta = torch.empty_like(lse)
+    # Rows no sequence covers (varlen) keep a 0 term. Without sinks an unused empty tensor:
+    # never another written argument (torch.compile's functionalization would take two
+    # written arguments that alias for two outputs).
+    sink_terms = torch.zeros_like(lse) if has_sinks else lse.new_empty(0)
     statistics_strides = dict(zip(("stride_lb", "stride_lh", "stride_ls"), lse_strides(lse, varlen)))
     launch(
         attention_backward_preprocess_kernel,
@@ -586,6 +605,9 @@ def _run_backward(
         Out=out,
         GradOut=grad_out,
         Delta=delta,
+        Lse=lse if has_sinks else sink_terms,
+        Sinks=sinks,
+        SinkTerms=sink_terms,
         CuSeqlensQ=features["CuSeqlensQ"],
         **_strides("stride_o", out, varlen),
         **_strides("stride_g", grad_out, varlen),
@@ -596,6 +618,7 @@ def _run_backward(
         HEAD_DIM_V=problem.head_dim_v,
         BLOCK_DV=block_dv,
         IS_VARLEN=varlen,
+        HAS_SINKS=has_sinks,
         BLOCK_M=PREPROCESS_BLOCK_M,
         num_warps=4,
     )
@@ -666,12 +689,25 @@ def _run_backward(
         )
     else:
         grad_q.copy_(grad_q_accumulator)
-    return grad_q, grad_k, grad_v
+    if not has_sinks:
+        return grad_q, grad_k, grad_v
+    # d sinks[h]: the sum of the rows' terms over every dimension but the heads (dim 1 of
+    # the dense (B, Hq, Sq) statistics, dim 0 of varlen's (Hq, T)): a fixed-order reduction.
+    grad_sinks = sink_terms.sum(dim=(0, 2)) if not varlen else sink_terms.sum(dim=1)
+    return grad_q, grad_k, grad_v, grad_sinks
 
 
 def backward(
-    call: AttentionCall, grad_out: torch.Tensor, out: torch.Tensor, lse: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dq, dk, dv) shaped like q, k, v for grad_out shaped like out; lse from the forward."""
+    call: AttentionCall,
+    grad_out: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    option_gradients: tuple[str, ...] = (),
+) -> tuple[torch.Tensor, ...]:
+    """(dq, dk, dv) shaped like q, k, v for grad_out shaped like out; lse from the forward.
+    With option_gradients=("sinks",) also d sinks, (Hq,) float32."""
     with device_guard(call.q):
-        return _run_backward(call, grad_out, out, lse)
+        grads = _run_backward(call, grad_out, out, lse)
+    if "sinks" in option_gradients:
+        return grads
+    return grads[:3]

@@ -181,15 +181,18 @@ def attention_decode_combine_kernel(
     stride_lb,
     stride_lh,
     stride_ls,
+    Sinks,
     heads_q,
     seqlen_q,
     splits,
     HEAD_DIM_V: tl.constexpr,
     BLOCK_DV: tl.constexpr,
     BLOCK_SPLITS: tl.constexpr,
+    HAS_SINKS: tl.constexpr,
 ):
     """out = sum_s exp(lse_s - lse) * out_s with lse = logsumexp_s lse_s, one (token, head)
-    per program; token = batch * seqlen_q + row (varlen: seqlen_q is the packed count)."""
+    per program; token = batch * seqlen_q + row (varlen: seqlen_q is the packed count).
+    A head's sink joins here, once, as one more slice with lse = sink and output 0."""
     row_index = tl.program_id(0)
     head = row_index % heads_q
     token = row_index // heads_q
@@ -200,9 +203,14 @@ def attention_decode_combine_kernel(
     split_valid = offs_s < splits
     partial_lse = tl.load(PartialLse + row_index.to(tl.int64) * splits + offs_s, mask=split_valid, other=float("-inf"))
     largest = tl.max(partial_lse, 0)
+    if HAS_SINKS:
+        sink = tl.load(Sinks + head).to(tl.float32)
+        largest = tl.maximum(largest, sink)
     safe_largest = tl.where(largest == float("-inf"), 0.0, largest)
     weights = tl.exp(partial_lse - safe_largest)
     total = tl.sum(weights, 0)
+    if HAS_SINKS:
+        total += tl.exp(sink - safe_largest)
     partial_out = tl.load(
         PartialOut + (row_index.to(tl.int64) * splits + offs_s[:, None]) * HEAD_DIM_V + offs_dv[None, :],
         mask=split_valid[:, None] & (offs_dv < HEAD_DIM_V)[None, :],
@@ -243,6 +251,9 @@ def run_decode(call: AttentionCall, problem: Problem, out: torch.Tensor, lse: to
     varlen = problem.varlen
     tokens = q.shape[0] if varlen else problem.batch * problem.seqlen_q
     rows = tokens * problem.heads_q
+    features = feature_arguments(call)
+    # The sink joins in the combine kernel (once per row), not in the key slices.
+    sinks, has_sinks = features.pop("Sinks"), features.pop("HAS_SINKS")
     partial_out = torch.empty((rows, splits, problem.head_dim_v), dtype=torch.float32, device=q.device)
     partial_lse = torch.empty((rows, splits), dtype=torch.float32, device=q.device)
     launch(
@@ -270,7 +281,7 @@ def run_decode(call: AttentionCall, problem: Problem, out: torch.Tensor, lse: to
         BLOCK_N=block_n,
         num_warps=config["num_warps"],
         num_stages=config["num_stages"],
-        **feature_arguments(call),
+        **features,
     )
     launch(
         attention_decode_combine_kernel,
@@ -281,11 +292,13 @@ def run_decode(call: AttentionCall, problem: Problem, out: torch.Tensor, lse: to
         Lse=lse,
         **dict(zip(("stride_ob", "stride_oh", "stride_os"), sequence_strides(out, varlen))),
         **dict(zip(("stride_lb", "stride_lh", "stride_ls"), lse_strides(lse, varlen))),
+        Sinks=sinks,
         heads_q=problem.heads_q,
         seqlen_q=max(tokens, 1) if varlen else problem.seqlen_q,
         splits=splits,
         HEAD_DIM_V=problem.head_dim_v,
         BLOCK_DV=block_dv,
         BLOCK_SPLITS=max(2, triton.next_power_of_2(splits)),
+        HAS_SINKS=has_sinks,
         num_warps=4 if block_dv >= 128 else 2,
     )

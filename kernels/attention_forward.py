@@ -23,9 +23,10 @@ from fusedattn.semantics import AttentionCall
 from torch._subclasses.fake_tensor import is_fake
 
 from . import attention_decode, configs
-from .attention_tile import attend_tile
+from .attention_tile import attend_tile, fold_sink
 from .utils import (
     LN2,
+    LOG2E,
     Problem,
     concrete_hint,
     device_guard,
@@ -94,6 +95,7 @@ def attention_forward_kernel(
     CuSeqlensQ,
     CuSeqlensK,
     Alibi,
+    Sinks,
     stride_qb,
     stride_qh,
     stride_qs,
@@ -142,6 +144,7 @@ def attention_forward_kernel(
     HAS_ALIBI: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr,
     HAS_DROPOUT: tl.constexpr,
+    HAS_SINKS: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     USE_TMA: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -228,6 +231,8 @@ def attention_forward_kernel(
                 HAS_ALIBI, HAS_SOFTCAP, HAS_DROPOUT, INPUT_PRECISION, segment != 1, USE_TMA, BLOCK_N,
             )  # fmt: skip
 
+    if HAS_SINKS:
+        accumulator, row_max, row_sum = fold_sink(accumulator, row_max, row_sum, Sinks, head, LOG2E)
     empty = row_sum == 0.0
     out = accumulator / tl.where(empty, 1.0, row_sum)[:, None]
     if HAS_DROPOUT:
@@ -256,16 +261,17 @@ _TUNE_KEY = [
     "HAS_ALIBI",
     "HAS_SOFTCAP",
     "HAS_DROPOUT",
+    "HAS_SINKS",
     "USE_TMA",
 ]
 
 
 @cache
-def _tuned_forward_kernel(block_d: int, dtype: torch.dtype, heavy_features: bool):
-    """The forward kernel autotuned over the configs for this head dim / dtype / feature class."""
-    return triton.autotune(configs=list(configs.forward_configs(block_d, dtype, heavy_features)), key=_TUNE_KEY)(
-        attention_forward_kernel
-    )
+def _tuned_forward_kernel(block_d: int, dtype: torch.dtype, heavy_features: bool, precision: str):
+    """The forward kernel autotuned over the configs for this head dim / dtype / feature
+    class / fp32 dot precision."""
+    tuned_configs = list(configs.forward_configs(block_d, dtype, heavy_features, precision=precision))
+    return triton.autotune(configs=tuned_configs, key=_TUNE_KEY)(attention_forward_kernel)
 
 
 def _run_forward_kernel(call: AttentionCall, problem: Problem, q, k, v, out, lse) -> None:
@@ -293,7 +299,10 @@ def _run_forward_kernel(call: AttentionCall, problem: Problem, q, k, v, out, lse
         BLOCK_DV=block_dv,
         **feature_arguments(call),
     )
-    use_tma = tma_eligible(k, v)
+    # Exact fp32 dots run on FMAs, which gain nothing from TMA copies, and their TMA
+    # variants spill (40-1430 bytes with Triton 3.6 for sm_90): they load K/V the plain way.
+    fma_dots = q.dtype == torch.float32 and arguments["INPUT_PRECISION"] == "ieee"
+    use_tma = not fma_dots and tma_eligible(k, v)
     if use_tma:
         _install_descriptor_allocator()
     if interpreting() or q.device.type != "cuda":
@@ -303,7 +312,7 @@ def _run_forward_kernel(call: AttentionCall, problem: Problem, q, k, v, out, lse
         launch(attention_forward_kernel, grid, USE_TMA=use_tma, **options, **arguments)
         return
     heavy = call.attn_mask is not None or call.dropout_p > 0.0 or call.softcap is not None
-    kernel = _tuned_forward_kernel(max(block_d, block_dv), q.dtype, heavy)
+    kernel = _tuned_forward_kernel(max(block_d, block_dv), q.dtype, heavy, arguments["INPUT_PRECISION"])
 
     def grid(meta):
         return flat_grid(triton.cdiv(problem.seqlen_q, meta["BLOCK_M"]), problem.heads_q, problem.batch)

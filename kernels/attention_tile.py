@@ -1,5 +1,6 @@
 """One step of the forward online softmax over a tile of keys, shared by the forward
-kernel and the split-KV decode kernel (a module of its own, so neither imports the other).
+kernel and the split-KV decode kernel (a module of its own, so neither imports the other),
+and the attention-sink step that closes a row.
 """
 
 from __future__ import annotations
@@ -102,3 +103,15 @@ def attend_tile(
     accumulator = accumulator * correction[:, None]
     accumulator = tl.dot(probabilities.to(v_tile.dtype), v_tile, accumulator, input_precision=INPUT_PRECISION)
     return accumulator, new_max, row_sum
+
+
+@triton.jit
+def fold_sink(accumulator, row_max, row_sum, Sinks, head, LOG2E_SCALE: tl.constexpr):
+    """Add a head's sink logit to the row's softmax denominator (no value): the running
+    (max, sum, accumulator) in base 2 after the last tile. A row that saw no key then sums
+    to exp(sink) and gets output 0 and lse = sink; a -inf sink changes nothing."""
+    sink = tl.load(Sinks + head).to(tl.float32) * LOG2E_SCALE
+    combined = tl.maximum(row_max, sink)
+    shift = tl.where(combined == float("-inf"), 0.0, combined)
+    rescale = tl.math.exp2(row_max - shift)
+    return accumulator * rescale[:, None], shift, row_sum * rescale + tl.math.exp2(sink - shift)

@@ -45,24 +45,36 @@ _HALF_CONFIGS = {
         ((32, 32, 8, 3), (64, 16, 8, 3)),
     ),
 }
-# fp32 tiles take twice the shared memory, and its exact ("ieee") dots run on FMAs (no
-# wgmma: two stages compile with TMA too). They spill heavily (unrolled FMA dots); kept as
-# they were.
+# fp32 tiles take twice the shared memory. With TF32 dots (torch's policy allows them:
+# kernels/utils.py input_precision) they run on the tensor cores; exact IEEE dots run on
+# FMAs, which Triton unrolls in registers: those get small tiles over 8 warps (the 4-warp
+# tiles of old spilled 144-1782 bytes with Triton 3.6). Every one of these compiles for
+# sm_90 without spills in every feature class (benchmarks/results/triton-compile/).
 _FLOAT32_CONFIGS = {
-    64: ((64, 64, 4, 3), (128, 32, 4, 3)),
-    128: ((64, 32, 4, 2), (64, 64, 4, 2)),
-    256: ((32, 32, 4, 1), (64, 32, 4, 1)),
+    "tf32": {
+        64: ((64, 64, 4, 3), (64, 64, 8, 3)),
+        128: ((32, 64, 8, 2), (32, 32, 4, 2)),
+        256: ((32, 64, 8, 1), (32, 32, 8, 1)),
+    },
+    "ieee": {
+        64: ((32, 64, 8, 2),),
+        128: ((16, 32, 8, 2),),
+        256: ((16, 32, 8, 1),),
+    },
 }
 
 
 @cache
-def forward_configs(block_d: int, dtype: torch.dtype, heavy_features: bool) -> tuple[triton.Config, ...]:
+def forward_configs(
+    block_d: int, dtype: torch.dtype, heavy_features: bool, precision: str = "ieee"
+) -> tuple[triton.Config, ...]:
     """A few forward configs for a padded head dim and dtype (the same for the TMA and the
     plain-load kernel). Masks / dropout / softcap add registers: those get narrower tiles.
+    precision is the fp32 dots' input precision ("tf32" or "ieee"; ignored for fp16/bf16).
     """
     bucket = 64 if block_d <= 64 else (128 if block_d <= 128 else 256)
     if dtype == torch.float32:
-        chosen = _FLOAT32_CONFIGS[bucket]
+        chosen = _FLOAT32_CONFIGS[precision][bucket]
     else:
         chosen = _HALF_CONFIGS[bucket][1 if heavy_features else 0]
     return tuple(_config(*config) for config in chosen)
@@ -92,8 +104,16 @@ def _launch_config(block_m: int, block_n: int, warps: int, stages: int) -> dict[
     return dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages)
 
 
-def backward_configs(block_d: int, dtype: torch.dtype, heavy_features: bool) -> tuple[dict[str, int], dict[str, int]]:
-    """(dK/dV kernel, dQ kernel) launch configs: BLOCK_M, BLOCK_N, num_warps, num_stages."""
+# Head dims that are not a power of two (72, 40, 96...) load with a mask on the head dim
+# and lose the 16-element stride hint: the dK/dV kernel then needs fewer keys per program.
+_RAGGED_HALF_DKDV_CONFIG = (32, 64, 8, 2)
+
+
+def backward_configs(
+    block_d: int, dtype: torch.dtype, heavy_features: bool, ragged_head_dims: bool = False
+) -> tuple[dict[str, int], dict[str, int]]:
+    """(dK/dV kernel, dQ kernel) launch configs: BLOCK_M, BLOCK_N, num_warps, num_stages.
+    ragged_head_dims: D or Dv is below its padded block (not a power of two)."""
     if interpreting():
         small = _launch_config(INTERPRETER_BLOCK, INTERPRETER_BLOCK, 4, 1)
         return small, small
@@ -101,14 +121,24 @@ def backward_configs(block_d: int, dtype: torch.dtype, heavy_features: bool) -> 
     if dtype == torch.float32:
         return tuple(_launch_config(*config) for config in _FLOAT32_BACKWARD_CONFIGS[bucket])
     dkdv, dq = _HALF_BACKWARD_CONFIGS[bucket]
-    return _launch_config(*dkdv[heavy_features]), _launch_config(*dq[heavy_features])
+    dkdv_config = _RAGGED_HALF_DKDV_CONFIG if ragged_head_dims and bucket <= 128 else dkdv[heavy_features]
+    return _launch_config(*dkdv_config), _launch_config(*dq[heavy_features])
+
+
+# fp32 decode (BLOCK_N, num_warps, num_stages) by padded head dim: the 4-warp, 32-key tile
+# of old spilled 40-50 bytes at d128 with Triton 3.6.
+_FLOAT32_DECODE_CONFIGS = {64: (16, 4, 2), 128: (32, 8, 2), 256: (32, 8, 1)}
 
 
 def decode_config(block_d: int, dtype: torch.dtype) -> dict[str, int]:
     """BLOCK_N, num_warps, num_stages of the split-KV decode kernel (BLOCK_M is the query rows)."""
     if interpreting():
         return dict(BLOCK_N=INTERPRETER_BLOCK, num_warps=4, num_stages=1)
-    if dtype == torch.float32 or block_d > 128:
+    if dtype == torch.float32:
+        bucket = 64 if block_d <= 64 else (128 if block_d <= 128 else 256)
+        block_n, warps, stages = _FLOAT32_DECODE_CONFIGS[bucket]
+        return dict(BLOCK_N=block_n, num_warps=warps, num_stages=stages)
+    if block_d > 128:
         return dict(BLOCK_N=32, num_warps=4, num_stages=2)
     return dict(BLOCK_N=64, num_warps=4, num_stages=3)
 

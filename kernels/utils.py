@@ -455,6 +455,7 @@ def feature_arguments(call: AttentionCall) -> dict[str, Any]:
         CuSeqlensQ=placeholder if call.cu_seqlens_q is None else call.cu_seqlens_q,
         CuSeqlensK=placeholder if call.cu_seqlens_k is None else call.cu_seqlens_k,
         Alibi=placeholder if slopes is None else slopes,
+        Sinks=placeholder if call.sinks is None else call.sinks,
         stride_mb=mask_strides[0],
         stride_mh=mask_strides[1],
         stride_mq=mask_strides[2],
@@ -482,5 +483,6 @@ def feature_arguments(call: AttentionCall) -> dict[str, Any]:
         HAS_ALIBI=slopes is not None,
         HAS_SOFTCAP=call.softcap is not None,
         HAS_DROPOUT=dropout,
+        HAS_SINKS=call.sinks is not None,
         INPUT_PRECISION=input_precision(call.dtype),
     )

@@ -66,7 +66,8 @@ class Recorder:
                         )
                         block = max(arguments["BLOCK_D"], arguments["BLOCK_DV"])
                         dtype = arguments["Q"].dtype
-                        copies = len(configs.forward_configs(block, dtype, bool(heavy)))
+                        precision = arguments.get("INPUT_PRECISION", "ieee")
+                        copies = len(configs.forward_configs(block, dtype, bool(heavy), precision=precision))
                     self.keys[key] = copies
                     self.per_test[self.current] += copies
                 return _original(kernel, grid, **arguments)

@@ -276,12 +276,16 @@ def record(dtype: torch.dtype, head_dim: int, head_dim_v: int, cases=ALL_CASES) 
 
 
 # ---- planning ------------------------------------------------------------------------------
-def forward_configs(block_d: int, dtype: torch.dtype, heavy: bool, use_tma: bool) -> list:
-    """The forward autotune configs a launch with / without TMA tunes over."""
+def forward_configs(block_d: int, dtype: torch.dtype, heavy: bool, use_tma: bool, precision: str = "ieee") -> list:
+    """The forward autotune configs a launch with / without TMA (and fp32 dot precision) tunes over."""
     function = configs.forward_configs
-    if "use_tma" in inspect.signature(getattr(function, "__wrapped__", function)).parameters:
-        return list(function(block_d, dtype, heavy, use_tma=use_tma))
-    return list(function(block_d, dtype, heavy))
+    parameters = inspect.signature(getattr(function, "__wrapped__", function)).parameters
+    extra = {}
+    if "use_tma" in parameters:
+        extra["use_tma"] = use_tma
+    if "precision" in parameters:
+        extra["precision"] = precision
+    return list(function(block_d, dtype, heavy, **extra))
 
 
 def _config_options(config) -> dict:
@@ -313,9 +317,11 @@ def _variants(case: str, kernel, arguments: dict, capability: int, dtype: torch.
     heavy = arguments["MASK_KIND"] != 0 or bool(arguments["HAS_DROPOUT"]) or bool(arguments["HAS_SOFTCAP"])
     block = max(arguments["BLOCK_D"], arguments["BLOCK_DV"])
     tma_options = (False, True) if capability >= 90 and hasattr(tl, "make_tensor_descriptor") else (False,)
+    if dtype == torch.float32 and arguments.get("INPUT_PRECISION", "ieee") == "ieee":
+        tma_options = (False,)  # FMA dots never take the TMA path (attention_forward._run_forward_kernel)
     variants = []
     for use_tma in tma_options:
-        for config in forward_configs(block, dtype, heavy, use_tma):
+        for config in forward_configs(block, dtype, heavy, use_tma, arguments.get("INPUT_PRECISION", "ieee")):
             variant = {k: v for k, v in arguments.items() if k not in ("num_warps", "num_stages")}
             variants.append(dict(variant, USE_TMA=use_tma, **_config_options(config)))
     return variants
@@ -326,6 +332,7 @@ def _label(capability, dtype_name, dims, case, fn, arguments, options) -> str:
         f"sm_{capability} {dtype_name} d{dims[0]}/{dims[1]} {case} {fn.__name__} "
         f"M{arguments.get('BLOCK_M', '-')} N{arguments.get('BLOCK_N', '-')} w{options.get('num_warps', 4)} "
         f"s{options.get('num_stages', 3)}{' tma' if arguments.get('USE_TMA') else ''}"
+        f"{' tf32' if arguments.get('INPUT_PRECISION') == 'tf32' else ''}"
     )
 
 

@@ -317,3 +317,21 @@ def test_calls_go_through_the_public_api(monkeypatch):
     q, k, v = _inputs()
     compat.flash_attn_func(q, k, v, causal=True, window_size=(4, -1), softcap=0.0)
     assert calls[0]["window"] == (4, None) and calls[0]["causal"] is True and calls[0]["softcap"] == 0.0
+
+
+def test_learnable_sink_is_fusedattn_sinks():
+    # flash-attn 4's learnable_sink: one logit per query head in every row's denominator.
+    generator = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(2, 5, 4, 16, generator=generator) for _ in range(3))
+    sinks = torch.randn(4, generator=generator, requires_grad=True)
+    out = compat.flash_attn_func(q, k, v, causal=True, learnable_sink=sinks)
+    expected = fusedattn.attention(*(t.transpose(1, 2) for t in (q, k, v)), causal=True, sinks=sinks).transpose(1, 2)
+    torch.testing.assert_close(out, expected)
+    (grad,) = torch.autograd.grad(out.sum(), sinks)
+    assert grad.shape == (4,) and torch.isfinite(grad).all() and grad.abs().sum() > 0
+    cu = torch.tensor([0, 5, 10], dtype=torch.int32)
+    packed = [t.reshape(10, 4, 16) for t in (q, k, v)]
+    varlen = compat.flash_attn_varlen_func(*packed, cu, cu, 5, 5, causal=True, learnable_sink=sinks)
+    torch.testing.assert_close(varlen, out.reshape(10, 4, 16))
+    cached = compat.flash_attn_with_kvcache(q, k.clone(), v.clone(), causal=True, learnable_sink=sinks)
+    torch.testing.assert_close(cached, out)

@@ -344,7 +344,7 @@ def _native_call(name, *tensors, key_lengths=None, cu=(None, None), max_seqlens=
     window_left, window_right = options.get("window", (-1, -1))
     values = dict(
         attn_mask=None, key_lengths=key_lengths, cu_seqlens_q=cu[0], cu_seqlens_k=cu[1],
-        alibi_slopes=options.get("alibi"), max_seqlen_q=max_seqlens[0], max_seqlen_k=max_seqlens[1], scale=scale,
+        alibi_slopes=options.get("alibi"), sinks=None, max_seqlen_q=max_seqlens[0], max_seqlen_k=max_seqlens[1], scale=scale,
         causal=options.get("causal", False), bottom_right=True, window_left=window_left, window_right=window_right,
         softcap=0.0, dropout_threshold=semantics.dropout_threshold(dropout_p),
         dropout_keep_scale=semantics.dropout_keep_scale(dropout_p),

@@ -24,7 +24,7 @@ from fusedattn.backends.base import Backend, Capabilities, allocate_output
 from fusedattn.cli import main as cli_main
 from fusedattn.parity.cases import GQA_RATIOS, PROFILES, make_case, make_inputs, select_cases
 from fusedattn.parity.runner import FAIL, PASS, SKIP, choose_backends, run_case, validated_call
-from fusedattn.semantics import FEATURES
+from fusedattn.semantics import DIFFERENTIABLE_OPTIONS, FEATURES
 
 SMALL = PROFILES["small"]
 CPU = torch.device("cpu")
@@ -47,6 +47,7 @@ def _backend(name: str, forward, backward=reference.backward, features=FEATURES)
             devices=frozenset({"cpu"}),
             dtypes=frozenset({torch.float16, torch.bfloat16, torch.float32}),
             features=frozenset(features),
+            differentiable_options=frozenset(DIFFERENTIABLE_OPTIONS),
         ),
         forward=forward,
         backward=backward,
@@ -66,11 +67,11 @@ def _nan_forward(call):
     return out, lse
 
 
-def _nan_backward(call, grad_out, out, lse):
-    dq, dk, dv = reference.backward(call, grad_out, out, lse)
+def _nan_backward(call, grad_out, out, lse, option_gradients=()):
+    dq, dk, dv, *option_grads = reference.backward(call, grad_out, out, lse, option_gradients)
     dk = dk.clone()
     dk[(0,) * dk.dim()] = float("nan")
-    return dq, dk, dv
+    return dq, dk, dv, *option_grads
 
 
 def _unwritten_row_forward(call):
@@ -151,7 +152,9 @@ def test_cases_build_what_they_describe():
             assert not q.is_contiguous(), case.id
         if case.fully_masked:
             _, lse, _ = reference.reference_attention(call, torch.float64)
-            assert torch.isneginf(lse).any(), f"{case.id} ({case.fully_masked}) has no fully masked row"
+            # A fully masked row has lse -inf, or the sink's logit with sinks.
+            masked = torch.isneginf(lse) if case.sinks is None else lse == options["sinks"].double()[:, None]
+            assert masked.any(), f"{case.id} ({case.fully_masked}) has no fully masked row"
 
 
 # ---- running --------------------------------------------------------------------------------
@@ -160,7 +163,8 @@ def test_reference_passes_the_default_grid():
     assert result.passed and result.exit_code == 0, [(o.case.id, o.reason) for o in result.failures]
     assert len(result.checked) == parity.DEFAULT_CASES
     for outcome in result.checked:
-        assert [c.name for c in outcome.checks] == ["out", "lse", "dq", "dk", "dv"]
+        learned = ["dsinks"] if outcome.case.sinks else []  # a learned option's gradient is checked too
+        assert [c.name for c in outcome.checks] == ["out", "lse", "dq", "dk", "dv", *learned]
 
 
 def test_every_cpu_backend_passes_the_command_users_run_in_ci(tmp_path):
@@ -259,7 +263,7 @@ def test_cli_exit_codes_reports_and_reproducer(wrong_backends, tmp_path, capsys)
     assert document["passed"] is True and document["summary"]["pass"] == 4
     assert {"device", "torch", "git_commit", "fusedattn"} <= document["environment"].keys()
     assert [r["case"] for r in document["results"]] == ["c0000", "c0001", "c0002", "c0003"]
-    assert [c["name"] for c in document["results"][0]["checks"]] == ["out", "lse", "dq", "dk", "dv"]
+    assert [c["name"] for c in document["results"][0]["checks"]][:5] == ["out", "lse", "dq", "dk", "dv"]
     suites = ElementTree.parse(junit_path).getroot()
     assert suites.tag == "testsuites" and suites.get("tests") == "4" and suites.get("failures") == "0"
     assert len(suites.findall("./testsuite/testcase")) == 4

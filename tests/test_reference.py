@@ -43,7 +43,7 @@ def _kept(seed: int, p: float, b: int, h: int, i: int, j: int) -> bool:
 
 def loop_attention(q, k, v, *, causal=False, alignment="bottom_right", scale=None, mask=None,
                    key_lengths=None, window=(None, None), alibi=None, softcap=None,
-                   dropout_p=0.0, seed=0, batch_index=None):  # fmt: skip
+                   dropout_p=0.0, seed=0, batch_index=None, sinks=None):  # fmt: skip
     """Attention per docs/semantics.md, one query row at a time, in float64."""
     B, Hq, Sq, D = q.shape
     Hkv, Sk, Dv = k.shape[1], k.shape[2], v.shape[3]
@@ -79,11 +79,13 @@ def loop_attention(q, k, v, *, causal=False, alignment="bottom_right", scale=Non
                         visible &= j <= position + right
                     scores.append(s if visible else -math.inf)
                 finite = [s for s in scores if s != -math.inf]
-                if not finite:
+                sink = None if sinks is None else float(sinks[h])
+                if not finite and sink is None:
                     continue
-                top = max(finite)
+                top = max(finite + ([] if sink is None else [sink]))
                 weights = [math.exp(s - top) if s != -math.inf else 0.0 for s in scores]
-                total = sum(weights)
+                # A sink is one more term of the denominator, with no value.
+                total = sum(weights) + (0.0 if sink is None else math.exp(sink - top))
                 lse[b, h, i] = top + math.log(total)
                 row_batch = b if batch_index is None else batch_index
                 for j in range(Sk):
@@ -129,6 +131,8 @@ def _materialize(name, q, k):
         loop["mask"] = (mask if mask.dtype == torch.bool else mask.to(F64)).expand(B, Hq, Sq, Sk)
     if api.get("key_lengths") is not None:
         loop["key_lengths"] = api["key_lengths"]
+    if api.get("sinks") is not None:
+        loop["sinks"] = api["sinks"]
     return api, loop
 
 

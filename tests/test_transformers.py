@@ -53,6 +53,15 @@ def _configs() -> dict[str, transformers.PretrainedConfig]:
         "starcoder2_sliding_window": transformers.Starcoder2Config(**COMMON, sliding_window=4),
         "gemma3_text": transformers.Gemma3TextConfig(**COMMON, head_dim=8, sliding_window=4, query_pre_attn_scalar=8),
         "olmo2": transformers.Olmo2Config(**COMMON),
+        # Attention sinks (s_aux), alternating sliding and full layers, a mixture of experts.
+        "gpt_oss_sinks": transformers.GptOssConfig(
+            **COMMON,
+            head_dim=8,
+            sliding_window=4,
+            layer_types=["sliding_attention", "full_attention"],
+            num_local_experts=4,
+            num_experts_per_tok=2,
+        ),  # fmt: skip
     }
 
 
@@ -123,6 +132,8 @@ def test_logits_generation_and_gradients_match_eager(name, calls):
     torch.testing.assert_close(got[real], expected[real], atol=1e-4, rtol=1e-4)
     assert calls  # the model really ran on fusedattn
     assert all(call["heads"] == (4, 2) for call in calls if name != "gpt2")  # GQA: K/V never repeated
+    if name == "gpt_oss_sinks":
+        assert all(call.get("sinks") is not None for call in calls)  # s_aux reached the kernel
     # Greedy generation with a KV cache gives the same tokens.
     generated = fused.generate(ids, attention_mask=mask, max_new_tokens=5, do_sample=False, pad_token_id=0)
     reference = eager.generate(ids, attention_mask=mask, max_new_tokens=5, do_sample=False, pad_token_id=0)
@@ -138,6 +149,8 @@ def test_logits_generation_and_gradients_match_eager(name, calls):
     for parameter_name, parameter in eager.named_parameters():
         if parameter.grad is None:
             continue
+        if parameter_name.endswith("sinks"):  # learned sinks get a real gradient
+            assert parameter.grad.abs().sum() > 0 and fused_parameters[parameter_name].grad is not None
         torch.testing.assert_close(fused_parameters[parameter_name].grad, parameter.grad, atol=1e-4, rtol=1e-3)
 
 

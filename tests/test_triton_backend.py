@@ -228,8 +228,9 @@ def test_tensor_descriptor_path(monkeypatch, case):
         return
     cu_q = torch.tensor([0, 7, 30], dtype=torch.int32, device=DEVICE)
     cu_k = torch.tensor([0, 19, 40], dtype=torch.int32, device=DEVICE)
-    q = torch.randn(30, 4, 32, device=DEVICE)
-    k, v = torch.randn(40, 2, 32, device=DEVICE), torch.randn(40, 2, 32, device=DEVICE)
+    # float16: exact fp32 dots (FMAs) never take the TMA path.
+    q = torch.randn(30, 4, 32, device=DEVICE, dtype=torch.float16)
+    k, v = (torch.randn(40, 2, 32, device=DEVICE, dtype=torch.float16) for _ in range(2))
     assert tma_eligible(k, v)
     assert_backend_matches(
         "triton", q, k, v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=23, max_seqlen_k=21, causal=True
@@ -373,6 +374,24 @@ def test_torch_compile_fullgraph(options):
     expected.sum().backward()
     assert torch.equal(out, expected)
     for got, want in zip(compiled_grads, (q.grad, k.grad, v.grad)):
+        assert torch.allclose(got, want, atol=1e-5)
+
+
+def test_torch_compile_fullgraph_learns_sinks():
+    # The sinks' gradient comes through the backward op's extra output, compiled too.
+    q, k, v = (t.requires_grad_(True) for t in _inputs(1, 2, 1, 20, 20, 16))
+    sinks = torch.randn(2, device=DEVICE, requires_grad=True)
+
+    def attend(q, k, v, sinks):
+        return fusedattn.attention(q, k, v, causal=True, sinks=sinks, backend="triton") * 2.0
+
+    compiled = torch.compile(attend, fullgraph=True, backend=COMPILE_BACKEND)
+    out = compiled(q, k, v, sinks)
+    grads = torch.autograd.grad(out.sum(), (q, k, v, sinks))
+    expected = attend(q, k, v, sinks)
+    expected_grads = torch.autograd.grad(expected.sum(), (q, k, v, sinks))
+    assert torch.equal(out, expected)
+    for got, want in zip(grads, expected_grads, strict=True):
         assert torch.allclose(got, want, atol=1e-5)
 
 

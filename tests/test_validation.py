@@ -209,3 +209,19 @@ def test_huge_window_sides_hide_nothing():
     q, k, v = _qkv()
     call = fusedattn.validation.validate_attention(q, k, v, window=(2**70, 2**63 - 1))
     assert (call.window_left, call.window_right) == (2**30, 2**30)
+
+
+@pytest.mark.parametrize(
+    ("sinks", "error", "message"),
+    [
+        (torch.zeros(3), ValueError, r"sinks: expected shape \(4,\), got \(3,\)"),
+        (torch.zeros(2, 4), ValueError, r"sinks: expected shape \(4,\), got \(2, 4\)"),
+        (torch.zeros(4, dtype=torch.int32), TypeError, "sinks: expected a floating dtype"),
+        (torch.zeros(4, device="meta"), ValueError, "sinks: expected device cpu"),
+        ([0.0] * 4, TypeError, "sinks"),
+    ],
+)
+def test_sinks_are_checked(sinks, error, message):
+    q = torch.randn(2, 4, 3, 8)
+    with pytest.raises(error, match=message):
+        fusedattn.validation.validate_attention(q, q, q, sinks=sinks)

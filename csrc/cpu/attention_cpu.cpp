@@ -264,6 +264,13 @@ AttentionProblem describe(const at::Tensor& q, const at::Tensor& k, const at::Te
     problem.alibi_slopes = slopes.data_ptr<float>();
     problem.alibi_batch_stride = slopes.dim() == 2 ? slopes.size(1) : 0;
   }
+  if (sinks.has_value()) {
+    TORCH_CHECK_VALUE(sinks->device().is_cpu(), "sinks: expected a CPU tensor, got one on ", sinks->device());
+    TORCH_CHECK_TYPE(sinks->scalar_type() == at::kFloat && sinks->is_contiguous(),
+                     "sinks: expected a contiguous float32 tensor, got ", sinks->scalar_type());
+    check_shape("sinks", *sinks, {heads_q});
+    problem.sinks = sinks->data_ptr<float>();
+  }
   problem.scale = static_cast<float>(scale);
   problem.causal = causal;
   problem.bottom_right = bottom_right;

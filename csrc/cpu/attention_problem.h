@@ -48,6 +48,7 @@ struct AttentionProblem {
   const int32_t* key_lengths = nullptr;  // (B,) or null
   const float* alibi_slopes = nullptr;   // (Hq,) or (B, Hq) float32, or null
   int64_t alibi_batch_stride = 0;
+  const float* sinks = nullptr;  // (Hq,) float32 logits in every row's denominator, or null
 
   float scale = 1.0f;
   bool causal = false;

@@ -184,19 +184,31 @@ __global__ void __launch_bounds__(kThreads) attention_forward_kernel(const Atten
 
   // out = O / l; lse = max + log(l). Rows that saw no key (l == 0): out 0, lse -inf. A NaN
   // sum (NaN input) must stay NaN in out and lse: the backward reads lse -inf as "no key".
+  // A sink joins l here (no value): a row that saw no key then gets out 0, lse = sink.
   Element* out = static_cast<Element*>(p.out) + batch * p.out_strides.batch + head * p.out_strides.head;
   for (int r = warp; r < valid_rows; r += kWarps) {
     const int row = first_row + r;
-    const float sum = row_sum[r];
+    float sum = row_sum[r];
+    float maximum = row_max[r];
+    float rescale = 1.0f;
+    if (p.sinks != nullptr) {
+      const float sink = p.sinks[head];
+      const float combined = maximum > sink ? maximum : sink;
+      if (combined != -INFINITY) {
+        rescale = maximum == -INFINITY ? 0.0f : expf(maximum - combined);  // NaN stays NaN
+        sum = sum * rescale + expf(sink - combined);
+        maximum = combined;
+      }
+    }
     const bool empty = sum == 0.0f;
-    const float inverse = empty ? 0.0f : (dropout ? p.dropout_keep_scale : 1.0f) / sum;
+    const float inverse = empty ? 0.0f : (dropout ? p.dropout_keep_scale : 1.0f) * rescale / sum;
     Element* out_row = out + (int64_t{view.q_row_base} + row) * p.out_strides.row;
     for (int column = lane; column < p.head_dim_v; column += 32)
       out_row[column] = from_float<Element>(output[r * kOutputPitch + column] * inverse);
     if (lane == 0) {
       p.lse[batch * p.lse_strides.batch + head * p.lse_strides.head +
             (int64_t{view.q_row_base} + row) * p.lse_strides.row] =
-          empty ? -INFINITY : row_max[r] + logf(sum);
+          empty ? -INFINITY : maximum + logf(sum);
     }
   }
 }

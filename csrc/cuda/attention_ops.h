@@ -125,6 +125,7 @@ inline AttentionParams make_params(const at::Tensor& q, const at::Tensor& k, con
   require_device(options.cu_seqlens_q, q, "cu_seqlens_q");
   require_device(options.cu_seqlens_k, q, "cu_seqlens_k");
   require_device(options.alibi_slopes, q, "alibi_slopes");
+  require_device(options.sinks, q, "sinks");
   p.element_type = element_type_of(q);
   p.q = q.data_ptr();
   p.k = k.data_ptr();
@@ -164,6 +165,12 @@ inline AttentionParams make_params(const at::Tensor& q, const at::Tensor& k, con
                 p.batch, ",)");
     keep_alive.push_back(lengths);
     p.key_lengths = lengths.data_ptr<int32_t>();
+  }
+  if (options.sinks.has_value()) {
+    const at::Tensor sinks = options.sinks->to(at::kFloat).contiguous();
+    TORCH_CHECK(sinks.dim() == 1 && sinks.size(0) == p.heads_q, "fusedattn cuda: sinks must have shape (Hq,)");
+    keep_alive.push_back(sinks);
+    p.sinks = sinks.data_ptr<float>();
   }
   p.scale = static_cast<float>(options.scale);
   p.causal = options.causal;

@@ -63,6 +63,7 @@ struct AttentionParams {
   float softcap = 0.0f;  // 0: off
 
   const float* alibi_slopes = nullptr;  // (Hq,) or (B, Hq)
+  const float* sinks = nullptr;         // (Hq,) logits in every row's softmax denominator, or null
   int64_t alibi_batch_stride = 0;
   int64_t alibi_head_stride = 0;
 

@@ -29,6 +29,7 @@ def attention(
     key_lengths: torch.Tensor | None = None,
     window: tuple[int | None, int | None] | None = None,
     alibi_slopes: torch.Tensor | None = None,
+    sinks: torch.Tensor | None = None,
     softcap: float | None = None,
     dropout_p: float = 0.0,
     dropout_seed: int | None = None,
@@ -51,6 +52,8 @@ def attention(
         window: (left, right); query at position p sees keys p - left .. p + right.
             Either side None for unbounded.
         alibi_slopes: (Hq,) or (B, Hq); adds -slope * |p - j| to the scores.
+        sinks: (Hq,) learned logits (attention sinks, gpt-oss): exp(sinks[h]) joins every
+            row's softmax denominator and contributes no value; differentiable.
         softcap: softcap * tanh(s / softcap) on the scaled scores.
         dropout_p: probability of dropping an attention probability.
         dropout_seed: seed of the counter-based dropout mask; drawn from torch's
@@ -72,6 +75,7 @@ def attention(
         key_lengths=key_lengths,
         window=window,
         alibi_slopes=alibi_slopes,
+        sinks=sinks,
         softcap=softcap,
         dropout_p=dropout_p,
         dropout_seed=dropout_seed,
@@ -93,6 +97,7 @@ def attention_varlen(
     scale: float | None = None,
     window: tuple[int | None, int | None] | None = None,
     alibi_slopes: torch.Tensor | None = None,
+    sinks: torch.Tensor | None = None,
     softcap: float | None = None,
     dropout_p: float = 0.0,
     dropout_seed: int | None = None,
@@ -125,6 +130,7 @@ def attention_varlen(
         scale=scale,
         window=window,
         alibi_slopes=alibi_slopes,
+        sinks=sinks,
         softcap=softcap,
         dropout_p=dropout_p,
         dropout_seed=dropout_seed,

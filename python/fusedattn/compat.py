@@ -73,9 +73,11 @@ def _options(
     window_size: WindowSize,
     softcap: float,
     alibi_slopes: torch.Tensor | None,
+    learnable_sink: torch.Tensor | None = None,
 ) -> dict:
-    """FlashAttention's options as fusedattn.attention keyword arguments."""
-    return dict(
+    """FlashAttention's options as fusedattn.attention keyword arguments (flash-attn 4's
+    learnable_sink is fusedattn's sinks)."""
+    options = dict(
         causal=causal,
         scale=softmax_scale,
         window=_window(window_size),
@@ -83,6 +85,9 @@ def _options(
         softcap=softcap,
         dropout_p=dropout_p,
     )
+    if learnable_sink is not None:
+        options["sinks"] = learnable_sink
+    return options
 
 
 def _drawn_seed(dropout_p: float) -> int | None:
@@ -114,11 +119,12 @@ def _dense(
     softcap: float,
     alibi_slopes: torch.Tensor | None,
     return_attn_probs: bool,
+    learnable_sink: torch.Tensor | None = None,
 ) -> FlashOutput:
     """The dense functions on q (B, Sq, Hq, D), k (B, Sk, Hkv, D), v (B, Sk, Hkv, Dv)."""
     # (B, S, H, D) -> fusedattn's (B, H, S, D): a view, never a copy.
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))
-    options = _options(dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes)
+    options = _options(dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, learnable_sink)
     if not return_attn_probs:
         return attention(q, k, v, **options).transpose(1, 2).contiguous()
     options["dropout_seed"] = _drawn_seed(dropout_p)
@@ -139,6 +145,8 @@ def flash_attn_func(
     alibi_slopes: torch.Tensor | None = None,
     deterministic: bool = False,
     return_attn_probs: bool = False,
+    *,
+    learnable_sink: torch.Tensor | None = None,
 ) -> FlashOutput:
     """flash_attn.flash_attn_func.
 
@@ -152,12 +160,15 @@ def flash_attn_func(
         alibi_slopes: (Hq,) or (B, Hq) float32.
         deterministic: accepted for compatibility; no effect.
         return_attn_probs: also return lse (B, Hq, Sq) float32 and the probabilities.
+        learnable_sink: (Hq,) attention-sink logits (flash-attn 4's name; fusedattn's sinks).
 
     Returns:
         out (B, Sq, Hq, Dv), or (out, lse, probabilities) with return_attn_probs.
     """
     del deterministic  # fusedattn's backward does not depend on it
-    return _dense(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, return_attn_probs)
+    return _dense(
+        q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, return_attn_probs, learnable_sink
+    )
 
 
 def flash_attn_qkvpacked_func(
@@ -268,6 +279,8 @@ def flash_attn_varlen_func(
     deterministic: bool = False,
     return_attn_probs: bool = False,
     block_table: torch.Tensor | None = None,
+    *,
+    learnable_sink: torch.Tensor | None = None,
 ) -> FlashOutput:
     """flash_attn.flash_attn_varlen_func.
 
@@ -278,7 +291,7 @@ def flash_attn_varlen_func(
         block_table: (N, max_blocks) int32 with k, v a paged cache (num_blocks, block_size,
             Hkv, D): sequence i's keys are its first cu_seqlens_k[i + 1] - cu_seqlens_k[i]
             positions in its blocks (gathered into packed keys before the call).
-        Other options as in :func:`flash_attn_func`.
+        Other options (learnable_sink included) as in :func:`flash_attn_func`.
 
     Returns:
         out (Tq, Hq, Dv), or (out, lse (Hq, Tq), probabilities (N, Hq, max_seqlen_q, max_seqlen_k)).
@@ -297,7 +310,7 @@ def flash_attn_varlen_func(
         k, v = _paged_keys(k, block_table, lengths), _paged_keys(v, block_table, lengths)
         if invalid is not None:  # clamped lengths: offsets that match the gathered keys
             cu_seqlens_k = torch.cat([lengths.new_zeros(1), torch.cumsum(lengths, 0)]).to(cu_seqlens_k.dtype)
-    options = _options(dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes)
+    options = _options(dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, learnable_sink)
     if not return_attn_probs:
         out = attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, **options)
         return poison_if_invalid(invalid, out)[0]
@@ -431,6 +444,8 @@ def flash_attn_with_kvcache(
     alibi_slopes: torch.Tensor | None = None,
     num_splits: int = 0,
     return_softmax_lse: bool = False,
+    *,
+    learnable_sink: torch.Tensor | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """flash_attn.flash_attn_with_kvcache: attention over a KV cache, appending k, v in place.
 
@@ -450,6 +465,7 @@ def flash_attn_with_kvcache(
         rotary_cos, rotary_sin, rotary_interleaved: not implemented.
         num_splits: accepted; no effect.
         return_softmax_lse: also return lse (B, Hq, Sq) float32.
+        learnable_sink: (Hq,) attention-sink logits (flash-attn 4's name; fusedattn's sinks).
 
     Returns:
         out (B, Sq, Hq, D), or (out, lse) with return_softmax_lse.
@@ -462,7 +478,7 @@ def flash_attn_with_kvcache(
         )
     batch = q.shape[0]
     check_kv_cache_tensors(q, k_cache, v_cache, k, v)
-    options = _options(0.0, softmax_scale, causal, window_size, softcap, alibi_slopes)
+    options = _options(0.0, softmax_scale, causal, window_size, softcap, alibi_slopes, learnable_sink)
     del options["dropout_p"]  # no dropout in KV-cache calls
     # Every option is checked before anything is written into the caches.
     heads_kv = k_cache.shape[2]

@@ -62,7 +62,14 @@ FEATURE_LABELS = {
     "softcap": "softcap",
     "dropout": "dropout (bit-exact mask)",
     "value_head_dim": "Dv != D",
+    "sinks": "attention sinks (gpt-oss)",
     "backward": "backward",
+}
+# Rows for the option tensors a backend differentiates (semantics.DIFFERENTIABLE_OPTIONS).
+GRADIENT_LABELS = {
+    "attn_mask": "gradient of an additive mask",
+    "alibi_slopes": "gradient of ALiBi slopes",
+    "sinks": "gradient of sinks",
 }
 
 
@@ -73,6 +80,9 @@ def capability_table() -> str:
     lines = ["| feature | " + " | ".join(f"`{n}`" for n in names) + " |", "|---|" + "---|" * len(names)]
     for feature, label in FEATURE_LABELS.items():
         marks = ["yes" if feature in backends[n].capabilities.features else "no" for n in names]
+        lines.append(f"| {label} | " + " | ".join(marks) + " |")
+    for option, label in GRADIENT_LABELS.items():
+        marks = ["yes" if option in backends[n].capabilities.differentiable_options else "no" for n in names]
         lines.append(f"| {label} | " + " | ".join(marks) + " |")
     devices = [", ".join(sorted(backends[n].capabilities.devices - {"meta", "mps", "xpu"})) for n in names]
     lines.append("| devices | " + " | ".join(devices) + " |")

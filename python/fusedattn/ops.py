@@ -65,6 +65,7 @@ OPTIONS: tuple[OpOption, ...] = (
     OpOption("cu_seqlens_q", "Tensor?", "cu_seqlens_q"),
     OpOption("cu_seqlens_k", "Tensor?", "cu_seqlens_k"),
     OpOption("alibi_slopes", "Tensor?", "alibi_slopes"),
+    OpOption("sinks", "Tensor?", "sinks"),
     OpOption("max_seqlen_q", "SymInt", "max_seqlen_q"),
     OpOption("max_seqlen_k", "SymInt", "max_seqlen_k"),
     OpOption("scale", "float", "scale"),
@@ -106,10 +107,11 @@ NATIVE_OPTIONS: tuple[str, ...] = (
 
 
 def native_option_values(call: AttentionCall) -> tuple[Any, ...]:
-    """The values of NATIVE_OPTIONS for call (ALiBi slopes contiguous float32)."""
+    """The values of NATIVE_OPTIONS for call (ALiBi slopes and sinks contiguous float32)."""
     values = option_values(call)
-    if values["alibi_slopes"] is not None:
-        values["alibi_slopes"] = values["alibi_slopes"].to(torch.float32).contiguous()
+    for name in ("alibi_slopes", "sinks"):
+        if values[name] is not None:
+            values[name] = values[name].to(torch.float32).contiguous()
     dropout = call.dropout_p > 0.0
     values["dropout_threshold"] = semantics.dropout_threshold(call.dropout_p) if dropout else 0
     values["dropout_keep_scale"] = semantics.dropout_keep_scale(call.dropout_p) if dropout else 1.0
@@ -144,6 +146,13 @@ _OPS: dict[str, tuple[Any, Any]] = {}
 _FORWARD_TENSORS = ("q", "k", "v")
 _BACKWARD_TENSORS = ("grad_out", "out", "lse", "q", "k", "v")
 _BACKWARD_RETURNS = 3 + len(DIFFERENTIABLE_OPTIONS)
+
+
+def _no_gradient(like: torch.Tensor) -> torch.Tensor:
+    """The backward op's output for an option whose gradient was not asked for: an empty
+    tensor made from no graph input (one made from grad_out, say, would tie a constant to
+    the backward inputs, which AOT autograd's partitioner cannot place)."""
+    return torch.empty(0, dtype=like.dtype, device=like.device)
 
 
 def _wanted_options(flags: tuple[bool, ...]) -> tuple[str, ...]:
@@ -223,7 +232,7 @@ def _define(backend: Backend) -> tuple[Any, Any]:
         grads = poison_if_invalid(invalid, *grads)
         option_grads = dict(zip(wanted, grads[3:], strict=True))
         return tuple(g.contiguous() for g in grads[:3]) + tuple(
-            option_grads[option].contiguous() if option in option_grads else grad_out.new_empty(0)
+            option_grads[option].contiguous() if option in option_grads else _no_gradient(grad_out)
             for option in DIFFERENTIABLE_OPTIONS
         )
 
@@ -236,7 +245,9 @@ def _define(backend: Backend) -> tuple[Any, Any]:
         for position, wanted in zip(_DIFFERENTIABLE_POSITIONS, wanted_flags, strict=True):
             option = options[position]
             option_grads.append(
-                torch.empty(option.shape, dtype=option.dtype, device=option.device) if wanted else grad_out.new_empty(0)
+                torch.empty(option.shape, dtype=option.dtype, device=option.device)
+                if wanted
+                else _no_gradient(grad_out)
             )
         return (
             torch.empty(q.shape, dtype=q.dtype, device=q.device),

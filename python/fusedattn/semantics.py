@@ -39,14 +39,15 @@ FEATURES: tuple[str, ...] = (
     "softcap",
     "dropout",
     "value_head_dim",  # Dv != D
+    "sinks",  # a learned logit per query head in every row's softmax denominator
     "backward",
 )
 
-# Option tensors the output is differentiable in (besides q, k, v): both enter the
-# scores additively. A backend lists the ones its backward differentiates
+# Option tensors the output is differentiable in (besides q, k, v): the mask and the ALiBi
+# slopes enter the scores additively, the sinks the softmax denominator. A backend lists the ones its backward differentiates
 # (Capabilities.differentiable_options); the dispatcher refuses a call whose option
 # requires grad to a backend that does not list it.
-DIFFERENTIABLE_OPTIONS: tuple[str, ...] = ("attn_mask", "alibi_slopes")
+DIFFERENTIABLE_OPTIONS: tuple[str, ...] = ("attn_mask", "alibi_slopes", "sinks")
 
 _MASK32 = 0xFFFFFFFF
 
@@ -62,7 +63,7 @@ class AttentionCall:
     attn_mask, when present, is a 4-D view broadcast (with zero strides, never copied)
     to (B, Hq, Sq, Sk); bool (True = attend) or additive in q's dtype.
     key_lengths is (B,) int32. alibi_slopes is (Hq,) or (B, Hq) float32 (float64 for
-    float64 inputs). window_left / window_right are None for an unbounded side.
+    float64 inputs); sinks is (Hq,) float32 (float64 for float64 inputs). window_left / window_right are None for an unbounded side.
     softcap is None when disabled. dropout_seed is set whenever dropout_p > 0.
     cu_seqlens and key_lengths are contiguous int32; max_seqlen_q/k are at most the packed
     token counts.
@@ -83,6 +84,7 @@ class AttentionCall:
     window_left: int | None = None
     window_right: int | None = None
     alibi_slopes: torch.Tensor | None = None
+    sinks: torch.Tensor | None = None
     softcap: float | None = None
     dropout_p: float = 0.0
     dropout_seed: int | None = None
@@ -175,6 +177,8 @@ class AttentionCall:
             used.add("window")
         if self.alibi_slopes is not None:
             used.add("alibi")
+        if self.sinks is not None:
+            used.add("sinks")
         if self.softcap is not None:
             used.add("softcap")
         if self.dropout_p > 0.0:
@@ -249,6 +253,33 @@ def alibi_bias(slopes: torch.Tensor, seqlen_q: int, seqlen_k: int, alignment: st
     key = torch.arange(seqlen_k, device=slopes.device)[None, :]
     distance = (position - key).abs().to(slopes.dtype)
     return -slopes[..., None, None] * distance
+
+
+def sink_gradient(sinks: torch.Tensor, lse: torch.Tensor, delta: torch.Tensor, row_valid: torch.Tensor) -> torch.Tensor:
+    """d sinks[h] = -sum over the rows of head h of exp(sinks[h] - lse) * delta: the sink's
+    probability in the row times delta = rowsum(dO * O) (the softmax gradient of a logit
+    with no value). lse, delta and row_valid are (B, Hq, Sq), or (Hq, T) for varlen;
+    rows where row_valid is False (tokens of no sequence) or lse is -inf add nothing."""
+    heads_dim = 1 if lse.dim() == 3 else 0
+    shape = [1] * lse.dim()
+    shape[heads_dim] = -1
+    sink = sinks.to(torch.float32).view(shape)
+    probability = torch.exp(sink - lse.float())
+    terms = torch.where(row_valid & (lse != float("-inf")), -probability * delta.float(), 0.0)
+    return terms.sum(dim=[d for d in range(lse.dim()) if d != heads_dim])
+
+
+def call_sink_gradient(
+    call: AttentionCall, grad_out: torch.Tensor, out: torch.Tensor, lse: torch.Tensor
+) -> torch.Tensor:
+    """sink_gradient for a call's backward: delta from grad_out and the forward's out, rows
+    valid where a varlen sequence covers the token. (Hq,) float32."""
+    delta = (grad_out.float() * out.float()).sum(-1)
+    if not call.is_varlen:
+        return sink_gradient(call.sinks, lse, delta, torch.ones_like(lse, dtype=torch.bool))
+    tokens = torch.arange(call.q.shape[0], device=lse.device)
+    covered = (tokens >= call.cu_seqlens_q[0]) & (tokens < call.cu_seqlens_q[-1])
+    return sink_gradient(call.sinks, lse, delta.transpose(0, 1), covered[None, :].expand_as(lse))
 
 
 def apply_softcap(scores: torch.Tensor, softcap: float | None) -> torch.Tensor:

@@ -231,6 +231,10 @@ def check_backend(
     dtype = q.dtype
     varlen, options = _split_varlen(kwargs)
     inputs = [_leaf_copy(t, grad) for t in (q, k, v)]
+    # Sinks are learned: their gradient is checked too (semantics.DIFFERENTIABLE_OPTIONS).
+    learned = {}
+    if grad and isinstance(options.get("sinks"), torch.Tensor):
+        learned["sinks"] = options["sinks"] = _leaf_copy(options["sinks"], True)
     with poisoned_outputs():
         if varlen is not None:
             out, lse = attention_varlen(*inputs, *varlen, return_lse=True, backend=backend, **options)
@@ -238,7 +242,8 @@ def check_backend(
             out, lse = attention(*inputs, return_lse=True, backend=backend, **options)
         grad_out = torch.randn_like(out) if grad else None
         if grad:
-            dq, dk, dv = torch.autograd.grad(out, inputs, grad_out)
+            dq, dk, dv, *option_grads = torch.autograd.grad(out, [*inputs, *learned.values()], grad_out)
+    options = {name: (value.detach() if name in learned else value) for name, value in options.items()}
 
     if varlen is not None:
         call = validate_varlen(q.detach(), k.detach(), v.detach(), *varlen, **options)
@@ -250,8 +255,10 @@ def check_backend(
         grad_out_oracle = None if grad_out is None else grad_out.to(oracle_device)
     else:
         grad_out_oracle = grad_out
-    ref_out, ref_lse, ref_grads = reference_attention(oracle_call, torch.float64, grad_out_oracle)
-    low_out, low_lse, low_grads = reference_attention(call, dtype, grad_out)
+    ref_out, ref_lse, ref_grads = reference_attention(oracle_call, torch.float64, grad_out_oracle, tuple(learned))
+    low_out, low_lse, low_grads = reference_attention(call, dtype, grad_out, tuple(learned))
+    ref_option_grads, ref_grads = (ref_grads[3:], ref_grads[:3]) if grad else ((), ref_grads)
+    low_option_grads, low_grads = (low_grads[3:], low_grads[:3]) if grad else ((), low_grads)
     checks = [
         check_tensor("out", out, ref_out, low_out, dtype),
         check_tensor("lse", lse, ref_lse, low_lse, dtype),
@@ -269,6 +276,8 @@ def check_backend(
         for name, actual, oracle, lowprec, bound in zip(("dq", "dk", "dv"), (dq, dk, dv), ref_grads, low_grads, noise):
             magnitude = gradient_scale if _finite_max(oracle.detach().abs()) == 0.0 else 1.0
             checks.append(check_tensor(name, actual, oracle, lowprec, dtype, magnitude=magnitude, noise=bound))
+        for name, actual, oracle, lowprec in zip(learned, option_grads, ref_option_grads, low_option_grads):
+            checks.append(check_tensor("d" + name, actual, oracle, lowprec, dtype, magnitude=gradient_scale))
     return checks
 
 
@@ -281,7 +290,7 @@ def _leaf_copy(tensor: torch.Tensor, requires_grad: bool) -> torch.Tensor:
 
 def _to_device(call: AttentionCall, device: torch.device) -> AttentionCall:
     fields = {}
-    for name in ("q", "k", "v", "attn_mask", "key_lengths", "cu_seqlens_q", "cu_seqlens_k", "alibi_slopes"):
+    for name in ("q", "k", "v", "attn_mask", "key_lengths", "cu_seqlens_q", "cu_seqlens_k", "alibi_slopes", "sinks"):
         value = getattr(call, name)
         if value is not None:
             fields[name] = value.to(device)
@@ -325,6 +334,8 @@ FEATURE_CASES: dict[str, dict[str, Any]] = {
         "key_lengths": "random",
         "dropout_p": 0.2,
     },
+    "sinks": {"sinks": "per_head"},
+    "sinks_causal_empty_rows": {"sinks": "per_head", "causal": True, "window": (5, None), "key_lengths": "first_zero"},
     "additive_alibi_softcap_dropout": {
         "attn_mask": "additive",
         "alibi_slopes": "per_batch",
@@ -365,6 +376,8 @@ def feature_case(name: str, q: torch.Tensor, k: torch.Tensor) -> dict[str, Any]:
         mask = torch.randn(seqlen_q, seqlen_k, device=device).to(q.dtype)
         mask[min(1, seqlen_q - 1), ::2] = float("-inf")
         options["attn_mask"] = mask
+    if options.get("sinks") == "per_head":
+        options["sinks"] = torch.randn(heads_q, device=device)
     lengths = options.get("key_lengths")
     if lengths == "random":
         options["key_lengths"] = torch.randint(1, seqlen_k + 1, (batch,), dtype=torch.int32, device=device)

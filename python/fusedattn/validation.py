@@ -164,19 +164,30 @@ def _dropout(dropout_p: object, dropout_seed: object) -> tuple[float, int | torc
     return float(dropout_p), dropout_seed
 
 
+def _per_head_floats(name: str, value: object, q: torch.Tensor, shapes: tuple[tuple[int, ...], ...]) -> torch.Tensor:
+    """A floating tensor on q's device with one of shapes, as float32 (float64 for float64 q)."""
+    tensor = _require_tensor(name, value)
+    if tensor.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name}: expected a floating dtype, got {tensor.dtype}")
+    if tensor.device != q.device:
+        raise ValueError(f"{name}: expected device {q.device} (that of q), got {tensor.device}")
+    if tuple(tensor.shape) not in shapes:
+        expected = " or ".join(str(shape) for shape in shapes)
+        raise ValueError(f"{name}: expected shape {expected}, got {tuple(tensor.shape)}")
+    return tensor.to(torch.float64 if q.dtype == torch.float64 else torch.float32)
+
+
 def _alibi(alibi_slopes: object, q: torch.Tensor, batch: int, heads_q: int) -> torch.Tensor | None:
     if alibi_slopes is None:
         return None
-    slopes = _require_tensor("alibi_slopes", alibi_slopes)
-    if slopes.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"alibi_slopes: expected a floating dtype, got {slopes.dtype}")
-    if slopes.device != q.device:
-        raise ValueError(f"alibi_slopes: expected device {q.device} (that of q), got {slopes.device}")
-    if tuple(slopes.shape) not in ((heads_q,), (batch, heads_q)):
-        raise ValueError(
-            f"alibi_slopes: expected shape ({heads_q},) or ({batch}, {heads_q}), got {tuple(slopes.shape)}"
-        )
-    return slopes.to(torch.float64 if q.dtype == torch.float64 else torch.float32)
+    return _per_head_floats("alibi_slopes", alibi_slopes, q, ((heads_q,), (batch, heads_q)))
+
+
+def _sinks(sinks: object, q: torch.Tensor, heads_q: int) -> torch.Tensor | None:
+    """One logit per query head."""
+    if sinks is None:
+        return None
+    return _per_head_floats("sinks", sinks, q, ((heads_q,),))
 
 
 def _needs_grad(*tensors: torch.Tensor) -> bool:
@@ -236,6 +247,7 @@ def validate_attention(
     key_lengths: object = None,
     window: object = None,
     alibi_slopes: object = None,
+    sinks: object = None,
     softcap: object = None,
     dropout_p: object = 0.0,
     dropout_seed: object = None,
@@ -264,6 +276,7 @@ def validate_attention(
         window_left=window_left,
         window_right=window_right,
         alibi_slopes=_alibi(alibi_slopes, q, batch, heads_q),
+        sinks=_sinks(sinks, q, heads_q),
         softcap=_softcap(softcap),
         dropout_p=dropout_p,
         dropout_seed=dropout_seed,
@@ -335,6 +348,7 @@ def validate_varlen(
     scale: object = None,
     window: object = None,
     alibi_slopes: object = None,
+    sinks: object = None,
     softcap: object = None,
     dropout_p: object = 0.0,
     dropout_seed: object = None,
@@ -372,6 +386,7 @@ def validate_varlen(
         window_left=window_left,
         window_right=window_right,
         alibi_slopes=_alibi(alibi_slopes, q, cu_q.shape[0] - 1, q.shape[1]),
+        sinks=_sinks(sinks, q, q.shape[1]),
         softcap=_softcap(softcap),
         dropout_p=dropout_p,
         dropout_seed=dropout_seed,

@@ -59,10 +59,11 @@ class Options:
     dropout_p: float = 0.0
     dropout_seed: int | None = None
     alibi_slopes: torch.Tensor | None = None
+    sinks: torch.Tensor | None = None
 
     def as_kwargs(self) -> dict[str, Any]:
         kwargs: dict[str, Any] = {}
-        for name in ("causal", "causal_alignment", "scale", "window", "softcap", "alibi_slopes"):
+        for name in ("causal", "causal_alignment", "scale", "window", "softcap", "alibi_slopes", "sinks"):
             value = getattr(self, name)
             if value is not None and value is not False and value != "bottom_right":
                 kwargs[name] = value
@@ -84,6 +85,12 @@ def options(draw: st.DrawFn, heads_q: int, batch: int, dtype: torch.dtype) -> Op
         shape = draw(st.sampled_from([(heads_q,), (batch, heads_q)]))
         slope_dtype = draw(st.sampled_from([torch.float32, torch.float64, dtype]))
         slopes = make_tensor(shape, slope_dtype, draw(layouts(allow_specials=False))).abs() * 0.5
+    sinks = None
+    if draw(st.integers(0, 4)) == 0:
+        sink_dtype = draw(st.sampled_from([torch.float32, torch.float64, dtype]))
+        sinks = make_tensor((heads_q,), sink_dtype, draw(layouts(allow_specials=False)), scale=3.0)
+        if draw(st.booleans()):
+            sinks[0] = -math.inf  # a sink of -inf is no sink
     return Options(
         causal=draw(st.booleans()),
         causal_alignment=draw(st.sampled_from(["bottom_right", "top_left"])),
@@ -93,6 +100,7 @@ def options(draw: st.DrawFn, heads_q: int, batch: int, dtype: torch.dtype) -> Op
         dropout_p=dropout,
         dropout_seed=draw(st.integers(0, 2**63 - 1)) if dropout else None,
         alibi_slopes=slopes,
+        sinks=sinks,
     )
 
 
@@ -148,10 +156,13 @@ def oracle_call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, opts: Options
     slopes = opts.alibi_slopes
     if slopes is not None:
         slopes = slopes.to(torch.float64 if q.dtype == torch.float64 else torch.float32)
+    sinks = opts.sinks
+    if sinks is not None:
+        sinks = sinks.to(torch.float64 if q.dtype == torch.float64 else torch.float32)
     return AttentionCall(
         q=q, k=k, v=v, scale=opts.scale if opts.scale is not None else 1.0 / math.sqrt(q.shape[-1]),
         causal=opts.causal, causal_alignment=opts.causal_alignment, window_left=left, window_right=right,
-        alibi_slopes=slopes, softcap=opts.softcap or None, dropout_p=opts.dropout_p,
+        alibi_slopes=slopes, sinks=sinks, softcap=opts.softcap or None, dropout_p=opts.dropout_p,
         dropout_seed=opts.dropout_seed if opts.dropout_p else None, **tensors,
     )  # fmt: skip
 

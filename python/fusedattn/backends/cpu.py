@@ -42,9 +42,15 @@ def forward(call: AttentionCall) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def backward(
-    call: AttentionCall, grad_out: torch.Tensor, out: torch.Tensor, lse: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dq, dk, dv) shaped like (q, k, v); dk/dv summed over each GQA group."""
+    call: AttentionCall,
+    grad_out: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    option_gradients: tuple[str, ...] = (),
+) -> tuple[torch.Tensor, ...]:
+    """(dq, dk, dv) shaped like (q, k, v); dk/dv summed over each GQA group. With
+    option_gradients=("sinks",) also d sinks (Hq,) float32, from lse and delta: the
+    kernels' P already holds the sinks (through lse), so dq, dk, dv need nothing else."""
     native()
     grad_q = allocate_output(tuple(call.q.shape), call.dtype, call.device)
     grad_k = allocate_output(tuple(call.k.shape), call.dtype, call.device)
@@ -52,6 +58,8 @@ def backward(
     torch.ops.fusedattn_native.cpu_backward(
         grad_out.to(call.dtype), call.q, call.k, call.v, out, lse, grad_q, grad_k, grad_v, *native_option_values(call)
     )
+    if "sinks" in option_gradients:
+        return grad_q, grad_k, grad_v, semantics.call_sink_gradient(call, grad_out, out, lse)
     return grad_q, grad_k, grad_v
 
 
@@ -63,6 +71,7 @@ BACKEND = Backend(
         dtypes=frozenset({torch.float32, torch.bfloat16, torch.float16}),
         features=frozenset(semantics.FEATURES),
         max_head_dim=semantics.MAX_HEAD_DIM,
+        differentiable_options=frozenset({"sinks"}),
         priority={"cpu": 20},
     ),
     forward=forward,

@@ -120,8 +120,10 @@ def backward(
     out: torch.Tensor,
     lse: torch.Tensor,
     operators: object | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dq, dk, dv) shaped like q, k, v; dk and dv are summed over each GQA group."""
+    option_gradients: tuple[str, ...] = (),
+) -> tuple[torch.Tensor, ...]:
+    """(dq, dk, dv) shaped like q, k, v; dk and dv are summed over each GQA group. With
+    option_gradients=("sinks",) also d sinks (Hq,) float32, from lse and delta."""
     operators = torch.ops.fusedattn_native if operators is None else operators
     dq = allocate_output(tuple(call.q.shape), call.dtype, call.device)
     dk = allocate_output(tuple(call.k.shape), call.dtype, call.device)
@@ -129,6 +131,8 @@ def backward(
     operators.cuda_attention_backward(
         grad_out, call.q, call.k, call.v, out, lse, dq, dk, dv, *native_option_values(call)
     )
+    if "sinks" in option_gradients:
+        return dq, dk, dv, semantics.call_sink_gradient(call, grad_out, out, lse)
     return dq, dk, dv
 
 
@@ -140,6 +144,7 @@ BACKEND = Backend(
         dtypes=frozenset({torch.float16, torch.bfloat16, torch.float32}),
         features=frozenset(semantics.FEATURES),
         max_head_dim=semantics.MAX_HEAD_DIM,
+        differentiable_options=frozenset({"sinks"}),
         priority={"cuda": 20},
     ),
     forward=forward,

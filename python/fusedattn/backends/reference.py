@@ -24,6 +24,7 @@ def _attend_dense(
     attn_mask: torch.Tensor | None,
     key_lengths: torch.Tensor | None,
     alibi_slopes: torch.Tensor | None,
+    sinks: torch.Tensor | None,
     sequence_index: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """q (B, Hq, Sq, D), k (B, Hkv, Sk, D), v (B, Hkv, Sk, Dv), all in the compute dtype.
@@ -34,8 +35,11 @@ def _attend_dense(
     batch, heads_q, seqlen_q, _ = q.shape
     seqlen_k = k.shape[2]
     if seqlen_k == 0 or q.numel() == 0:
-        # No rows, or every row fully masked: output 0, lse -inf (docs/semantics.md, "Empty").
+        # No rows, or every row fully masked: output 0, lse -inf, or the sink's logit
+        # (docs/semantics.md, "Empty"). The sink is added, not filled, to keep its gradient.
         out = q.new_zeros(batch, heads_q, seqlen_q, v.shape[-1])
+        if sinks is not None:
+            return out, q.new_zeros(batch, heads_q, seqlen_q) + sinks.to(q.dtype)[:, None]
         return out, q.new_full((batch, heads_q, seqlen_q), float("-inf"))
     group = heads_q // k.shape[1]
     if group > 1:
@@ -77,11 +81,18 @@ def _attend_dense(
         scores = scores.masked_fill(~allowed, float("-inf"))
 
     # Softmax that gives 0 (not NaN) on fully masked rows. Subtracting the row max is
-    # exact for any constant, so the max is detached.
+    # exact for any constant, so the max is detached. A sink is one more logit per head in
+    # the denominator, with no value.
     row_max = scores.detach().amax(dim=-1, keepdim=True)
+    no_keys = torch.isneginf(row_max)  # fully masked rows (before the sink joins)
+    if sinks is not None:
+        sink = sinks.to(scores.dtype)[:, None, None]
+        row_max = torch.maximum(row_max, sink.detach())
     row_max = torch.where(torch.isinf(row_max) & (row_max < 0), torch.zeros_like(row_max), row_max)
     exp_scores = torch.exp(scores - row_max)
     denominator = exp_scores.sum(dim=-1, keepdim=True)
+    if sinks is not None:
+        denominator = denominator + torch.exp(sink - row_max)
     probabilities = exp_scores / torch.where(denominator == 0, torch.ones_like(denominator), denominator)
     lse = (row_max + torch.log(denominator)).squeeze(-1)
 
@@ -92,7 +103,9 @@ def _attend_dense(
         probabilities = probabilities * keep.to(probabilities.dtype) * semantics.dropout_keep_scale(call.dropout_p)
     out = torch.matmul(probabilities, v)
     # A fully masked row is 0 even when an invisible value is NaN or Inf (0 * NaN is NaN).
-    return torch.where(denominator == 0, torch.zeros_like(out), out), lse
+    if sinks is None:
+        no_keys = denominator == 0
+    return torch.where(no_keys, torch.zeros_like(out), out), lse
 
 
 def _compute(call: AttentionCall, compute_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -106,6 +119,7 @@ def _compute(call: AttentionCall, compute_dtype: torch.dtype) -> tuple[torch.Ten
             attn_mask=call.attn_mask,
             key_lengths=call.key_lengths,
             alibi_slopes=call.alibi_slopes,
+            sinks=call.sinks,
             sequence_index=torch.arange(q.shape[0], device=q.device),
         )
     # Varlen: each packed sequence is a batch of one, with its own Sq and Sk for the
@@ -128,6 +142,7 @@ def _compute(call: AttentionCall, compute_dtype: torch.dtype) -> tuple[torch.Ten
             attn_mask=None,
             key_lengths=None,
             alibi_slopes=slopes,
+            sinks=call.sinks,
             sequence_index=torch.tensor([index], device=q.device),
         )
         outs.append(out_i[0].transpose(0, 1))

@@ -80,11 +80,15 @@ def forward(call: AttentionCall) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def backward(
-    call: AttentionCall, grad_out: torch.Tensor, out: torch.Tensor, lse: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    call: AttentionCall,
+    grad_out: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    option_gradients: tuple[str, ...] = (),
+) -> tuple[torch.Tensor, ...]:
     from fusedattn.kernels.attention_backward import backward as run
 
-    return run(call, grad_out, out, lse)
+    return run(call, grad_out, out, lse, option_gradients)
 
 
 BACKEND = Backend(
@@ -96,6 +100,7 @@ BACKEND = Backend(
         features=frozenset(semantics.FEATURES),
         max_head_dim=semantics.MAX_HEAD_DIM,
         priority={"cuda": 30, "cpu": -10},
+        differentiable_options=frozenset({"sinks"}),
     ),
     forward=forward,
     backward=backward,

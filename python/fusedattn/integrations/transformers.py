@@ -9,8 +9,8 @@
 * an attention function with ``AttentionInterface``: it receives query (B, Hq, Sq, D) and
   the un-repeated key/value (B, Hkv, Sk, D) and calls :func:`fusedattn.attention` with
   grouped-query attention, the module's causal flag (aligned bottom-right: the queries
-  are the last Sq of the Sk keys), ``sliding_window``, ``softcap``, ``scaling`` and
-  ``dropout``;
+  are the last Sq of the Sk keys), ``sliding_window``, ``softcap``, ``scaling``,
+  ``dropout`` and gpt-oss's attention sinks (``s_aux``);
 * a mask builder with ``AttentionMaskInterface``. Without one, transformers hands the
   function ``attention_mask=None`` and padding and sliding windows are silently lost.
   For the common patterns (causal, sliding-window causal, bidirectional, each with
@@ -178,11 +178,14 @@ def fusedattn_attention_forward(
     Returns:
         (attn_output (B, Sq, Hq, D) contiguous, None): weights are never materialized.
     """
-    for unsupported in ("s_aux", "sinks", "position_bias"):
-        if kwargs.get(unsupported) is not None:
-            raise NotImplementedError(f"{unsupported}: not supported by attn_implementation='fusedattn'")
+    if kwargs.get("position_bias") is not None:
+        raise NotImplementedError("position_bias: not supported by attn_implementation='fusedattn'")
     causal = bool(getattr(module, "is_causal", True) if is_causal is None else is_causal)
     options: dict[str, Any] = dict(scale=scaling, softcap=softcap, dropout_p=dropout)
+    # gpt-oss passes its learned sinks as s_aux: one logit per query head in the softmax.
+    sinks = kwargs.get("s_aux", kwargs.get("sinks"))
+    if sinks is not None:
+        options["sinks"] = sinks
     packed = kwargs.get("cu_seq_lens_q")
     if packed is not None and query.shape[0] == 1 and kwargs.get("cu_seq_lens_k") is not None:
         # Padding-free packed batches (DataCollatorWithFlattening): one varlen call.

@@ -154,6 +154,7 @@ class Case:
     mask_shape: tuple[int, ...] | None = None  # broadcast to (batch, heads_q, seqlen_q, seqlen_k)
     key_lengths: tuple[int, ...] | None = None
     alibi: str | None = None  # "per_head" (Hq,) or "per_batch" (batch, Hq) slopes
+    sinks: str | None = None  # "random": one logit per query head
     softcap: float | None = None
     dropout_p: float = 0.0
     dropout_seed: int | None = None
@@ -202,6 +203,7 @@ class Case:
             window_left=left,
             window_right=right,
             alibi_slopes=None if self.alibi is None else torch.empty(1, device=meta),
+            sinks=None if self.sinks is None else torch.empty(1, device=meta),
             softcap=self.softcap,
             dropout_p=self.dropout_p,
             needs_grad=grad,
@@ -230,6 +232,8 @@ class Case:
             parts.append(f"key_lengths{list(self.key_lengths)}".replace(" ", ""))
         if self.alibi is not None:
             parts.append(f"alibi-{self.alibi}")
+        if self.sinks is not None:
+            parts.append("sinks")
         if self.softcap is not None:
             parts.append(f"softcap{self.softcap:g}")
         if self.dropout_p:
@@ -296,6 +300,9 @@ def _table_entry(name: str) -> tuple[frozenset[str], str | None, dict[str, Any],
     if "alibi_slopes" in options:
         on.add("alibi")
         fields["alibi"] = options["alibi_slopes"]
+    if "sinks" in options:
+        on.add("sinks")
+        fields["sinks"] = "random"
     if "softcap" in options:
         on.add("softcap")
         fields["softcap"] = options["softcap"]
@@ -349,7 +356,8 @@ def make_case(index: int, seed: int, profile: SizeProfile) -> Case:
     entries = _table_entries_for(focus)
     if entries and rng.random() < _TABLE_PROBABILITY:
         entry_on, entry_alignment, table_fields, table_fully_masked = _table_entry(rng.choice(entries))
-        for name in ("causal", "window", "alibi", "softcap", "dropout", "bool_mask", "additive_mask", "key_lengths"):
+        for name in ("causal", "window", "alibi", "sinks", "softcap", "dropout", "bool_mask", "additive_mask",
+                     "key_lengths"):  # fmt: skip
             on[name] = name in entry_on
         alignment = entry_alignment or "bottom_right"
         if entry_on & set(_MASK_FEATURES):
@@ -432,6 +440,8 @@ def make_case(index: int, seed: int, profile: SizeProfile) -> Case:
         fields["window"] = _window(rng)
     if on["alibi"]:
         fields["alibi"] = rng.choice(("per_head", "per_batch"))
+    if on["sinks"]:
+        fields["sinks"] = "random"
     if on["softcap"]:
         fields["softcap"] = rng.choice((2.0, 10.0, 30.0))
     if on["dropout"]:
@@ -577,6 +587,10 @@ def make_inputs(
         options["window"] = case.window
     if case.alibi is not None:
         options["alibi_slopes"] = _alibi_slopes(case).to(device)
+    if case.sinks is not None:
+        # Their own generator: the other tensors of a case stay what they were without sinks.
+        sink_generator = torch.Generator().manual_seed(case.seed + 1)
+        options["sinks"] = (2.0 * torch.randn(case.heads_q, generator=sink_generator)).to(device)
     if case.softcap is not None:
         options["softcap"] = case.softcap
     if case.dropout_p:

@@ -48,6 +48,7 @@ from .utils import (
     packed_span,
     padded_dim,
     query_range,
+    score_rule,
     sequence_bounds,
     sequence_strides,
 )
@@ -144,20 +145,9 @@ def score_gradients(
     batch,
     key_limit,
     position_offset,
-    scale,
-    softcap,
-    window_left,
-    window_right,
+    rule,
     dropout_threshold,
     dropout_keep_scale,
-    Mask,
-    stride_mb,
-    stride_mh,
-    stride_mq,
-    stride_mk,
-    Alibi,
-    stride_ab,
-    stride_ah,
     CAUSAL: tl.constexpr,
     HAS_WINDOW_LEFT: tl.constexpr,
     HAS_WINDOW_RIGHT: tl.constexpr,
@@ -179,9 +169,8 @@ def score_gradients(
     P * (dP - delta) with dP masked and rescaled like P, times 1 - tanh^2 under softcap.
     """
     logits, softcap_tanh = attention_logits(
-        qk, rows, keys, heads, row_valid, batch, key_limit, position_offset, scale, softcap, window_left,
-        window_right, Mask, stride_mb, stride_mh, stride_mq, stride_mk, Alibi, stride_ab, stride_ah, CAUSAL,
-        HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, MASK_KIND, HAS_ALIBI, HAS_SOFTCAP,
+        qk, rows, keys, heads, row_valid, batch, key_limit, position_offset, rule, CAUSAL, HAS_WINDOW_LEFT,
+        HAS_WINDOW_RIGHT, MASK_KIND, HAS_ALIBI, HAS_SOFTCAP,
     )  # fmt: skip
     probabilities = tl.math.exp2(logits - lse)
     kept = probabilities
@@ -322,6 +311,10 @@ def attention_backward_dkdv_kernel(
         HAS_WINDOW_RIGHT,
         BLOCK_M,
     )
+    rule = score_rule(
+        scale, softcap, window_left, window_right, Mask, stride_mb, stride_mh, stride_mq, stride_mk, Alibi, stride_ab,
+        stride_ah,
+    )  # fmt: skip
     for member in range(first_member, first_member + members):
         head = kv_head * group + member
         heads = tl.full((BLOCK_M,), 0, tl.int32) + head
@@ -350,10 +343,9 @@ def attention_backward_dkdv_kernel(
             grad_probabilities_t = tl.dot(v_tile, tl.trans(grad_out), input_precision=INPUT_PRECISION)
             kept_t, grad_scores_t = score_gradients(
                 qk_t, grad_probabilities_t, lse[None, :], delta[None, :], rows[None, :], keys[:, None],
-                heads[None, :], row_valid[None, :], row_hash[None, :], batch, key_limit, position_offset, scale,
-                softcap, window_left, window_right, dropout_threshold, dropout_keep_scale, Mask, stride_mb,
-                stride_mh, stride_mq, stride_mk, Alibi, stride_ab, stride_ah, CAUSAL, HAS_WINDOW_LEFT,
-                HAS_WINDOW_RIGHT, MASK_KIND, HAS_ALIBI, HAS_SOFTCAP, HAS_DROPOUT,
+                heads[None, :], row_valid[None, :], row_hash[None, :], batch, key_limit, position_offset, rule,
+                dropout_threshold, dropout_keep_scale, CAUSAL, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, MASK_KIND,
+                HAS_ALIBI, HAS_SOFTCAP, HAS_DROPOUT,
             )  # fmt: skip
             grad_v = tl.dot(kept_t.to(grad_out.dtype), grad_out, grad_v, input_precision=INPUT_PRECISION)
             grad_scores_t = grad_scores_t.to(q.dtype)
@@ -502,6 +494,10 @@ def attention_backward_dq_kernel(
         HAS_WINDOW_RIGHT,
         BLOCK_N,
     )
+    rule = score_rule(
+        scale, softcap, window_left, window_right, Mask, stride_mb, stride_mh, stride_mq, stride_mk, Alibi, stride_ab,
+        stride_ah,
+    )  # fmt: skip
     for start_n in range(lo, hi, BLOCK_N):
         keys = start_n + offs_n
         key_valid = keys < len_k
@@ -520,10 +516,9 @@ def attention_backward_dq_kernel(
         grad_probabilities = tl.dot(grad_out, tl.trans(v_tile), input_precision=INPUT_PRECISION)
         _kept, grad_scores = score_gradients(
             qk, grad_probabilities, lse[:, None], delta[:, None], rows[:, None], keys[None, :], heads[:, None],
-            row_valid[:, None], row_hash[:, None], batch, key_limit, position_offset, scale, softcap, window_left,
-            window_right, dropout_threshold, dropout_keep_scale, Mask, stride_mb, stride_mh, stride_mq, stride_mk,
-            Alibi, stride_ab, stride_ah, CAUSAL, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, MASK_KIND, HAS_ALIBI,
-            HAS_SOFTCAP, HAS_DROPOUT,
+            row_valid[:, None], row_hash[:, None], batch, key_limit, position_offset, rule, dropout_threshold,
+            dropout_keep_scale, CAUSAL, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, MASK_KIND, HAS_ALIBI, HAS_SOFTCAP,
+            HAS_DROPOUT,
         )  # fmt: skip
         grad_q = tl.dot(grad_scores.to(k_tile.dtype), k_tile, grad_q, input_precision=INPUT_PRECISION)
 

@@ -30,6 +30,7 @@ from .utils import (
     launch,
     lse_strides,
     padded_dim,
+    score_rule,
     sequence_bounds,
     sequence_strides,
 )
@@ -144,13 +145,16 @@ def attention_decode_split_kernel(
     )
     lo = tl.maximum(lo, split * keys_per_split)
     hi = tl.minimum(hi, (split + 1) * keys_per_split)
+    rule = score_rule(
+        scale, softcap, window_left, window_right, Mask, stride_mb, stride_mh, stride_mq, stride_mk, Alibi, stride_ab,
+        stride_ah,
+    )  # fmt: skip
     for start_n in range(lo, hi, BLOCK_N):
         accumulator, row_max, row_sum = attend_tile(
             q, accumulator, row_max, row_sum, start_n, k_base, v_base, stride_ks, stride_vs, rows, heads,
-            row_valid, row_hash, batch, len_k, key_limit, position_offset, scale, softcap, window_left,
-            window_right, dropout_threshold, Mask, stride_mb, stride_mh, stride_mq, stride_mk, Alibi, stride_ab,
-            stride_ah, offs_d, offs_dv, d_valid, dv_valid, CAUSAL, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, MASK_KIND,
-            HAS_ALIBI, HAS_SOFTCAP, HAS_DROPOUT, INPUT_PRECISION, True, False, BLOCK_N,
+            row_valid, row_hash, batch, len_k, key_limit, position_offset, rule, dropout_threshold, offs_d, offs_dv,
+            d_valid, dv_valid, CAUSAL, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, MASK_KIND, HAS_ALIBI, HAS_SOFTCAP,
+            HAS_DROPOUT, INPUT_PRECISION, True, False, BLOCK_N,
         )  # fmt: skip
 
     empty = row_sum == 0.0
@@ -188,6 +192,7 @@ def attention_decode_combine_kernel(
     HEAD_DIM_V: tl.constexpr,
     BLOCK_DV: tl.constexpr,
     BLOCK_SPLITS: tl.constexpr,
+    SPLIT_CHUNK: tl.constexpr,
     HAS_SINKS: tl.constexpr,
 ):
     """out = sum_s exp(lse_s - lse) * out_s with lse = logsumexp_s lse_s, one (token, head)
@@ -211,13 +216,23 @@ def attention_decode_combine_kernel(
     total = tl.sum(weights, 0)
     if HAS_SINKS:
         total += tl.exp(sink - safe_largest)
-    partial_out = tl.load(
-        PartialOut + (row_index.to(tl.int64) * splits + offs_s[:, None]) * HEAD_DIM_V + offs_dv[None, :],
-        mask=split_valid[:, None] & (offs_dv < HEAD_DIM_V)[None, :],
-        other=0.0,
-    )
+    # The partial outputs SPLIT_CHUNK slices at a time: all of them at once would hold
+    # BLOCK_SPLITS x BLOCK_DV floats in registers (spills at Dv 512).
+    out = tl.zeros((BLOCK_DV,), tl.float32)
+    for first in range(0, splits, SPLIT_CHUNK):
+        offs_c = first + tl.arange(0, SPLIT_CHUNK)
+        chunk_valid = offs_c < splits
+        chunk_lse = tl.load(
+            PartialLse + row_index.to(tl.int64) * splits + offs_c, mask=chunk_valid, other=float("-inf")
+        )
+        partial_out = tl.load(
+            PartialOut + (row_index.to(tl.int64) * splits + offs_c[:, None]) * HEAD_DIM_V + offs_dv[None, :],
+            mask=chunk_valid[:, None] & (offs_dv < HEAD_DIM_V)[None, :],
+            other=0.0,
+        )
+        out += tl.sum(partial_out * tl.exp(chunk_lse - safe_largest)[:, None], 0)
     empty = total == 0.0
-    out = tl.sum(partial_out * weights[:, None], 0) / tl.where(empty, 1.0, total)
+    out = out / tl.where(empty, 1.0, total)
     lse = tl.where(empty, float("-inf"), safe_largest + tl.log(tl.where(empty, 1.0, total)))
     batch64 = batch.to(tl.int64)
     tl.store(
@@ -299,6 +314,7 @@ def run_decode(call: AttentionCall, problem: Problem, out: torch.Tensor, lse: to
         HEAD_DIM_V=problem.head_dim_v,
         BLOCK_DV=block_dv,
         BLOCK_SPLITS=max(2, triton.next_power_of_2(splits)),
+        SPLIT_CHUNK=max(2, min(16, triton.next_power_of_2(splits))),
         HAS_SINKS=has_sinks,
         num_warps=4 if block_dv >= 128 else 2,
     )

@@ -40,6 +40,7 @@ from .utils import (
     launch,
     lse_strides,
     padded_dim,
+    score_rule,
     sequence_bounds,
     sequence_strides,
 )
@@ -214,6 +215,10 @@ def attention_forward_kernel(
         first_row, last_row, lo, hi, position_offset, key_limit, window_left, window_right,
         CAUSAL, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, MASK_KIND, BLOCK_N,
     )  # fmt: skip
+    rule = score_rule(
+        scale, softcap, window_left, window_right, Mask, stride_mb, stride_mh, stride_mq, stride_mk, Alibi, stride_ab,
+        stride_ah,
+    )  # fmt: skip
     # Three ranges, unrolled at compile time: the middle one compiled without the checks.
     for segment in tl.static_range(3):
         if segment == 0:
@@ -225,10 +230,9 @@ def attention_forward_kernel(
         for start_n in range(segment_lo, segment_hi, BLOCK_N):
             accumulator, row_max, row_sum = attend_tile(
                 q, accumulator, row_max, row_sum, start_n, k_source, v_source, stride_ks, stride_vs, rows, heads,
-                row_valid, row_hash, batch, len_k, key_limit, position_offset, scale, softcap, window_left,
-                window_right, dropout_threshold, Mask, stride_mb, stride_mh, stride_mq, stride_mk, Alibi, stride_ab,
-                stride_ah, offs_d, offs_dv, d_valid, dv_valid, CAUSAL, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, MASK_KIND,
-                HAS_ALIBI, HAS_SOFTCAP, HAS_DROPOUT, INPUT_PRECISION, segment != 1, USE_TMA, BLOCK_N,
+                row_valid, row_hash, batch, len_k, key_limit, position_offset, rule, dropout_threshold, offs_d,
+                offs_dv, d_valid, dv_valid, CAUSAL, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, MASK_KIND, HAS_ALIBI,
+                HAS_SOFTCAP, HAS_DROPOUT, INPUT_PRECISION, segment != 1, USE_TMA, BLOCK_N,
             )  # fmt: skip
 
     if HAS_SINKS:

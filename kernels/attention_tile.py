@@ -30,19 +30,8 @@ def attend_tile(
     len_k,
     key_limit,
     position_offset,
-    scale,
-    softcap,
-    window_left,
-    window_right,
+    score_rule,
     dropout_threshold,
-    Mask,
-    stride_mb,
-    stride_mh,
-    stride_mq,
-    stride_mk,
-    Alibi,
-    stride_ab,
-    stride_ah,
     offs_d,
     offs_dv,
     d_valid,
@@ -80,9 +69,7 @@ def attend_tile(
     qk = tl.dot(q, k_tile, input_precision=INPUT_PRECISION)
     logits, _tanh = attention_logits(
         qk, rows[:, None], keys[None, :], heads[:, None], row_valid[:, None], batch, key_limit, position_offset,
-        scale, softcap,
-        window_left, window_right, Mask, stride_mb, stride_mh, stride_mq, stride_mk, Alibi, stride_ab, stride_ah,
-        CAUSAL, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, MASK_KIND, HAS_ALIBI, HAS_SOFTCAP, CHECK_VISIBILITY,
+        score_rule, CAUSAL, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, MASK_KIND, HAS_ALIBI, HAS_SOFTCAP, CHECK_VISIBILITY,
     )  # fmt: skip
     new_max = tl.maximum(row_max, tl.max(logits, 1))
     # A row with nothing visible yet keeps max -inf; subtracting 0 instead keeps exp2 at 0, not NaN.

@@ -20,6 +20,11 @@ from .utils import interpreting
 INTERPRETER_BLOCK = 16
 
 
+def head_dim_bucket(block_d: int) -> int:
+    """The config table a padded head dim reads: 64, 128, 256, 512 or 1024 (576 pads to 1024)."""
+    return next(bucket for bucket in (64, 128, 256, 512, 1024) if block_d <= bucket)
+
+
 def _config(block_m: int, block_n: int, warps: int, stages: int) -> triton.Config:
     return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=warps, num_stages=stages)
 
@@ -44,6 +49,8 @@ _HALF_CONFIGS = {
         ((64, 64, 8, 3), (128, 32, 8, 3), (64, 32, 8, 3)),
         ((32, 32, 8, 3), (64, 16, 8, 3)),
     ),
+    512: (((32, 32, 8, 1), (32, 16, 8, 1)), ((32, 16, 8, 1), (16, 32, 8, 1))),
+    1024: (((32, 16, 8, 1), (16, 16, 8, 1)), ((16, 16, 8, 1),)),
 }
 # fp32 tiles take twice the shared memory. With TF32 dots (torch's policy allows them:
 # kernels/utils.py input_precision) they run on the tensor cores; exact IEEE dots run on
@@ -55,11 +62,15 @@ _FLOAT32_CONFIGS = {
         64: ((64, 64, 4, 3), (64, 64, 8, 3)),
         128: ((32, 64, 8, 2), (32, 32, 4, 2)),
         256: ((32, 64, 8, 1), (32, 32, 8, 1)),
+        512: ((16, 32, 8, 1),),
+        1024: ((16, 16, 8, 1),),
     },
     "ieee": {
         64: ((32, 64, 8, 2),),
         128: ((16, 32, 8, 2),),
         256: ((16, 32, 8, 1),),
+        512: ((16, 16, 8, 1),),
+        1024: ((16, 16, 8, 1),),
     },
 }
 
@@ -72,7 +83,7 @@ def forward_configs(
     plain-load kernel). Masks / dropout / softcap add registers: those get narrower tiles.
     precision is the fp32 dots' input precision ("tf32" or "ieee"; ignored for fp16/bf16).
     """
-    bucket = 64 if block_d <= 64 else (128 if block_d <= 128 else 256)
+    bucket = head_dim_bucket(block_d)
     if dtype == torch.float32:
         chosen = _FLOAT32_CONFIGS[precision][bucket]
     else:
@@ -91,12 +102,16 @@ _HALF_BACKWARD_CONFIGS = {
     64: (((32, 128, 8, 2), (32, 128, 8, 2)), ((64, 64, 8, 2), (64, 64, 8, 2))),
     128: (((32, 128, 8, 2), (16, 128, 8, 2)), ((64, 64, 8, 2), (64, 64, 8, 2))),
     256: (((64, 32, 8, 1), (64, 32, 8, 1)), ((32, 64, 8, 1), (32, 64, 8, 1))),
+    512: (((32, 16, 8, 1), (32, 16, 8, 1)), ((16, 32, 8, 1), (16, 32, 8, 1))),
+    1024: (((16, 16, 8, 1), (16, 16, 8, 1)), ((16, 16, 8, 1), (16, 16, 8, 1))),
 }
 # fp32 (exact FMA dots) and the d256 fallback of old: small tiles, one stage.
 _FLOAT32_BACKWARD_CONFIGS = {
     64: ((32, 64, 4, 1), (32, 64, 4, 1)),
     128: ((32, 32, 4, 1), (32, 32, 4, 1)),
     256: ((32, 32, 4, 1), (32, 32, 4, 1)),
+    512: ((16, 16, 8, 1), (16, 16, 8, 1)),
+    1024: ((16, 16, 8, 1), (16, 16, 8, 1)),
 }
 
 
@@ -117,7 +132,7 @@ def backward_configs(
     if interpreting():
         small = _launch_config(INTERPRETER_BLOCK, INTERPRETER_BLOCK, 4, 1)
         return small, small
-    bucket = 64 if block_d <= 64 else (128 if block_d <= 128 else 256)
+    bucket = head_dim_bucket(block_d)
     if dtype == torch.float32:
         return tuple(_launch_config(*config) for config in _FLOAT32_BACKWARD_CONFIGS[bucket])
     dkdv, dq = _HALF_BACKWARD_CONFIGS[bucket]
@@ -127,7 +142,7 @@ def backward_configs(
 
 # fp32 decode (BLOCK_N, num_warps, num_stages) by padded head dim: the 4-warp, 32-key tile
 # of old spilled 40-50 bytes at d128 with Triton 3.6.
-_FLOAT32_DECODE_CONFIGS = {64: (16, 4, 2), 128: (32, 8, 2), 256: (32, 8, 1)}
+_FLOAT32_DECODE_CONFIGS = {64: (16, 4, 2), 128: (32, 8, 2), 256: (32, 8, 1), 512: (16, 8, 1), 1024: (16, 8, 1)}
 
 
 def decode_config(block_d: int, dtype: torch.dtype) -> dict[str, int]:
@@ -135,9 +150,11 @@ def decode_config(block_d: int, dtype: torch.dtype) -> dict[str, int]:
     if interpreting():
         return dict(BLOCK_N=INTERPRETER_BLOCK, num_warps=4, num_stages=1)
     if dtype == torch.float32:
-        bucket = 64 if block_d <= 64 else (128 if block_d <= 128 else 256)
+        bucket = head_dim_bucket(block_d)
         block_n, warps, stages = _FLOAT32_DECODE_CONFIGS[bucket]
         return dict(BLOCK_N=block_n, num_warps=warps, num_stages=stages)
+    if block_d > 256:
+        return dict(BLOCK_N=16, num_warps=8, num_stages=1)
     if block_d > 128:
         return dict(BLOCK_N=32, num_warps=4, num_stages=2)
     return dict(BLOCK_N=64, num_warps=4, num_stages=3)

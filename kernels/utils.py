@@ -72,15 +72,7 @@ def tanh_exact(x):
 
 
 @triton.jit
-def attention_logits(
-    qk,
-    rows,
-    keys,
-    heads,
-    row_valid,
-    batch,
-    key_limit,
-    position_offset,
+def score_rule(
     scale,
     softcap,
     window_left,
@@ -93,6 +85,26 @@ def attention_logits(
     Alibi,
     stride_ab,
     stride_ah,
+):
+    """The runtime options of the score function, grouped for attention_logits (kernel
+    arguments stay flat: torch.library.wrap_triton launches take no tuples)."""
+    return (
+        scale, softcap, window_left, window_right, Mask, (stride_mb, stride_mh, stride_mq, stride_mk), Alibi,
+        (stride_ab, stride_ah),
+    )  # fmt: skip
+
+
+@triton.jit
+def attention_logits(
+    qk,
+    rows,
+    keys,
+    heads,
+    row_valid,
+    batch,
+    key_limit,
+    position_offset,
+    score_rule,
     CAUSAL: tl.constexpr,
     HAS_WINDOW_LEFT: tl.constexpr,
     HAS_WINDOW_RIGHT: tl.constexpr,
@@ -110,7 +122,13 @@ def attention_logits(
     (logits, softcap_tanh); softcap_tanh is tanh(s / softcap), needed by the backward
     pass (qk itself when softcap is off). CHECK_VISIBILITY=False skips key lengths,
     causal, window and bool-mask checks, for tiles known to be fully visible.
+    score_rule: the call's runtime score options as one tuple (see score_rule below), built
+    once by each kernel, so a new option reaches this function without touching the
+    functions in between.
     """
+    scale, softcap, window_left, window_right, Mask, mask_strides, Alibi, alibi_strides = score_rule
+    stride_mb, stride_mh, stride_mq, stride_mk = mask_strides
+    stride_ab, stride_ah = alibi_strides
     if HAS_SOFTCAP:
         softcap_tanh = tanh_exact(qk * (scale / softcap))
         scores = softcap_tanh * (softcap * LOG2E)

@@ -265,3 +265,13 @@ def test_huge_scale_varlen_gradients_within_the_flash_backward_bound():
     checks = check_backend("cpu", q, k, v, cu_seqlens_q=offsets, cu_seqlens_k=offsets, max_seqlen_q=25,
                            max_seqlen_k=25, scale=300.0, causal=True)  # fmt: skip
     assert all(check.passed for check in checks), checks
+
+
+@pytest.mark.parametrize("dims", [(512, 512), (576, 512)], ids=["d512", "mla576-512"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+def test_large_head_dims(dims, dtype):
+    # Gemma 4's global layers (512) and DeepSeek's absorbed MLA decode (576 / 512, one KV head).
+    dim, dim_v = dims
+    q, k, v = make_qkv(batch=1, heads_q=4, heads_kv=1, seqlen_q=9, seqlen_k=21, dim=dim, dim_v=dim_v, dtype=dtype)
+    assert_backend_matches("cpu", q, k, v, causal=True, sinks=torch.randn(4))
+    assert_backend_matches("cpu", q[:, :, :1], k, v, window=(8, None))  # decode

@@ -53,6 +53,17 @@ def _configs() -> dict[str, transformers.PretrainedConfig]:
         "starcoder2_sliding_window": transformers.Starcoder2Config(**COMMON, sliding_window=4),
         "gemma3_text": transformers.Gemma3TextConfig(**COMMON, head_dim=8, sliding_window=4, query_pre_attn_scalar=8),
         "olmo2": transformers.Olmo2Config(**COMMON),
+        # Gemma 4: head dim 8 in its sliding layers, 512 in its global one.
+        "gemma4_global_512": transformers.Gemma4TextConfig(
+            **COMMON, head_dim=8, sliding_window=4, layer_types=["sliding_attention", "full_attention"],
+            per_layer_config={"01": {"head_dim": 512}}, hidden_size_per_layer_input=8, vocab_size_per_layer_input=VOCAB,
+        ),  # fmt: skip
+        # DeepSeek-V3's multi-head latent attention: D 192 (128 + 64 rotary) for q/k, Dv 128.
+        "deepseek_v3_mla": transformers.DeepseekV3Config(
+            **{**COMMON, "num_key_value_heads": 4}, q_lora_rank=16, kv_lora_rank=16, qk_rope_head_dim=64, qk_nope_head_dim=128, v_head_dim=128,
+            n_routed_experts=4, num_experts_per_tok=2, first_k_dense_replace=1, n_group=1, topk_group=1,
+            moe_intermediate_size=16,
+        ),  # fmt: skip
         # Attention sinks (s_aux), alternating sliding and full layers, a mixture of experts.
         "gpt_oss_sinks": transformers.GptOssConfig(
             **COMMON,
@@ -131,7 +142,8 @@ def test_logits_generation_and_gradients_match_eager(name, calls):
     real = mask.bool()
     torch.testing.assert_close(got[real], expected[real], atol=1e-4, rtol=1e-4)
     assert calls  # the model really ran on fusedattn
-    assert all(call["heads"] == (4, 2) for call in calls if name != "gpt2")  # GQA: K/V never repeated
+    # GQA: K/V never repeated (DeepSeek's MLA has one key per query head).
+    assert all(call["heads"] == (4, 2) for call in calls if name not in ("gpt2", "deepseek_v3_mla"))
     if name == "gpt_oss_sinks":
         assert all(call.get("sinks") is not None for call in calls)  # s_aux reached the kernel
     # Greedy generation with a KV cache gives the same tokens.

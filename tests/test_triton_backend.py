@@ -640,3 +640,11 @@ def test_gqa_backward_split_over_query_heads(layout, monkeypatch):
     problem = Problem.of(call)
     assert attention_backward.group_splits(problem, 16, q.device) > 1  # the test exercises the split
     assert_backend_matches("triton", q, k, v, **options)
+
+
+@pytest.mark.parametrize("dims", [(512, 512), (576, 512)], ids=["d512", "mla576-512"])
+def test_large_head_dims(dims):
+    dim, dim_v = dims
+    q, k, v = _inputs(1, 4, 1, 9, 21, dim, dim_v)
+    assert_backend_matches("triton", q, k, v, causal=True, sinks=torch.randn(4, device=DEVICE))
+    assert_backend_matches("triton", q[:, :, :1].contiguous(), k, v, window=(8, None))  # the decode kernel

@@ -77,10 +77,10 @@ def test_head_mismatches():
 def test_head_dim_checks():
     q, k, v = _qkv()
     _bad(ValueError, "k:", "head dim 8", "got 4", qkv=(q, k[..., :4], v))
-    big = _qkv(D=300, Dv=8)
-    _bad(ValueError, "head dim from 1 to 256", "got 300", qkv=big)
-    big_v = _qkv(Dv=257)
-    _bad(ValueError, "v:", "got 257", qkv=big_v)
+    big = _qkv(D=600, Dv=8)
+    _bad(ValueError, "head dim from 1 to 576", "got 600", qkv=big)
+    big_v = _qkv(Dv=577)
+    _bad(ValueError, "v:", "got 577", qkv=big_v)
 
 
 def test_sequence_mismatch_between_k_and_v():
@@ -225,3 +225,13 @@ def test_sinks_are_checked(sinks, error, message):
     q = torch.randn(2, 4, 3, 8)
     with pytest.raises(error, match=message):
         fusedattn.validation.validate_attention(q, q, q, sinks=sinks)
+
+
+def test_head_dims_up_to_576_and_the_cuda_limit():
+    q = torch.randn(1, 2, 3, 577)
+    with pytest.raises(ValueError, match="expected a head dim from 1 to 576, got 577"):
+        fusedattn.validation.validate_attention(q, q, q)
+    # The CUDA kernels stop at 256: refused with the reason, never run.
+    profile = base.CallProfile("cuda", torch.float16, 512, 512, frozenset())
+    reason = fusedattn.dispatch.refusal(fusedattn.registry()["cuda"], profile)
+    assert reason is not None and ("256" in reason or "not available" in reason)

@@ -18,8 +18,10 @@ from typing import Literal
 
 import torch
 
-MAX_HEAD_DIM = 256
-"""Largest head dim (D or Dv) any backend is asked to serve."""
+MAX_HEAD_DIM = 576
+"""Largest head dim (D or Dv) any backend is asked to serve: 512 (Gemma 4's global layers)
+and DeepSeek's absorbed MLA decode (D 576 for q/k, Dv 512). Backends declare their own
+limit (Capabilities.max_head_dim)."""
 
 CausalAlignment = Literal["bottom_right", "top_left"]
 CAUSAL_ALIGNMENTS: tuple[str, ...] = ("bottom_right", "top_left")

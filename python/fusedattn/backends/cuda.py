@@ -143,7 +143,7 @@ BACKEND = Backend(
         devices=frozenset({"cuda"}),
         dtypes=frozenset({torch.float16, torch.bfloat16, torch.float32}),
         features=frozenset(semantics.FEATURES),
-        max_head_dim=semantics.MAX_HEAD_DIM,
+        max_head_dim=256,  # the kernels' head-dim buckets end at 256 (attention_common.cuh)
         differentiable_options=frozenset({"sinks"}),
         priority={"cuda": 20},
     ),

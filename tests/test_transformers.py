@@ -55,13 +55,27 @@ def _configs() -> dict[str, transformers.PretrainedConfig]:
         "olmo2": transformers.Olmo2Config(**COMMON),
         # Gemma 4: head dim 8 in its sliding layers, 512 in its global one.
         "gemma4_global_512": transformers.Gemma4TextConfig(
-            **COMMON, head_dim=8, sliding_window=4, layer_types=["sliding_attention", "full_attention"],
-            per_layer_config={"01": {"head_dim": 512}}, hidden_size_per_layer_input=8, vocab_size_per_layer_input=VOCAB,
+            **COMMON,
+            head_dim=8,
+            sliding_window=4,
+            layer_types=["sliding_attention", "full_attention"],
+            per_layer_config={"01": {"head_dim": 512}},
+            hidden_size_per_layer_input=8,
+            vocab_size_per_layer_input=VOCAB,
         ),  # fmt: skip
         # DeepSeek-V3's multi-head latent attention: D 192 (128 + 64 rotary) for q/k, Dv 128.
         "deepseek_v3_mla": transformers.DeepseekV3Config(
-            **{**COMMON, "num_key_value_heads": 4}, q_lora_rank=16, kv_lora_rank=16, qk_rope_head_dim=64, qk_nope_head_dim=128, v_head_dim=128,
-            n_routed_experts=4, num_experts_per_tok=2, first_k_dense_replace=1, n_group=1, topk_group=1,
+            **{**COMMON, "num_key_value_heads": 4},
+            q_lora_rank=16,
+            kv_lora_rank=16,
+            qk_rope_head_dim=64,
+            qk_nope_head_dim=128,
+            v_head_dim=128,
+            n_routed_experts=4,
+            num_experts_per_tok=2,
+            first_k_dense_replace=1,
+            n_group=1,
+            topk_group=1,
             moe_intermediate_size=16,
         ),  # fmt: skip
         # Attention sinks (s_aux), alternating sliding and full layers, a mixture of experts.

@@ -105,11 +105,12 @@ _HALF_BACKWARD_CONFIGS = {
     512: (((32, 16, 8, 1), (32, 16, 8, 1)), ((16, 32, 8, 1), (16, 32, 8, 1))),
     1024: (((16, 16, 8, 1), (16, 16, 8, 1)), ((16, 16, 8, 1), (16, 16, 8, 1))),
 }
-# fp32 (exact FMA dots) and the d256 fallback of old: small tiles, one stage.
+# fp32: small tiles over 8 warps, one stage (its exact dots unroll to FMAs in registers;
+# the 4-warp 32x64 / 32x32 tiles of old spilled up to 4892 bytes with Triton 3.6).
 _FLOAT32_BACKWARD_CONFIGS = {
-    64: ((32, 64, 4, 1), (32, 64, 4, 1)),
-    128: ((32, 32, 4, 1), (32, 32, 4, 1)),
-    256: ((32, 32, 4, 1), (32, 32, 4, 1)),
+    64: ((32, 32, 8, 1), (32, 32, 8, 1)),
+    128: ((16, 16, 8, 1), (32, 32, 8, 1)),
+    256: ((16, 16, 8, 1), (16, 16, 8, 1)),
     512: ((16, 16, 8, 1), (16, 16, 8, 1)),
     1024: ((16, 16, 8, 1), (16, 16, 8, 1)),
 }

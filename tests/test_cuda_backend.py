@@ -53,7 +53,7 @@ def test_backend_is_discovered_with_consistent_capabilities():
     assert capabilities.dtypes == frozenset({torch.float16, torch.bfloat16, torch.float32})
     assert capabilities.features <= frozenset(semantics.FEATURES)
     assert "backward" in capabilities.features and backend.backward is not None
-    assert capabilities.max_head_dim == semantics.MAX_HEAD_DIM
+    assert capabilities.max_head_dim == 256 < semantics.MAX_HEAD_DIM  # the kernels stop at 256
     # Below Triton (the main GPU path), above the reference.
     registry = dispatch.registry()
     assert capabilities.priority["cuda"] > registry["reference"].capabilities.priority.get("cuda", 0)

@@ -74,6 +74,12 @@ def _nan_backward(call, grad_out, out, lse, option_gradients=()):
     return dq, dk, dv, *option_grads
 
 
+def _scaled_sink_backward(call, grad_out, out, lse, option_gradients=()):
+    """d sinks off by 1%: the rule must catch it."""
+    dq, dk, dv, *option_grads = reference.backward(call, grad_out, out, lse, option_gradients)
+    return dq, dk, dv, *(g * 1.01 for g in option_grads)
+
+
 def _unwritten_row_forward(call):
     """Allocates out as every backend must, then forgets the last query row."""
     expected, lse = reference.forward(call)
@@ -95,6 +101,7 @@ WRONG = {
     "parity_test_nan_dk": _backend("parity_test_nan_dk", reference.forward, _nan_backward),
     "parity_test_unwritten": _backend("parity_test_unwritten", _unwritten_row_forward),
     "parity_test_raises": _backend("parity_test_raises", _raising_forward),
+    "parity_test_wrong_sinks": _backend("parity_test_wrong_sinks", reference.forward, _scaled_sink_backward),
     "parity_test_no_dropout": _backend(
         "parity_test_no_dropout", reference.forward, features=set(FEATURES) - {"dropout"}
     ),
@@ -212,6 +219,16 @@ def test_nan_and_unwritten_outputs_fail(wrong_backends, backend, tensor):
     for outcome in result.failures:
         (failed,) = [c for c in outcome.checks if not c.passed]
         assert failed.name == tensor and "NaN" in failed.reason and math.isinf(outcome.severity)
+
+
+def test_wrong_sink_gradient_fails(wrong_backends):
+    from fusedattn.testing import check_backend
+
+    q, k, v = (torch.randn(2, 3, 9, 16) for _ in range(3))
+    for dtype in (torch.float32, torch.float16):
+        checks = check_backend("parity_test_wrong_sinks", q.to(dtype), k.to(dtype), v.to(dtype), causal=True,
+                               sinks=torch.randn(3))  # fmt: skip
+        assert [c.name for c in checks if not c.passed] == ["dsinks"], dtype
 
 
 def test_raising_backend_is_an_error_not_a_crash(wrong_backends):

@@ -277,8 +277,42 @@ def check_backend(
             magnitude = gradient_scale if _finite_max(oracle.detach().abs()) == 0.0 else 1.0
             checks.append(check_tensor(name, actual, oracle, lowprec, dtype, magnitude=magnitude, noise=bound))
         for name, actual, oracle, lowprec in zip(learned, option_grads, ref_option_grads, low_option_grads):
-            checks.append(check_tensor("d" + name, actual, oracle, lowprec, dtype, magnitude=gradient_scale))
+            bound = sink_gradient_noise(call, grad_out, out, ref_out, ref_lse, lse) if name == "sinks" else 0.0
+            checks.append(check_tensor("d" + name, actual, oracle, lowprec, dtype, magnitude=gradient_scale,
+                                       noise=bound))  # fmt: skip
     return checks
+
+
+def sink_gradient_noise(
+    call: AttentionCall,
+    grad_out: torch.Tensor,
+    out: torch.Tensor,
+    oracle_out: torch.Tensor,
+    oracle_lse: torch.Tensor,
+    lse: torch.Tensor,
+) -> float:
+    """What d sinks may differ from the oracle by through what a fast backward is allowed
+    to do (docs/semantics.md, "Precision of the backward pass"): d sinks[h] is
+    -sum_i exp(sink - lse_i) * D_i with D_i = rowsum(dO * O) taken from the returned,
+    rounded output and the stored lse. Twice the largest per-head sum of
+    p_sink_i * (|dO_i| . |O_i - O64_i| + |D_i| * |expm1(lse64_i - lse_i)|)."""
+    out_error = (out.detach().double() - oracle_out.double().to(out.device)).abs()
+    delta_error = (grad_out.detach().double().abs() * out_error).sum(-1)
+    delta = (grad_out.detach().double() * out.detach().double()).sum(-1)
+    if call.is_varlen:  # out rows are (T, Hq); lse is (Hq, T)
+        delta_error, delta = delta_error.transpose(0, 1), delta.transpose(0, 1)
+    oracle_lse = oracle_lse.double().to(lse.device)
+    finite = torch.isfinite(oracle_lse)
+    lse_error = torch.where(finite, torch.expm1((oracle_lse - lse.double()).abs()), torch.zeros_like(oracle_lse))
+    heads_dim = 0 if call.is_varlen else 1
+    shape = [1] * oracle_lse.dim()
+    shape[heads_dim] = -1
+    sink_probability = torch.where(
+        finite, torch.exp(call.sinks.double().to(lse.device).view(shape) - oracle_lse), torch.zeros_like(oracle_lse)
+    )
+    terms = sink_probability * (delta_error + delta.abs() * lse_error)
+    per_head = terms.sum(dim=[d for d in range(terms.dim()) if d != heads_dim])
+    return 2.0 * _finite_max(per_head)
 
 
 def _leaf_copy(tensor: torch.Tensor, requires_grad: bool) -> torch.Tensor:

@@ -8,6 +8,7 @@ from typing import Any
 import fusedattn
 import torch
 import torch.nn.functional as F
+from fusedattn.semantics import MAX_HEAD_DIM
 from hypothesis import strategies as st
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -101,7 +102,7 @@ def attention_cases(draw: st.DrawFn) -> Case:
         fl.wrong_dtype(QKV), fl.mismatched_dtype(("k", "v")), fl.wrong_rank(QKV), fl.not_a_tensor(QKV),
         fl.on_meta(("k", "v")), fl.resize("k", 0, lambda n: [n + 1], also=("v",)), fl.resize("v", 0, lambda n: [n + 1]),
         fl.resize("v", 2, lambda n: [n + 1, max(n - 1, 0)]), fl.resize("k", 3, lambda n: [n + 1, n - 1]),
-        fl.resize("q", 3, lambda n: [0, 257, 300], also=("k",)), fl.resize("v", 3, lambda n: [0, 257]),
+        fl.resize("q", 3, lambda n: [0, MAX_HEAD_DIM + 1, 600], also=("k",)), fl.resize("v", 3, lambda n: [0, MAX_HEAD_DIM + 1]),
         fl.resize("k", 1, lambda n: _bad_heads(s.heads_q), also=("v",)),
         fl.resize("v", 1, lambda n: [n + 1]),
         fl.SCALE, fl.CAUSAL, fl.ALIGNMENT, fl.WINDOW, fl.SOFTCAP, fl.DROPOUT_P, fl.DROPOUT_SEED, fl.RETURN_LSE,
@@ -270,7 +271,7 @@ def varlen_cases(draw: st.DrawFn) -> Case:
     faults = [
         fl.wrong_dtype(QKV), fl.mismatched_dtype(("k", "v")), fl.wrong_rank(QKV), fl.not_a_tensor(QKV),
         fl.on_meta(("k", "v")), fl.resize("v", 0, lambda n: [n + 1]), fl.resize("k", 2, lambda n: [n + 1]),
-        fl.resize("q", 2, lambda n: [0, 257], also=("k",)), fl.resize("v", 2, lambda n: [0, 300]),
+        fl.resize("q", 2, lambda n: [0, MAX_HEAD_DIM + 1], also=("k",)), fl.resize("v", 2, lambda n: [0, 600]),
         fl.resize("k", 1, lambda n: _bad_heads(s.heads_q), also=("v",)),
         _offset_fault("q"), _offset_fault("k"), _max_seqlen_fault("q"), _max_seqlen_fault("k"),
         fl.SCALE, fl.CAUSAL, fl.ALIGNMENT, fl.WINDOW, fl.SOFTCAP, fl.DROPOUT_P, fl.DROPOUT_SEED, fl.RETURN_LSE,

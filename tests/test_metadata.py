@@ -310,6 +310,24 @@ def test_unreadable_invalid_cache_indices_write_nothing_and_poison(monkeypatch):
     assert torch.equal(k_cache[0, 3], k[0, 0]) and torch.equal(k_cache[1, 5], k[1, 0])
 
 
+@pytest.mark.parametrize("paged", [False, True], ids=["dense", "paged"])
+def test_unreadable_negative_cache_lengths_write_nothing_and_poison(monkeypatch, paged):
+    # Found by the fuzz campaign (seed 61): a negative length made the write start negative,
+    # and a paged cache's block lookup then raised an IndexError-like RuntimeError.
+    q, (k_cache, v_cache), (k, v) = _cache_inputs()
+    before = k_cache.clone()
+    monkeypatch.setattr(validation, "_values_readable", lambda tensor, synchronize=True: False)
+    options = dict(cache_seqlens=_int32([-1, 3]), cache_leftpad=_int32([1, 0]))
+    if paged:
+        block = k_cache.shape[1] // 2
+        k_cache, v_cache = (t.reshape(-1, block, *t.shape[2:]) for t in (k_cache, v_cache))
+        before = k_cache.clone()
+        options["block_table"] = _int32([[0, 1], [2, 1_000_000]])
+    out = flash_attn_with_kvcache(q, k_cache, v_cache, k, v, **options)
+    assert out.isnan().all()
+    assert torch.equal(k_cache, before)
+
+
 # ---- the public namespace -------------------------------------------------------------------
 def test_submodules_are_attributes_of_the_package_without_being_imported_eagerly():
     script = (

@@ -381,7 +381,8 @@ def _write_new_keys(
     With invalid set (indices unchecked on the host, clamped), the rows are written back
     unchanged, so invalid indices never overwrite another sequence's cache.
     """
-    positions = start[:, None] + torch.arange(new.shape[1], device=cache.device)[None, :]
+    # Clamped below too: with unchecked (invalid) lengths a start may be negative.
+    positions = (start[:, None] + torch.arange(new.shape[1], device=cache.device)[None, :]).clamp(min=0)
     if block_table is None:
         rows, positions = cache_rows[:, None], positions.clamp(max=cache.shape[1] - 1)
     else:

@@ -589,9 +589,10 @@ def _run_backward(
     sinks, has_sinks = features.pop("Sinks"), features.pop("HAS_SINKS")
 
     delta = torch.empty_like(lse)
-    # Rows no sequence covers (varlen) keep a 0 term. Without sinks an unused empty tensor:
-    # never another written argument (torch.compile's functionalization would take two
-    # written arguments that alias for two outputs).
+    # Rows no sequence covers (varlen) keep a 0 term. Without sinks, unused empty tensors
+    # for Lse and SinkTerms, never another argument: torch.compile's functionalization
+    # may take any pointer argument for written, and two aliasing written arguments (or a
+    # written forward output) break the traced graph.
     sink_terms = torch.zeros_like(lse) if has_sinks else lse.new_empty(0)
     statistics_strides = dict(zip(("stride_lb", "stride_lh", "stride_ls"), lse_strides(lse, varlen)))
     launch(
@@ -600,7 +601,7 @@ def _run_backward(
         Out=out,
         GradOut=grad_out,
         Delta=delta,
-        Lse=lse if has_sinks else sink_terms,
+        Lse=lse if has_sinks else lse.new_empty(0),
         Sinks=sinks,
         SinkTerms=sink_terms,
         CuSeqlensQ=features["CuSeqlensQ"],

@@ -46,9 +46,9 @@ FEATURES: tuple[str, ...] = (
 )
 
 # Option tensors the output is differentiable in (besides q, k, v): the mask and the ALiBi
-# slopes enter the scores additively, the sinks the softmax denominator. A backend lists the ones its backward differentiates
-# (Capabilities.differentiable_options); the dispatcher refuses a call whose option
-# requires grad to a backend that does not list it.
+# slopes enter the scores additively, the sinks the softmax denominator. A backend lists
+# the ones its backward differentiates (Capabilities.differentiable_options); the
+# dispatcher refuses a call whose option requires grad to a backend that does not list it.
 DIFFERENTIABLE_OPTIONS: tuple[str, ...] = ("attn_mask", "alibi_slopes", "sinks")
 
 _MASK32 = 0xFFFFFFFF
@@ -65,7 +65,8 @@ class AttentionCall:
     attn_mask, when present, is a 4-D view broadcast (with zero strides, never copied)
     to (B, Hq, Sq, Sk); bool (True = attend) or additive in q's dtype.
     key_lengths is (B,) int32. alibi_slopes is (Hq,) or (B, Hq) float32 (float64 for
-    float64 inputs); sinks is (Hq,) float32 (float64 for float64 inputs). window_left / window_right are None for an unbounded side.
+    float64 inputs); sinks is (Hq,) float32 (float64 for float64 inputs).
+    window_left / window_right are None for an unbounded side.
     softcap is None when disabled. dropout_seed is set whenever dropout_p > 0.
     cu_seqlens and key_lengths are contiguous int32; max_seqlen_q/k are at most the packed
     token counts.

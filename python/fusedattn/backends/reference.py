@@ -103,8 +103,6 @@ def _attend_dense(
         probabilities = probabilities * keep.to(probabilities.dtype) * semantics.dropout_keep_scale(call.dropout_p)
     out = torch.matmul(probabilities, v)
     # A fully masked row is 0 even when an invisible value is NaN or Inf (0 * NaN is NaN).
-    if sinks is None:
-        no_keys = denominator == 0
     return torch.where(no_keys, torch.zeros_like(out), out), lse
 
 

@@ -27,6 +27,8 @@
   X(const std::optional<at::Tensor>&, cu_seqlens_k, "Tensor?") \
   X(const std::optional<at::Tensor>&, alibi_slopes, "Tensor?") \
   X(const std::optional<at::Tensor>&, sinks, "Tensor?")        \
+  X(const std::optional<at::Tensor>&, block_table, "Tensor?")  \
+  X(const std::optional<at::Tensor>&, cache_lengths, "Tensor?") \
   X(int64_t, max_seqlen_q, "int")                              \
   X(int64_t, max_seqlen_k, "int")                              \
   X(double, scale, "float")                                    \

@@ -27,9 +27,11 @@ from .utils import (
     grid_position,
     interpreting,
     key_range,
+    key_strides,
     launch,
     lse_strides,
     padded_dim,
+    paging_arguments,
     score_rule,
     sequence_bounds,
     sequence_strides,
@@ -48,6 +50,8 @@ def attention_decode_split_kernel(
     CuSeqlensQ,
     CuSeqlensK,
     Alibi,
+    BlockTable,
+    CacheLengths,
     stride_qb,
     stride_qh,
     stride_qs,
@@ -63,6 +67,10 @@ def attention_decode_split_kernel(
     stride_mk,
     stride_ab,
     stride_ah,
+    stride_table,
+    stride_kblock,
+    stride_vblock,
+    last_block,
     extent_q,
     extent_k,
     heads_q,
@@ -92,14 +100,18 @@ def attention_decode_split_kernel(
     HAS_ALIBI: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr,
     HAS_DROPOUT: tl.constexpr,
+    IS_PAGED: tl.constexpr,
+    PAGE_SIZE: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
     split, kv_head, batch = grid_position(splits, heads_kv)
     q_start, k_start, len_q, len_k, key_limit, position_offset = sequence_bounds(
-        batch, CuSeqlensQ, CuSeqlensK, KeyLengths, extent_q, extent_k, IS_VARLEN, HAS_KEY_LENGTHS, BOTTOM_RIGHT
-    )
+        batch, CuSeqlensQ, CuSeqlensK, KeyLengths, extent_q, extent_k, IS_VARLEN, HAS_KEY_LENGTHS, BOTTOM_RIGHT,
+        IS_PAGED, CacheLengths,
+    )  # fmt: skip
+    paging = (BlockTable + batch.to(tl.int64) * stride_table, stride_kblock, stride_vblock, last_block)
     # Row r of this program is query row r % Sq of query head kv_head * group + r // Sq
     # (a varlen sequence may have no rows: nothing is valid then).
     slots = tl.arange(0, BLOCK_M)
@@ -151,10 +163,10 @@ def attention_decode_split_kernel(
     )  # fmt: skip
     for start_n in range(lo, hi, BLOCK_N):
         accumulator, row_max, row_sum = attend_tile(
-            q, accumulator, row_max, row_sum, start_n, k_base, v_base, stride_ks, stride_vs, rows, heads,
+            q, accumulator, row_max, row_sum, start_n, k_base, v_base, stride_ks, stride_vs, paging, rows, heads,
             row_valid, row_hash, batch, len_k, key_limit, position_offset, rule, dropout_threshold, offs_d, offs_dv,
             d_valid, dv_valid, CAUSAL, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, MASK_KIND, HAS_ALIBI, HAS_SOFTCAP,
-            HAS_DROPOUT, INPUT_PRECISION, True, False, BLOCK_N,
+            HAS_DROPOUT, INPUT_PRECISION, True, False, IS_PAGED, PAGE_SIZE, BLOCK_N,
         )  # fmt: skip
 
     empty = row_sum == 0.0
@@ -280,8 +292,8 @@ def run_decode(call: AttentionCall, problem: Problem, out: torch.Tensor, lse: to
         PartialOut=partial_out,
         PartialLse=partial_lse,
         **dict(zip(("stride_qb", "stride_qh", "stride_qs"), sequence_strides(q, varlen))),
-        **dict(zip(("stride_kb", "stride_kh", "stride_ks"), sequence_strides(k, varlen))),
-        **dict(zip(("stride_vb", "stride_vh", "stride_vs"), sequence_strides(v, varlen))),
+        **dict(zip(("stride_kb", "stride_kh", "stride_ks"), key_strides(k, call))),
+        **dict(zip(("stride_vb", "stride_vh", "stride_vs"), key_strides(v, call))),
         heads_q=problem.heads_q,
         heads_kv=problem.heads_kv,
         group=problem.group,
@@ -297,6 +309,7 @@ def run_decode(call: AttentionCall, problem: Problem, out: torch.Tensor, lse: to
         num_warps=config["num_warps"],
         num_stages=config["num_stages"],
         **features,
+        **paging_arguments(call),
     )
     launch(
         attention_decode_combine_kernel,

@@ -36,10 +36,12 @@ from .utils import (
     grid_position,
     interpreting,
     key_range,
+    key_strides,
     last_dim_contiguous,
     launch,
     lse_strides,
     padded_dim,
+    paging_arguments,
     score_rule,
     sequence_bounds,
     sequence_strides,
@@ -97,6 +99,8 @@ def attention_forward_kernel(
     CuSeqlensK,
     Alibi,
     Sinks,
+    BlockTable,
+    CacheLengths,
     stride_qb,
     stride_qh,
     stride_qs,
@@ -118,6 +122,10 @@ def attention_forward_kernel(
     stride_mk,
     stride_ab,
     stride_ah,
+    stride_table,
+    stride_kblock,
+    stride_vblock,
+    last_block,
     extent_q,
     extent_k,
     heads_q,
@@ -146,6 +154,8 @@ def attention_forward_kernel(
     HAS_SOFTCAP: tl.constexpr,
     HAS_DROPOUT: tl.constexpr,
     HAS_SINKS: tl.constexpr,
+    IS_PAGED: tl.constexpr,
+    PAGE_SIZE: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     USE_TMA: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -158,8 +168,10 @@ def attention_forward_kernel(
         block_m = blocks - 1 - block_m
     kv_head = head // group
     q_start, k_start, len_q, len_k, key_limit, position_offset = sequence_bounds(
-        batch, CuSeqlensQ, CuSeqlensK, KeyLengths, extent_q, extent_k, IS_VARLEN, HAS_KEY_LENGTHS, BOTTOM_RIGHT
-    )
+        batch, CuSeqlensQ, CuSeqlensK, KeyLengths, extent_q, extent_k, IS_VARLEN, HAS_KEY_LENGTHS, BOTTOM_RIGHT,
+        IS_PAGED, CacheLengths,
+    )  # fmt: skip
+    paging = (BlockTable + batch.to(tl.int64) * stride_table, stride_kblock, stride_vblock, last_block)
     first_row = block_m * BLOCK_M
     if first_row >= len_q:
         return
@@ -229,10 +241,10 @@ def attention_forward_kernel(
             segment_lo, segment_hi = visible_hi, hi
         for start_n in range(segment_lo, segment_hi, BLOCK_N):
             accumulator, row_max, row_sum = attend_tile(
-                q, accumulator, row_max, row_sum, start_n, k_source, v_source, stride_ks, stride_vs, rows, heads,
-                row_valid, row_hash, batch, len_k, key_limit, position_offset, rule, dropout_threshold, offs_d,
+                q, accumulator, row_max, row_sum, start_n, k_source, v_source, stride_ks, stride_vs, paging, rows,
+                heads, row_valid, row_hash, batch, len_k, key_limit, position_offset, rule, dropout_threshold, offs_d,
                 offs_dv, d_valid, dv_valid, CAUSAL, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, MASK_KIND, HAS_ALIBI,
-                HAS_SOFTCAP, HAS_DROPOUT, INPUT_PRECISION, segment != 1, USE_TMA, BLOCK_N,
+                HAS_SOFTCAP, HAS_DROPOUT, INPUT_PRECISION, segment != 1, USE_TMA, IS_PAGED, PAGE_SIZE, BLOCK_N,
             )  # fmt: skip
 
     if HAS_SINKS:
@@ -266,6 +278,8 @@ _TUNE_KEY = [
     "HAS_SOFTCAP",
     "HAS_DROPOUT",
     "HAS_SINKS",
+    "IS_PAGED",
+    "PAGE_SIZE",
     "USE_TMA",
 ]
 
@@ -289,8 +303,8 @@ def _run_forward_kernel(call: AttentionCall, problem: Problem, q, k, v, out, lse
         Out=out,
         Lse=lse,
         **dict(zip(("stride_qb", "stride_qh", "stride_qs"), sequence_strides(q, varlen))),
-        **dict(zip(("stride_kb", "stride_kh", "stride_ks"), sequence_strides(k, varlen))),
-        **dict(zip(("stride_vb", "stride_vh", "stride_vs"), sequence_strides(v, varlen))),
+        **dict(zip(("stride_kb", "stride_kh", "stride_ks"), key_strides(k, call))),
+        **dict(zip(("stride_vb", "stride_vh", "stride_vs"), key_strides(v, call))),
         **dict(zip(("stride_ob", "stride_oh", "stride_os"), sequence_strides(out, varlen))),
         **dict(zip(("stride_lb", "stride_lh", "stride_ls"), lse_strides(lse, varlen))),
         heads_q=problem.heads_q,
@@ -302,11 +316,13 @@ def _run_forward_kernel(call: AttentionCall, problem: Problem, q, k, v, out, lse
         BLOCK_D=block_d,
         BLOCK_DV=block_dv,
         **feature_arguments(call),
+        **paging_arguments(call),
     )
     # Exact fp32 dots run on FMAs, which gain nothing from TMA copies, and their TMA
     # variants spill (40-1430 bytes with Triton 3.6 for sm_90): they load K/V the plain way.
     fma_dots = q.dtype == torch.float32 and arguments["INPUT_PRECISION"] == "ieee"
-    use_tma = not fma_dots and tma_eligible(k, v)
+    # Paged rows are gathered block by block, which a tensor descriptor cannot express.
+    use_tma = not fma_dots and not call.is_paged and tma_eligible(k, v)
     if use_tma:
         _install_descriptor_allocator()
     if interpreting() or q.device.type != "cuda":

@@ -8,7 +8,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .utils import attention_logits, dropout_keep
+from .utils import attention_logits, dropout_keep, paged_rows
 
 
 @triton.jit
@@ -22,6 +22,7 @@ def attend_tile(
     v_source,
     stride_ks,
     stride_vs,
+    paging,
     rows,
     heads,
     row_valid,
@@ -46,23 +47,31 @@ def attend_tile(
     INPUT_PRECISION: tl.constexpr,
     CHECK_VISIBILITY: tl.constexpr,
     USE_TMA: tl.constexpr,
+    IS_PAGED: tl.constexpr,
+    PAGE_SIZE: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
     """One step of the online softmax over keys start_n .. start_n + BLOCK_N (shared with decode).
 
     k_source / v_source are the head's K / V base pointers, or tensor descriptors with
     USE_TMA (the copy engine then zero-fills rows past Sk and columns past the head dim).
-    Returns the updated (accumulator, row_max, row_sum); row_max is in base-2 units.
+    With IS_PAGED the rows come from a paged cache through paging (see paged_rows), read
+    where they lie. Returns the updated (accumulator, row_max, row_sum); row_max is in
+    base-2 units.
     """
     keys = start_n + tl.arange(0, BLOCK_N)
     key_valid = keys < len_k
-    # 64-bit row offsets: key * stride passes 2**31 for long K/V with wide rows (varlen, BSHD views).
-    key_offsets = keys.to(tl.int64)
+    if IS_PAGED:
+        k_rows, v_rows = paged_rows(keys, key_valid, paging, stride_ks, stride_vs, PAGE_SIZE)
+    else:
+        # 64-bit row offsets: key * stride passes 2**31 for long K/V with wide rows (varlen, BSHD views).
+        k_rows = keys.to(tl.int64) * stride_ks
+        v_rows = keys.to(tl.int64) * stride_vs
     if USE_TMA:
         k_tile = tl.trans(k_source.load([start_n, 0]))
     else:
         k_tile = tl.load(
-            k_source + key_offsets[None, :] * stride_ks + offs_d[:, None],
+            k_source + k_rows[None, :] + offs_d[:, None],
             mask=key_valid[None, :] & d_valid[:, None],
             other=0.0,
         )
@@ -83,7 +92,7 @@ def attend_tile(
         v_tile = v_source.load([start_n, 0])
     else:
         v_tile = tl.load(
-            v_source + key_offsets[:, None] * stride_vs + offs_dv[None, :],
+            v_source + v_rows[:, None] + offs_dv[None, :],
             mask=key_valid[:, None] & dv_valid[None, :],
             other=0.0,
         )

@@ -227,15 +227,23 @@ def sequence_bounds(
     IS_VARLEN: tl.constexpr,
     HAS_KEY_LENGTHS: tl.constexpr,
     BOTTOM_RIGHT: tl.constexpr,
+    IS_PAGED: tl.constexpr = False,
+    CacheLengths=None,
 ):
     """(q_start, k_start, len_q, len_k, key_limit, position_offset) of one sequence.
 
     extent_q / extent_k are Sq / Sk for dense calls and the packed token counts Tq / Tk for
-    varlen calls, whose sequences come from cu_seqlens. key_limit is the number of keys not
-    cut by key_lengths; position_offset is the key position of query row 0 (Sk - Sq
-    bottom-right, 0 top-left).
+    varlen calls, whose sequences come from cu_seqlens. A paged call (IS_PAGED, varlen
+    queries) has CacheLengths[batch] keys, clamped into extent_k (the block table's room),
+    and k_start 0 (paged_rows finds the rows). key_limit is the number of keys not cut by
+    key_lengths; position_offset is the key position of query row 0 (Sk - Sq bottom-right,
+    0 top-left).
     """
-    if IS_VARLEN:
+    if IS_PAGED:
+        q_start, len_q = packed_span(CuSeqlensQ, batch, extent_q)
+        k_start = batch * 0
+        len_k = tl.minimum(tl.maximum(tl.load(CacheLengths + batch), 0), extent_k)
+    elif IS_VARLEN:
         q_start, len_q = packed_span(CuSeqlensQ, batch, extent_q)
         k_start, len_k = packed_span(CuSeqlensK, batch, extent_k)
     else:
@@ -252,6 +260,19 @@ def sequence_bounds(
     else:
         position_offset = len_k * 0
     return q_start, k_start, len_q, len_k, key_limit, position_offset
+
+
+@triton.jit
+def paged_rows(keys, key_valid, paging, stride_ks, stride_vs, PAGE_SIZE: tl.constexpr):
+    """Element offsets of the K and V rows of keys in a paged cache: row keys % PAGE_SIZE of
+    block table[keys // PAGE_SIZE]. paging is (the sequence's block table row, K and V block
+    strides, last block number); block numbers are clamped into the cache (a table the host
+    did not check never reads outside it)."""
+    table, stride_kblock, stride_vblock, last_block = paging
+    block = tl.load(table + keys // PAGE_SIZE, mask=key_valid, other=0)
+    block = tl.minimum(tl.maximum(block, 0), last_block).to(tl.int64)
+    row = (keys % PAGE_SIZE).to(tl.int64)
+    return block * stride_kblock + row * stride_ks, block * stride_vblock + row * stride_vs
 
 
 @triton.jit
@@ -376,6 +397,35 @@ def sequence_strides(tensor: torch.Tensor, varlen: bool) -> tuple[int, int, int]
     return tensor.stride(0), tensor.stride(1), tensor.stride(2)
 
 
+def key_strides(tensor: torch.Tensor, call: AttentionCall) -> tuple[int, int, int]:
+    """(batch, head, sequence) strides of K or V: sequence_strides, or for a paged cache
+    (num_blocks, block_size, H, D) (0, head, row within a block); paging_arguments gives
+    the block stride."""
+    if call.is_paged:
+        return 0, tensor.stride(2), tensor.stride(1)
+    return sequence_strides(tensor, call.is_varlen)
+
+
+def paging_arguments(call: AttentionCall) -> dict[str, Any]:
+    """Kernel arguments of a paged KV cache for the forward and decode kernels (placeholders
+    and IS_PAGED=False for other calls)."""
+    if not call.is_paged:
+        return dict(
+            BlockTable=call.q, CacheLengths=call.q, stride_table=0, stride_kblock=0, stride_vblock=0,
+            last_block=0, IS_PAGED=False, PAGE_SIZE=1,
+        )  # fmt: skip
+    return dict(
+        BlockTable=call.block_table,
+        CacheLengths=call.cache_lengths,
+        stride_table=call.block_table.stride(0),
+        stride_kblock=call.k.stride(0),
+        stride_vblock=call.v.stride(0),
+        last_block=max(call.k.shape[0] - 1, 0),
+        IS_PAGED=True,
+        PAGE_SIZE=call.block_size,
+    )
+
+
 def lse_strides(lse: torch.Tensor, varlen: bool) -> tuple[int, int, int]:
     """(batch, head, row) strides of lse-shaped tensors: dense (B, Hq, Sq) or varlen (Hq, Tq)."""
     if varlen:
@@ -429,7 +479,7 @@ class Problem:
         q_shape, k_shape = call.q.shape, call.k.shape
         if call.cu_seqlens_q is not None:
             batch, seqlen_q, seqlen_k = call.cu_seqlens_q.shape[0] - 1, call.max_seqlen_q, call.max_seqlen_k
-            heads_q, heads_kv = q_shape[1], k_shape[1]
+            heads_q, heads_kv = q_shape[1], k_shape[2 if call.block_table is not None else 1]
         else:
             batch, heads_q, seqlen_q = q_shape[0], q_shape[1], q_shape[2]
             heads_kv, seqlen_k = k_shape[1], k_shape[2]
@@ -482,7 +532,7 @@ def feature_arguments(call: AttentionCall) -> dict[str, Any]:
         stride_ah=alibi_strides[1],
         # Sq / Sk, or the packed token counts: every row a kernel addresses is below these.
         extent_q=call.q.shape[0] if call.is_varlen else call.seqlen_q,
-        extent_k=call.k.shape[0] if call.is_varlen else call.seqlen_k,
+        extent_k=call.k.shape[0] if call.is_varlen and not call.is_paged else call.seqlen_k,
         scale=float(call.scale),
         softcap=float(call.softcap or 1.0),
         window_left=int(call.window_left or 0),  # validation caps sides at 2**30: int32-safe

@@ -49,12 +49,12 @@ import torch  # noqa: E402
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 from fusedattn.kernels import attention_backward, attention_decode, attention_forward, configs  # noqa: E402
-from fusedattn.validation import validate_attention, validate_varlen  # noqa: E402
+from fusedattn.validation import validate_attention, validate_paged, validate_varlen  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 SHARED_MEMORY_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}
-ALL_CASES = ("plain", "causal", "everything", "additive_mask", "varlen", "decode")
+ALL_CASES = ("plain", "causal", "everything", "additive_mask", "varlen", "decode", "paged", "paged_decode")
 # Instructions worth knowing a kernel uses (searched in its PTX).
 PTX_FEATURES = {
     "cp.async": re.compile(r"cp\.async\.c[ag]\."),  # pipelined global -> shared copies (Ampere+)
@@ -221,6 +221,15 @@ def _calls(dtype: torch.dtype, head_dim: int, head_dim_v: int):
     yield "varlen", validate_varlen(qv, kv, vv, cu_q, cu_k, 30, 30, causal=True)
     q, k, v = tensors(1, 4096)
     yield "decode", validate_attention(q, k, v, causal=True)
+    # Paged caches of 16-key blocks: chunked prefill (the forward kernel) and decoding.
+    key_cache = torch.zeros(520, 16, 2, head_dim, dtype=dtype)
+    value_cache = torch.zeros(520, 16, 2, head_dim_v, dtype=dtype)
+    table = torch.arange(512, dtype=torch.int32).view(2, 256)
+    lengths = torch.tensor([4096, 3000], dtype=torch.int32)
+    yield "paged", validate_paged(qv, key_cache, value_cache, table, lengths, cu_q, 30, causal=True)
+    decode_q = torch.zeros(2, 8, head_dim, dtype=dtype)
+    cu_decode = torch.tensor([0, 1, 2], dtype=torch.int32)
+    yield "paged_decode", validate_paged(decode_q, key_cache, value_cache, table, lengths, cu_decode, 1, causal=True)
 
 
 @contextlib.contextmanager
@@ -266,7 +275,7 @@ def record(dtype: torch.dtype, head_dim: int, head_dim_v: int, cases=ALL_CASES) 
                 continue
             start = len(recorder.launches)
             out, lse = attention_forward.forward(call.with_tensors(needs_grad=False))
-            if name != "decode":
+            if name not in ("decode", "paged", "paged_decode"):  # paged calls are inference only
                 for deterministic in ("0", "1"):  # atomic dQ, then the separate dQ kernel
                     os.environ["FUSEDATTN_DETERMINISTIC"] = deterministic
                     with torch.no_grad():
@@ -319,6 +328,8 @@ def _variants(case: str, kernel, arguments: dict, capability: int, dtype: torch.
     tma_options = (False, True) if capability >= 90 and hasattr(tl, "make_tensor_descriptor") else (False,)
     if dtype == torch.float32 and arguments.get("INPUT_PRECISION", "ieee") == "ieee":
         tma_options = (False,)  # FMA dots never take the TMA path (attention_forward._run_forward_kernel)
+    if arguments.get("IS_PAGED"):
+        tma_options = (False,)  # paged rows never come through tensor descriptors
     variants = []
     for use_tma in tma_options:
         for config in forward_configs(block, dtype, heavy, use_tma, arguments.get("INPUT_PRECISION", "ieee")):
@@ -418,7 +429,10 @@ def plan(
 # a ragged and the widest head dim, decode at three head dims, one backward kernel, and
 # one unspecialized control (the kernel the check used to build).
 CI_SLICE = dict(
-    targets="90", dtypes="bfloat16,float16", head_dims="128,64,72:40,256", cases="plain,causal,everything,decode"
+    targets="90",
+    dtypes="bfloat16,float16",
+    head_dims="128,64,72:40,256",
+    cases="plain,causal,everything,decode,paged,paged_decode",
 )
 
 
@@ -426,10 +440,12 @@ def _ci_select(task: dict) -> bool:
     case, dtype, d, family, config = task["case"], task["dtype"], task["head_dim"], task["family"], task["config"]
     if family == "decode":
         wanted = (("bfloat16", 128), ("float16", 64), ("bfloat16", 256))
+        if case == "paged_decode":
+            return task["name"].endswith("split_kernel") and (dtype, d) == ("bfloat16", 128)
         return task["name"].endswith("split_kernel") and (dtype, d) in wanted
     if family == "forward":
         if (dtype, d) == ("bfloat16", 128):
-            return case in ("plain", "everything")
+            return case in ("plain", "everything") or (case == "paged" and config["BLOCK_M"] == 128)
         if (dtype, d, case) == ("float16", 64, "causal"):
             return True
         return (dtype, d, case) == ("float16", 72, "causal") and (config["BLOCK_M"], config["BLOCK_N"]) == (128, 64)

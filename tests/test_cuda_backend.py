@@ -337,14 +337,16 @@ class _Guarded:
         assert not bool(self.buffer.isnan().any()), "an input was read outside its tensor (NaN guard)"
 
 
-def _native_call(name, *tensors, key_lengths=None, cu=(None, None), max_seqlens=(0, 0), options=None, scale=0.25):
+def _native_call(
+    name, *tensors, key_lengths=None, cu=(None, None), max_seqlens=(0, 0), options=None, scale=0.25, paged=(None, None)
+):
     """A native op called directly (no validation), its options by name (ops.NATIVE_OPTIONS)."""
     options = options or {}
     dropout_p = options.get("dropout_p", 0.0)
     window_left, window_right = options.get("window", (-1, -1))
     values = dict(
         attn_mask=None, key_lengths=key_lengths, cu_seqlens_q=cu[0], cu_seqlens_k=cu[1],
-        alibi_slopes=options.get("alibi"), sinks=None, max_seqlen_q=max_seqlens[0], max_seqlen_k=max_seqlens[1], scale=scale,
+        alibi_slopes=options.get("alibi"), sinks=None, block_table=paged[0], cache_lengths=paged[1], max_seqlen_q=max_seqlens[0], max_seqlen_k=max_seqlens[1], scale=scale,
         causal=options.get("causal", False), bottom_right=True, window_left=window_left, window_right=window_right,
         softcap=0.0, dropout_threshold=semantics.dropout_threshold(dropout_p),
         dropout_keep_scale=semantics.dropout_keep_scale(dropout_p),
@@ -476,6 +478,20 @@ def test_emulated_invalid_key_lengths_stay_in_bounds(emulated, key_lengths, opti
     for output in outputs:
         values = output.tensor
         assert bool((values != _SENTINEL).all()) and not bool((values == float("inf")).any())
+
+
+def test_emulated_native_ops_refuse_paged_caches(emulated):
+    # The cuda backend declares no paged_kv: a direct op call with a block table is refused
+    # before anything reads the cache as dense rows.
+    q = torch.randn(2, 2, 16)
+    cache = torch.randn(4, 4, 2, 16)
+    cu = torch.tensor([0, 1, 2], dtype=torch.int32)
+    table = torch.zeros(2, 2, dtype=torch.int32)
+    lengths = torch.tensor([3, 5], dtype=torch.int32)
+    out, lse = torch.empty(2, 2, 16), torch.empty(2, 2)
+    with pytest.raises(ValueError, match="block_table, cache_lengths: the cuda backend does not read paged"):
+        _native_call("cuda_attention_forward", q, cache, cache, out, lse, cu=(cu, None), max_seqlens=(1, 8),
+                     paged=(table, lengths))  # fmt: skip
 
 
 def test_emulated_native_ops_check_shapes(emulated):

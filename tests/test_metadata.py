@@ -328,6 +328,23 @@ def test_unreadable_negative_cache_lengths_write_nothing_and_poison(monkeypatch,
     assert torch.equal(k_cache, before)
 
 
+@pytest.mark.parametrize("leftpad", [False, True], ids=["in_place", "leftpad"])
+def test_unreadable_valid_paged_indices_with_more_rows_than_blocks(monkeypatch, leftpad):
+    # Found by the fuzz campaign (seed 15, compiled): with indices unreadable, the default
+    # cache rows 0..B-1 were checked against the number of *blocks* of a paged cache, so a
+    # valid batch larger than the cache's block count came back all NaN.
+    q = torch.randn(3, 1, 2, 16)
+    k_cache, v_cache = torch.randn(2, 4, 1, 16), torch.randn(2, 4, 1, 16)
+    options = dict(cache_seqlens=_int32([4, 2, 7]), block_table=_int32([[0, 1], [1, 0], [1, 0]]))
+    if leftpad:
+        options["cache_leftpad"] = _int32([1, 0, 2])
+    expected = flash_attn_with_kvcache(q, k_cache, v_cache, **options)
+    monkeypatch.setattr(validation, "_values_readable", lambda tensor, synchronize=True: False)
+    out = flash_attn_with_kvcache(q, k_cache, v_cache, **options)
+    assert not out.isnan().any()
+    torch.testing.assert_close(out, expected)
+
+
 # ---- the public namespace -------------------------------------------------------------------
 def test_submodules_are_attributes_of_the_package_without_being_imported_eagerly():
     script = (

@@ -12,6 +12,7 @@ bfloat16 joins the dtypes (the interpreter cannot run tl.dot on bfloat16).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import importlib
 import itertools
@@ -648,3 +649,49 @@ def test_large_head_dims(dims):
     q, k, v = _inputs(1, 4, 1, 9, 21, dim, dim_v)
     assert_backend_matches("triton", q, k, v, causal=True, sinks=torch.randn(4, device=DEVICE))
     assert_backend_matches("triton", q[:, :, :1].contiguous(), k, v, window=(8, None))  # the decode kernel
+
+
+# ---- paged KV caches (fusedattn.attention_paged) ----------------------------------------------
+PAGED_OPTIONS = {
+    "causal": {"causal": True},
+    "window_softcap_sinks": {"causal": True, "window": (6, None), "softcap": 2.0, "sinks": "per_head"},
+    "alibi_top_left": {"alibi_slopes": "per_head", "causal_alignment": "top_left", "window": (None, 4)},
+}
+
+
+@pytest.mark.parametrize("decode", ["never", "always"])
+@pytest.mark.parametrize("block_size", [1, 16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("case", list(PAGED_OPTIONS))
+def test_paged_cache_read_in_place(case, dtype, block_size, decode, monkeypatch):
+    from fusedattn.testing import paged_case
+
+    monkeypatch.setenv("FUSEDATTN_TRITON_DECODE", decode)
+    (q, key_cache, value_cache), paged = paged_case(
+        (1, 3, 0), (21, 40, 5), block_size=block_size, dtype=dtype, device=DEVICE, shared_prefix_blocks=1,
+        generator=torch.Generator().manual_seed(block_size),
+    )  # fmt: skip
+    options = dict(PAGED_OPTIONS[case])
+    for name in ("sinks", "alibi_slopes"):
+        if options.get(name) == "per_head":
+            options[name] = torch.rand(q.shape[1], device=DEVICE)
+    assert_backend_matches("triton", q, key_cache, value_cache, **options, **paged)
+
+
+def test_paged_kernels_clamp_unchecked_block_numbers():
+    # A table the host never checked (a compiled graph on the GPU): the kernels clamp every
+    # block number into the cache, so they read what the clamped table names, never outside.
+    from fusedattn.kernels.attention_forward import forward
+    from fusedattn.testing import paged_case
+    from fusedattn.validation import validate_paged
+
+    (q, key_cache, value_cache), paged = paged_case((2, 1), (20, 9), block_size=4, device=DEVICE)
+    table = paged["block_table"].clone()
+    table[0, 1], table[1, 0] = 10_000, -7
+    call = validate_paged(q, key_cache, value_cache, **{**paged, "block_table": table.clamp(0, 0)})
+    clamped = table.clamp(0, key_cache.shape[0] - 1)
+    unchecked = dataclasses.replace(call, block_table=table, metadata_checked=False)
+    expected = dataclasses.replace(call, block_table=clamped)
+    out, lse = forward(unchecked)
+    expected_out, expected_lse = forward(expected)
+    assert torch.equal(out, expected_out) and torch.equal(lse, expected_lse)

@@ -173,6 +173,47 @@ void check_offsets(const char* name, const at::Tensor& offsets, int64_t total, c
                     max_seqlen);
 }
 
+// A paged cache (num_blocks, block_size, H, D): blocks on stride_batch, rows on stride_position.
+TensorView block_view(const at::Tensor& cache) {
+  TensorView view;
+  view.data = cache.data_ptr();
+  view.stride_batch = cache.stride(0);
+  view.stride_position = cache.stride(1);
+  view.stride_head = cache.stride(2);
+  view.stride_feature = cache.stride(3);
+  return view;
+}
+
+// block_table (N, max_blocks) and cache_lengths (N,): every length within the table's room
+// and every block a sequence uses inside the cache (entries past its last block are never read).
+void describe_pages(const at::Tensor& table, const at::Tensor& lengths, const at::Tensor& cache,
+                    AttentionProblem& problem) {
+  check_cpu_int32("block_table", table);
+  check_cpu_int32("cache_lengths", lengths);
+  TORCH_CHECK_VALUE(table.dim() == 2 && table.size(0) == problem.batch, "block_table: expected shape (",
+                    problem.batch, ", max_blocks), got ", shape_of(table));
+  check_shape("cache_lengths", lengths, {problem.batch});
+  problem.block_table = table.data_ptr<int32_t>();
+  problem.cache_lengths = lengths.data_ptr<int32_t>();
+  problem.table_width = table.size(1);
+  problem.block_size = cache.size(1);
+  problem.num_blocks = cache.size(0);
+  TORCH_CHECK_VALUE(problem.block_size >= 1, "key_cache: expected a block size >= 1, got ", problem.block_size);
+  const int64_t capacity = problem.table_width * problem.block_size;
+  for (int64_t n = 0; n < problem.batch; ++n) {
+    const int64_t length = problem.cache_lengths[n];
+    TORCH_CHECK_VALUE(length >= 0 && length <= capacity, "cache_lengths: expected lengths that fit block_table's ",
+                      problem.table_width, " blocks of ", problem.block_size, " keys in [0, ", capacity, "], got ",
+                      length, " at index ", n);
+    for (int64_t slot = 0; slot * problem.block_size < length; ++slot) {
+      const int32_t block = problem.block_table[n * problem.table_width + slot];
+      TORCH_CHECK_VALUE(block >= 0 && block < problem.num_blocks,
+                        "block_table: expected block numbers (in the blocks in use) in [0, ", problem.num_blocks - 1,
+                        "], got ", block, " at index (", n, ", ", slot, ")");
+    }
+  }
+}
+
 AttentionProblem describe(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                           const NativeOptions& options) {
   FUSEDATTN_UNPACK_OPTIONS(options);
@@ -184,18 +225,29 @@ AttentionProblem describe(const at::Tensor& q, const at::Tensor& k, const at::Te
                    "k, v: expected the dtype of q (", q.scalar_type(), "), got k ", k.scalar_type(), " and v ",
                    v.scalar_type());
   const bool varlen = cu_seqlens_q.has_value();
-  TORCH_CHECK_VALUE(varlen == cu_seqlens_k.has_value(), "cu_seqlens_k: expected together with cu_seqlens_q");
+  const bool paged = block_table.has_value();
+  TORCH_CHECK_VALUE(paged == cache_lengths.has_value(), "cache_lengths: expected together with block_table");
+  TORCH_CHECK_VALUE(!paged || (varlen && !cu_seqlens_k.has_value()),
+                    "block_table: expected with cu_seqlens_q and without cu_seqlens_k");
+  TORCH_CHECK_VALUE(paged || varlen == cu_seqlens_k.has_value(), "cu_seqlens_k: expected together with cu_seqlens_q");
   const int64_t rank = varlen ? 3 : 4;
-  for (const auto& [name, tensor] : {std::pair<const char*, const at::Tensor*>{"q", &q}, {"k", &k}, {"v", &v}})
-    TORCH_CHECK_VALUE(tensor->dim() == rank, name, ": expected a ", rank, "-D tensor, got shape ", shape_of(*tensor));
+  const int64_t rank_kv = paged ? 4 : rank;  // paged caches: (num_blocks, block_size, Hkv, D)
+  for (const auto& [name, tensor] : {std::pair<const char*, const at::Tensor*>{"q", &q}, {"k", &k}, {"v", &v}}) {
+    const int64_t expected = name[0] == 'q' ? rank : rank_kv;
+    TORCH_CHECK_VALUE(tensor->dim() == expected, name, ": expected a ", expected, "-D tensor, got shape ",
+                      shape_of(*tensor));
+  }
   const int64_t head_dim = q.size(-1);
   const int64_t heads_q = q.size(-2 - (varlen ? 0 : 1));
-  const int64_t heads_kv = k.size(-2 - (varlen ? 0 : 1));
+  const int64_t heads_kv = paged ? k.size(2) : k.size(-2 - (varlen ? 0 : 1));
   TORCH_CHECK_VALUE(head_dim >= 1 && v.size(-1) >= 1, "q, v: expected head dims >= 1, got ", head_dim, " and ",
                     v.size(-1));
   TORCH_CHECK_VALUE(heads_kv >= 1 && heads_q % heads_kv == 0,
                     "k: expected a number of heads that divides the ", heads_q, " query heads, got ", heads_kv);
-  if (varlen) {
+  if (paged) {
+    check_shape("k", k, {k.size(0), k.size(1), heads_kv, head_dim});
+    check_shape("v", v, {k.size(0), k.size(1), heads_kv, v.size(-1)});
+  } else if (varlen) {
     check_shape("k", k, {k.size(0), heads_kv, head_dim});
     check_shape("v", v, {k.size(0), heads_kv, v.size(-1)});
   } else {
@@ -203,15 +255,22 @@ AttentionProblem describe(const at::Tensor& q, const at::Tensor& k, const at::Te
     check_shape("v", v, {q.size(0), heads_kv, k.size(2), v.size(-1)});
   }
   problem.q = token_view(q);
-  problem.k = token_view(k);
-  problem.v = token_view(v);
+  problem.k = paged ? block_view(k) : token_view(k);
+  problem.v = paged ? block_view(v) : token_view(v);
   problem.head_dim = head_dim;
   problem.head_dim_v = v.size(-1);
   problem.heads_q = heads_q;
   problem.heads_kv = heads_kv;
   TORCH_CHECK_VALUE(max_seqlen_q >= 0 && max_seqlen_k >= 0, "max_seqlen_q, max_seqlen_k: expected values >= 0, got ",
                     max_seqlen_q, " and ", max_seqlen_k);
-  if (varlen) {
+  if (paged) {
+    check_offsets("cu_seqlens_q", *cu_seqlens_q, q.size(0), "max_seqlen_q", max_seqlen_q);
+    problem.batch = cu_seqlens_q->size(0) - 1;
+    problem.seqlen_q = std::min<int64_t>(max_seqlen_q, q.size(0));
+    problem.cu_seqlens_q = cu_seqlens_q->data_ptr<int32_t>();
+    describe_pages(*block_table, *cache_lengths, k, problem);
+    problem.seqlen_k = std::min<int64_t>(max_seqlen_k, problem.table_width * problem.block_size);
+  } else if (varlen) {
     check_offsets("cu_seqlens_q", *cu_seqlens_q, q.size(0), "max_seqlen_q", max_seqlen_q);
     check_offsets("cu_seqlens_k", *cu_seqlens_k, k.size(0), "max_seqlen_k", max_seqlen_k);
     TORCH_CHECK_VALUE(cu_seqlens_k->size(0) == cu_seqlens_q->size(0), "cu_seqlens_k: expected ",
@@ -326,6 +385,7 @@ void cpu_backward(const at::Tensor& grad_out, const at::Tensor& q, const at::Ten
                   const at::Tensor& out, const at::Tensor& lse, at::Tensor& grad_q, at::Tensor& grad_k,
                   at::Tensor& grad_v FUSEDATTN_OPTION_PARAMETERS) {
   FUSEDATTN_COLLECT_OPTIONS();
+  TORCH_CHECK_VALUE(!block_table.has_value(), "block_table: the CPU backward does not read paged KV caches");
   AttentionProblem problem = describe(q, k, v, options);
   check_like("grad_out", grad_out, q, v.size(-1));
   check_like("out", out, q, v.size(-1));

@@ -15,7 +15,9 @@ enum class ElementType : int32_t { float32 = 0, bfloat16 = 1, float16 = 2 };
 
 // A tensor read as [sequence, head, position, feature] through element strides.
 // Dense tensors (B, H, S, D) use all four strides. Packed varlen tensors (T, H, D) use
-// stride_batch = 0 and add the sequence's token offset to the position.
+// stride_batch = 0 and add the sequence's token offset to the position. Paged caches
+// (num_blocks, block_size, H, D) use stride_batch as the block stride and stride_position
+// as the row stride within a block (see AttentionProblem::block_table).
 struct TensorView {
   void* data = nullptr;
   int64_t stride_batch = 0;
@@ -37,6 +39,14 @@ struct AttentionProblem {
   int64_t seqlen_k = 0;
   const int32_t* cu_seqlens_q = nullptr;  // (batch + 1,) token offsets; null for dense calls
   const int32_t* cu_seqlens_k = nullptr;
+  // Paged K/V (null otherwise): sequence n's key j is row j % block_size of block
+  // block_table[n * table_width + j / block_size]; it has cache_lengths[n] keys. The kernels
+  // clamp every block number into [0, num_blocks) and every length into the table's room.
+  const int32_t* block_table = nullptr;
+  const int32_t* cache_lengths = nullptr;
+  int64_t table_width = 0;
+  int64_t block_size = 1;
+  int64_t num_blocks = 0;
 
   TensorView q, k, v;
   TensorView out;  // forward output (also the saved output read by the backward)

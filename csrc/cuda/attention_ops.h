@@ -118,6 +118,10 @@ using Options = ::fusedattn::NativeOptions;  // csrc/native_options.h
 inline AttentionParams make_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                    const Options& options, std::vector<at::Tensor>& keep_alive) {
   AttentionParams p;
+  // Paged KV caches are not read by these kernels: the Python backend does not declare the
+  // feature, so the dispatcher never sends one; a direct op call gets this error.
+  TORCH_CHECK_VALUE(!options.block_table.has_value() && !options.cache_lengths.has_value(),
+                    "block_table, cache_lengths: the cuda backend does not read paged KV caches");
   const bool varlen = options.cu_seqlens_q.has_value();
   check_inputs(q, k, v, varlen);
   require_device(options.attn_mask, q, "attn_mask");

@@ -3,13 +3,14 @@
     import fusedattn
     out = fusedattn.attention(q, k, v, causal=True)          # (B, H, S, D)
     out = fusedattn.attention_varlen(q, k, v, cu_q, cu_k, max_q, max_k)
+    out = fusedattn.attention_paged(q, key_cache, value_cache, block_table, cache_lengths, cu_q, max_q)
     torch.nn.functional.scaled_dot_product_attention = fusedattn.scaled_dot_product_attention
     print(fusedattn.explain(q, k, v, causal=True))
 
 docs/semantics.md defines the function every backend computes.
 """
 
-from .api import attention, attention_varlen, explain, scaled_dot_product_attention
+from .api import attention, attention_paged, attention_varlen, explain, scaled_dot_product_attention
 from .dispatch import UnsupportedCallError, availability, registry
 from .ops import ops_for
 from .semantics import AttentionCall
@@ -51,6 +52,7 @@ __all__ = [
     "AttentionCall",
     "UnsupportedCallError",
     "attention",
+    "attention_paged",
     "attention_varlen",
     "list_backends",
     "explain",

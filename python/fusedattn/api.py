@@ -7,7 +7,7 @@ import torch
 from .dispatch import AUTO, Explanation, explain_call, select_backend
 from .ops import run_forward
 from .semantics import AttentionCall
-from .validation import validate_attention, validate_varlen
+from .validation import validate_attention, validate_paged, validate_varlen
 
 
 def _run(call: AttentionCall, backend: str, return_lse: bool):
@@ -138,6 +138,68 @@ def attention_varlen(
     return _run(call, backend, return_lse)
 
 
+def attention_paged(
+    q: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    cache_lengths: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    max_seqlen_q: int,
+    *,
+    causal: bool = False,
+    causal_alignment: str = "bottom_right",
+    scale: float | None = None,
+    window: tuple[int | None, int | None] | None = None,
+    alibi_slopes: torch.Tensor | None = None,
+    sinks: torch.Tensor | None = None,
+    softcap: float | None = None,
+    return_lse: bool = False,
+    backend: str = AUTO,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Attention of packed queries over a paged KV cache, read where the blocks lie (no gather).
+
+    The vLLM layout: sequence i's keys are its first cache_lengths[i] positions; position j
+    is row j % block_size of block block_table[i, j // block_size]. Serves decoding (one
+    query per sequence) and chunked prefill (several new queries per sequence, their keys
+    already written to the cache: bottom-right causal alignment puts the last query at the
+    last key). Inference only: the fast backends have no backward here (the reference,
+    which gathers, differentiates it).
+
+    Args:
+        q: (Tq, Hq, D), the new query tokens of all sequences, concatenated.
+        key_cache: (num_blocks, block_size, Hkv, D); value_cache: (num_blocks, block_size, Hkv, Dv).
+            Any block size >= 1; Hq a multiple of Hkv.
+        block_table: (N, max_blocks) int32 block numbers; entries past a sequence's last
+            block are never read (they may hold anything, -1 included).
+        cache_lengths: (N,) int32, keys of each sequence, at most max_blocks * block_size.
+        cu_seqlens_q: (N + 1,) int offsets of each sequence's queries in q.
+        max_seqlen_q: at least the longest query sequence.
+        Other options as in :func:`attention`; alibi_slopes may be (Hq,) or (N, Hq). Causal
+        alignment and ALiBi positions use each sequence's own key count.
+
+    Returns:
+        out (Tq, Hq, Dv), or (out, lse) with lse (Hq, Tq) float32.
+    """
+    call = validate_paged(
+        q,
+        key_cache,
+        value_cache,
+        block_table,
+        cache_lengths,
+        cu_seqlens_q,
+        max_seqlen_q,
+        causal=causal,
+        causal_alignment=causal_alignment,
+        scale=scale,
+        window=window,
+        alibi_slopes=alibi_slopes,
+        sinks=sinks,
+        softcap=softcap,
+    )
+    return _run(call, backend, return_lse)
+
+
 def scaled_dot_product_attention(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -198,11 +260,15 @@ def explain(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kwargs) -> Expl
     """Which backend attention(q, k, v, **kwargs) would run, and why not the others.
 
     Pass cu_seqlens_q, cu_seqlens_k, max_seqlen_q and max_seqlen_k to ask about
-    attention_varlen. print() the result for a readable table.
+    attention_varlen; block_table, cache_lengths, cu_seqlens_q and max_seqlen_q (k, v the
+    caches) to ask about attention_paged. print() the result for a readable table.
     """
     backend = kwargs.pop("backend", AUTO)
     kwargs.pop("return_lse", None)
-    if "cu_seqlens_q" in kwargs:
+    if "block_table" in kwargs:
+        paged = [kwargs.pop(name) for name in ("block_table", "cache_lengths", "cu_seqlens_q", "max_seqlen_q")]
+        call = validate_paged(q, k, v, *paged, **kwargs)
+    elif "cu_seqlens_q" in kwargs:
         varlen = [kwargs.pop(name) for name in ("cu_seqlens_q", "cu_seqlens_k", "max_seqlen_q", "max_seqlen_k")]
         call = validate_varlen(q, k, v, *varlen, **kwargs)
     else:

@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 
 from . import semantics
-from .api import attention, attention_varlen
+from .api import attention, attention_paged, attention_varlen
 from .dispatch import select_backend
 from .nn.weights import attention_probabilities
 from .validation import (
@@ -221,6 +221,30 @@ def _paged_keys(cache: torch.Tensor, block_table: torch.Tensor, lengths: torch.T
     return cache[blocks, position % block_size]
 
 
+def _paged(
+    q: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    table: torch.Tensor,
+    lengths: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    max_seqlen_q: int,
+    options: dict,
+    invalid: torch.Tensor | None,
+    return_lse: bool,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """attention_paged over the cache where it lies, with FlashAttention's options (no dropout:
+    paged calls are inference), outputs poisoned when unchecked indices were invalid."""
+    options = dict(options)
+    if options.pop("dropout_p") not in (0, 0.0):
+        raise ValueError("dropout_p: expected 0.0 with block_table (paged KV caches are inference only)")
+    result = attention_paged(
+        q, key_cache, value_cache, table, lengths, cu_seqlens_q, max_seqlen_q, return_lse=return_lse, **options
+    )
+    outputs = poison_if_invalid(invalid, *(result if return_lse else (result,)))
+    return outputs if return_lse else outputs[0]
+
+
 def _varlen_probabilities(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -290,7 +314,7 @@ def flash_attn_varlen_func(
         max_seqlen_q, max_seqlen_k: the longest query / key sequence.
         block_table: (N, max_blocks) int32 with k, v a paged cache (num_blocks, block_size,
             Hkv, D): sequence i's keys are its first cu_seqlens_k[i + 1] - cu_seqlens_k[i]
-            positions in its blocks (gathered into packed keys before the call).
+            positions in its blocks, read in place (fusedattn.attention_paged; no dropout).
         Other options (learnable_sink included) as in :func:`flash_attn_func`.
 
     Returns:
@@ -298,19 +322,24 @@ def flash_attn_varlen_func(
     """
     del deterministic
     invalid = None
-    if block_table is not None:
-        if torch.compiler.is_compiling():
-            # The packed key count is sum(lengths), a tensor value: no static shape exists.
-            raise NotImplementedError(
-                "block_table: flash_attn_varlen_func over a paged cache packs keys by the values of "
-                "cu_seqlens_k and cannot be traced by torch.compile; call it outside the compiled "
-                "region, or use flash_attn_with_kvcache(block_table=...), which compiles"
-            )
-        lengths, block_table, invalid = paged_sequence_lengths(cu_seqlens_q, cu_seqlens_k, block_table, k, q)
-        k, v = _paged_keys(k, block_table, lengths), _paged_keys(v, block_table, lengths)
-        if invalid is not None:  # clamped lengths: offsets that match the gathered keys
-            cu_seqlens_k = torch.cat([lengths.new_zeros(1), torch.cumsum(lengths, 0)]).to(cu_seqlens_k.dtype)
     options = _options(dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, learnable_sink)
+    if block_table is not None:
+        lengths, table, invalid = paged_sequence_lengths(cu_seqlens_q, cu_seqlens_k, block_table, k, q)
+        if not return_attn_probs:
+            return _paged(q, k, v, table, lengths, cu_seqlens_q, max_seqlen_q, options, invalid, False)
+        # The probabilities (a debugging output) come from the keys gathered into a packed copy.
+        if torch.compiler.is_compiling():
+            raise NotImplementedError(
+                "return_attn_probs: with block_table the probabilities are computed from keys packed by the "
+                "values of cu_seqlens_k, which torch.compile cannot trace; call it outside the compiled region"
+            )
+        out, lse = _paged(q, k, v, table, lengths, cu_seqlens_q, max_seqlen_q, options, invalid, True)
+        k, v = _paged_keys(k, table, lengths), _paged_keys(v, table, lengths)
+        cu_seqlens_k = torch.cat([lengths.new_zeros(1), torch.cumsum(lengths, 0)]).to(cu_seqlens_k.dtype)
+        probabilities = _varlen_probabilities(
+            q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dict(options, dropout_seed=None)
+        )
+        return out, lse, probabilities
     if not return_attn_probs:
         out = attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, **options)
         return poison_if_invalid(invalid, out)[0]
@@ -460,7 +489,8 @@ def flash_attn_with_kvcache(
             when None).
         cache_batch_idx: (B,) which cache row each batch element uses (default 0..B-1).
         cache_leftpad: (B,) first valid cache position of each row (default 0).
-        block_table: (B, max_blocks) int32 for a paged cache.
+        block_table: (B, max_blocks) int32 for a paged cache, read in place
+            (fusedattn.attention_paged) unless cache_leftpad is given.
         causal, window_size, softcap, alibi_slopes, softmax_scale: as in
             :func:`flash_attn_func`, aligned to each row's own key count.
         rotary_cos, rotary_sin, rotary_interleaved: not implemented.
@@ -498,6 +528,18 @@ def flash_attn_with_kvcache(
         _write_new_keys(k_cache, k, rows, ends - new_tokens, block_table, invalid)
         _write_new_keys(v_cache, v, rows, ends - new_tokens, block_table, invalid)
     position_dependent = options["window"] is not None or alibi_slopes is not None or (causal and q.shape[1] > 1)
+    if block_table is not None and cache_leftpad is None:
+        # Read in place: each batch row is a sequence of Sq queries over its ends[b] keys.
+        seqlen_q = q.shape[1]
+        cu_seqlens_q = torch.arange(batch + 1, device=q.device, dtype=torch.int32) * seqlen_q
+        out, lse = attention_paged(
+            q.reshape(batch * seqlen_q, q.shape[2], q.shape[3]), k_cache, v_cache, block_table, ends,
+            cu_seqlens_q, seqlen_q, return_lse=True, **options,
+        )  # fmt: skip
+        out = out.view(batch, seqlen_q, q.shape[2], v_cache.shape[3])
+        lse = lse.view(q.shape[2], batch, seqlen_q).transpose(0, 1).contiguous()
+        out, lse = poison_if_invalid(invalid, out, lse)
+        return (out, lse) if return_softmax_lse else out
     if block_table is None and cache_leftpad is None and not position_dependent:
         # Keys 0 .. end - 1 of each row: a dense call with key lengths. The only query (or
         # every query, without causal) sees all of them, so no position is involved.

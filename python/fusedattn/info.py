@@ -63,6 +63,7 @@ FEATURE_LABELS = {
     "dropout": "dropout (bit-exact mask)",
     "value_head_dim": "Dv != D",
     "sinks": "attention sinks (gpt-oss)",
+    "paged_kv": "paged KV cache (block table; forward)",
     "backward": "backward",
 }
 # Rows for the option tensors a backend differentiates (semantics.DIFFERENTIABLE_OPTIONS).

@@ -66,6 +66,8 @@ OPTIONS: tuple[OpOption, ...] = (
     OpOption("cu_seqlens_k", "Tensor?", "cu_seqlens_k"),
     OpOption("alibi_slopes", "Tensor?", "alibi_slopes"),
     OpOption("sinks", "Tensor?", "sinks"),
+    OpOption("block_table", "Tensor?", "block_table"),
+    OpOption("cache_lengths", "Tensor?", "cache_lengths"),
     OpOption("max_seqlen_q", "SymInt", "max_seqlen_q"),
     OpOption("max_seqlen_k", "SymInt", "max_seqlen_k"),
     OpOption("scale", "float", "scale"),

@@ -42,6 +42,7 @@ FEATURES: tuple[str, ...] = (
     "dropout",
     "value_head_dim",  # Dv != D
     "sinks",  # a learned logit per query head in every row's softmax denominator
+    "paged_kv",  # keys and values read in place from a paged cache through a block table
     "backward",
 )
 
@@ -70,6 +71,13 @@ class AttentionCall:
     softcap is None when disabled. dropout_seed is set whenever dropout_p > 0.
     cu_seqlens and key_lengths are contiguous int32; max_seqlen_q/k are at most the packed
     token counts.
+
+    Paged layout (a varlen call whose keys live in a paged cache): q (Tq, Hq, D) with
+    cu_seqlens_q; k (num_blocks, block_size, Hkv, D), v (num_blocks, block_size, Hkv, Dv);
+    block_table (N, max_blocks) and cache_lengths (N,) contiguous int32; cu_seqlens_k None.
+    Sequence i has cache_lengths[i] keys: key j is row j % block_size of block
+    block_table[i, j // block_size]. max_seqlen_k is the table's capacity,
+    max_blocks * block_size.
     """
 
     q: torch.Tensor
@@ -88,6 +96,8 @@ class AttentionCall:
     window_right: int | None = None
     alibi_slopes: torch.Tensor | None = None
     sinks: torch.Tensor | None = None
+    block_table: torch.Tensor | None = None
+    cache_lengths: torch.Tensor | None = None
     softcap: float | None = None
     dropout_p: float = 0.0
     dropout_seed: int | None = None
@@ -102,6 +112,15 @@ class AttentionCall:
         return self.cu_seqlens_q is not None
 
     @property
+    def is_paged(self) -> bool:
+        return self.block_table is not None
+
+    @property
+    def block_size(self) -> int:
+        """Keys per block of a paged cache (paged calls only)."""
+        return self.k.shape[1]
+
+    @property
     def batch(self) -> int:
         """B for the dense layout, the number of sequences N for varlen."""
         if self.is_varlen:
@@ -114,7 +133,7 @@ class AttentionCall:
 
     @property
     def heads_kv(self) -> int:
-        return self.k.shape[-3] if not self.is_varlen else self.k.shape[1]
+        return self.k.shape[-2] if self.is_paged else self.k.shape[-3] if not self.is_varlen else self.k.shape[1]
 
     @property
     def head_dim(self) -> int:
@@ -146,7 +165,7 @@ class AttentionCall:
         """No query rows, or no keys at all: the answer needs no kernel."""
         if self.q.numel() == 0 or self.k.shape[-2 if not self.is_varlen else 0] == 0:
             return True
-        return False
+        return self.is_paged and self.block_table.shape[1] == 0
 
     @property
     def out_shape(self) -> tuple[int, ...]:
@@ -176,6 +195,8 @@ class AttentionCall:
             used.add("key_lengths")
         if self.is_varlen:
             used.add("varlen")
+        if self.is_paged:
+            used.add("paged_kv")
         if self.window_left is not None or self.window_right is not None:
             used.add("window")
         if self.alibi_slopes is not None:

@@ -22,11 +22,11 @@ from typing import Any
 
 import torch
 
-from .api import attention, attention_varlen
+from .api import attention, attention_paged, attention_varlen
 from .backends.reference import reference_attention
 from .outputs import poisoned_outputs
 from .semantics import AttentionCall
-from .validation import validate_attention, validate_varlen
+from .validation import validate_attention, validate_paged, validate_varlen
 
 ABSOLUTE_FLOOR = {
     torch.float16: 2e-3,
@@ -232,11 +232,15 @@ def flash_backward_bounds(
 _VARLEN_ARGUMENTS = ("cu_seqlens_q", "cu_seqlens_k", "max_seqlen_q", "max_seqlen_k")
 
 
+_PAGED_ARGUMENTS = ("block_table", "cache_lengths", "cu_seqlens_q", "max_seqlen_q")
+
+
 def _split_varlen(kwargs: dict[str, Any]) -> tuple[list[Any] | None, dict[str, Any]]:
-    """(positional varlen arguments or None, the remaining keyword arguments)."""
+    """(positional varlen (or paged) arguments or None, the remaining keyword arguments)."""
     if "cu_seqlens_q" not in kwargs:
         return None, kwargs
-    return [kwargs[n] for n in _VARLEN_ARGUMENTS], {n: x for n, x in kwargs.items() if n not in _VARLEN_ARGUMENTS}
+    names = _PAGED_ARGUMENTS if "block_table" in kwargs else _VARLEN_ARGUMENTS
+    return [kwargs[n] for n in names], {n: x for n, x in kwargs.items() if n not in names}
 
 
 def check_backend(
@@ -250,10 +254,14 @@ def check_backend(
     **kwargs: Any,
 ) -> list[TensorCheck]:
     """Run backend on (q, k, v, **kwargs) and compare out, lse and (with grad) dq, dk, dv
-    with the float64 reference. kwargs are those of fusedattn.attention, or of
-    attention_varlen when they include cu_seqlens_q. Inputs must not require grad.
+    with the float64 reference. kwargs are those of fusedattn.attention, of
+    attention_varlen when they include cu_seqlens_q, or of attention_paged (k, v the
+    caches; forward only) when they include block_table. Inputs must not require grad.
     """
     kwargs = dict(kwargs)
+    paged = "block_table" in kwargs
+    grad = grad and not paged
+    run, validate = (attention_paged, validate_paged) if paged else (attention_varlen, validate_varlen)
     if kwargs.get("dropout_p", 0.0) > 0 and kwargs.get("dropout_seed") is None:
         kwargs["dropout_seed"] = 1234  # the oracle must draw the same mask
     dtype = q.dtype
@@ -265,7 +273,7 @@ def check_backend(
         learned["sinks"] = options["sinks"] = _leaf_copy(options["sinks"], True)
     with poisoned_outputs():
         if varlen is not None:
-            out, lse = attention_varlen(*inputs, *varlen, return_lse=True, backend=backend, **options)
+            out, lse = run(*inputs, *varlen, return_lse=True, backend=backend, **options)
         else:
             out, lse = attention(*inputs, return_lse=True, backend=backend, **options)
         grad_out = torch.randn_like(out) if grad else None
@@ -274,7 +282,7 @@ def check_backend(
     options = {name: (value.detach() if name in learned else value) for name, value in options.items()}
 
     if varlen is not None:
-        call = validate_varlen(q.detach(), k.detach(), v.detach(), *varlen, **options)
+        call = validate(q.detach(), k.detach(), v.detach(), *varlen, **options)
     else:
         call = validate_attention(q.detach(), k.detach(), v.detach(), **options)
     oracle_call = call
@@ -353,7 +361,8 @@ def _leaf_copy(tensor: torch.Tensor, requires_grad: bool) -> torch.Tensor:
 
 def _to_device(call: AttentionCall, device: torch.device) -> AttentionCall:
     fields = {}
-    for name in ("q", "k", "v", "attn_mask", "key_lengths", "cu_seqlens_q", "cu_seqlens_k", "alibi_slopes", "sinks"):
+    metadata = ("attn_mask", "key_lengths", "cu_seqlens_q", "cu_seqlens_k", "block_table", "cache_lengths")
+    for name in ("q", "k", "v", *metadata, "alibi_slopes", "sinks"):
         value = getattr(call, name)
         if value is not None:
             fields[name] = value.to(device)
@@ -410,8 +419,8 @@ FEATURE_CASES: dict[str, dict[str, Any]] = {
 }
 
 # Features that come from the inputs' shapes, not from an option: the tests' inputs carry
-# them (GQA heads, Dv != D, packed sequences, gradients).
-SHAPE_FEATURES = frozenset({"gqa", "value_head_dim", "varlen", "backward"})
+# them (GQA heads, Dv != D, packed sequences, paged caches (tests/test_paged.py), gradients).
+SHAPE_FEATURES = frozenset({"gqa", "value_head_dim", "varlen", "paged_kv", "backward"})
 
 
 def feature_case(name: str, q: torch.Tensor, k: torch.Tensor) -> dict[str, Any]:
@@ -450,3 +459,56 @@ def feature_case(name: str, q: torch.Tensor, k: torch.Tensor) -> dict[str, Any]:
     if options.get("dropout_p"):
         options["dropout_seed"] = 20261206
     return options
+
+
+def paged_case(
+    query_lengths: tuple[int, ...],
+    cache_lengths: tuple[int, ...],
+    *,
+    block_size: int,
+    heads_q: int = 4,
+    heads_kv: int = 2,
+    head_dim: int = 32,
+    head_dim_v: int | None = None,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+    shared_prefix_blocks: int = 0,
+    generator: torch.Generator | None = None,
+) -> tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor], dict[str, Any]]:
+    """((q, key_cache, value_cache), attention_paged keyword arguments) for sequences with
+    these query and cache lengths: blocks in shuffled order, with spare blocks nobody uses,
+    table entries past each sequence's last block set to -1 (never read), and the first
+    shared_prefix_blocks blocks of every sequence the same blocks (a shared prompt prefix)."""
+    head_dim_v = head_dim if head_dim_v is None else head_dim_v
+    sequences = len(cache_lengths)
+    blocks_needed = [max(1, -(-length // block_size)) for length in cache_lengths]
+    width = max(blocks_needed) + 1
+    own = sum(max(0, n - shared_prefix_blocks) for n in blocks_needed)
+    num_blocks = shared_prefix_blocks + own + 3  # spare blocks: read by nobody
+    order = torch.randperm(num_blocks, generator=generator)
+    table = torch.full((sequences, width), -1, dtype=torch.int32)
+    next_block = shared_prefix_blocks
+    for index, needed in enumerate(blocks_needed):
+        for slot in range(needed):
+            if slot < shared_prefix_blocks:
+                table[index, slot] = int(order[slot])
+            else:
+                table[index, slot] = int(order[next_block])
+                next_block += 1
+
+    def randn(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=generator).to(dtype=dtype, device=device)
+
+    q = randn(sum(query_lengths), heads_q, head_dim)
+    key_cache = randn(num_blocks, block_size, heads_kv, head_dim)
+    value_cache = randn(num_blocks, block_size, heads_kv, head_dim_v)
+    offsets = [0]
+    for length in query_lengths:
+        offsets.append(offsets[-1] + length)
+    options = dict(
+        block_table=table.to(device),
+        cache_lengths=torch.tensor(cache_lengths, dtype=torch.int32, device=device),
+        cu_seqlens_q=torch.tensor(offsets, dtype=torch.int32, device=device),
+        max_seqlen_q=max(query_lengths, default=0),
+    )
+    return (q, key_cache, value_cache), options

@@ -297,6 +297,13 @@ def _cu_seqlens(name: str, cu: object, q: torch.Tensor) -> torch.Tensor:
 
 
 def _check_offset_values(name: str, cu: torch.Tensor, total: int, max_name: str, max_seqlen: int) -> None:
+    if cu.shape[0] <= 256:
+        # A decoding step checks a few offsets: plain Python beats a dozen small operators.
+        offsets = cu.tolist()
+        lengths = [end - start for start, end in zip(offsets, offsets[1:])]
+        if offsets[0] == 0 and min(lengths, default=0) >= 0 and offsets[-1] == total:
+            if max(lengths, default=0) <= max_seqlen:
+                return
     values = cu.detach().to("cpu", torch.int64)
     if int(values[0]) != 0:
         raise ValueError(f"{name}: expected the first offset to be 0, got {int(values[0])}")
@@ -395,12 +402,142 @@ def validate_varlen(
     )
 
 
+# ---- paged KV caches -------------------------------------------------------------------------
+def _check_caches(q: object, key_cache: object, value_cache: object) -> None:
+    """q (Tq, Hq, D); caches (num_blocks, block_size, Hkv, D / Dv) of q's dtype and device."""
+    q = _require_tensor("q", q)
+    if q.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"q: expected dtype float16, bfloat16, float32 or float64, got {q.dtype}")
+    if q.dim() != 3:
+        raise ValueError(f"q: expected a 3-D tensor (total_tokens, heads, head_dim), got shape {tuple(q.shape)}")
+    for name, cache in (("key_cache", key_cache), ("value_cache", value_cache)):
+        cache = _require_tensor(name, cache)
+        if cache.dim() != 4:
+            raise ValueError(
+                f"{name}: expected a 4-D tensor (num_blocks, block_size, heads, head_dim), got shape {tuple(cache.shape)}"
+            )
+        if cache.dtype != q.dtype:
+            raise TypeError(f"{name}: expected the dtype of q ({q.dtype}), got {cache.dtype}")
+        if cache.device != q.device:
+            raise ValueError(f"{name}: expected the device of q ({q.device}), got {cache.device}")
+    if tuple(value_cache.shape[:3]) != tuple(key_cache.shape[:3]):
+        raise ValueError(
+            f"value_cache: expected (num_blocks, block_size, heads) = {tuple(key_cache.shape[:3])} (those of "
+            f"key_cache), got {tuple(value_cache.shape[:3])}"
+        )
+    if key_cache.shape[1] < 1:
+        raise ValueError(f"key_cache: expected a block size >= 1, got {key_cache.shape[1]}")
+
+
+def _block_table(block_table: object, q: torch.Tensor, sequences: int) -> torch.Tensor:
+    table = _require_tensor("block_table", block_table)
+    if table.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"block_table: expected dtype torch.int32 or torch.int64, got {table.dtype}")
+    if table.device != q.device:
+        raise ValueError(f"block_table: expected device {q.device} (that of q), got {table.device}")
+    if table.dim() != 2 or table.shape[0] != sequences:
+        raise ValueError(f"block_table: expected shape ({sequences}, max_blocks), got {tuple(table.shape)}")
+    return table
+
+
+def _cache_lengths(cache_lengths: object, q: torch.Tensor, sequences: int) -> torch.Tensor:
+    lengths = _require_tensor("cache_lengths", cache_lengths)
+    if lengths.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"cache_lengths: expected dtype torch.int32 or torch.int64, got {lengths.dtype}")
+    if lengths.device != q.device:
+        raise ValueError(f"cache_lengths: expected device {q.device} (that of q), got {lengths.device}")
+    if tuple(lengths.shape) != (sequences,):
+        raise ValueError(f"cache_lengths: expected shape ({sequences},), got {tuple(lengths.shape)}")
+    return lengths
+
+
+def _check_paged_values(table: torch.Tensor, lengths: torch.Tensor, block_size: int, num_blocks: int) -> None:
+    """cache_lengths within the table's room; every block a sequence uses inside the cache."""
+    # Extremes first (a few operators: this runs on every decoding step); _outside finds the
+    # offending entry for the message only when there is one.
+    lengths = lengths.detach().to("cpu", torch.int64)
+    table = table.detach().to("cpu", torch.int64)
+    if lengths.numel() == 0:
+        return
+    capacity = table.shape[1] * block_size
+    low, high = torch.aminmax(lengths)
+    if low < 0 or high > capacity:
+        room = f"lengths that fit block_table's {table.shape[1]} blocks of {block_size} keys"
+        _outside("cache_lengths", lengths, 0, capacity, room)
+    blocks = torch.where(_blocks_in_use(table, lengths, block_size), table, 0)
+    low, high = torch.aminmax(blocks)
+    if low < 0 or high >= num_blocks:
+        _outside("block_table", blocks, 0, num_blocks - 1, "block numbers (in the blocks in use)")
+
+
+def validate_paged(
+    q: object,
+    key_cache: object,
+    value_cache: object,
+    block_table: object,
+    cache_lengths: object,
+    cu_seqlens_q: object,
+    max_seqlen_q: object,
+    *,
+    causal: object = False,
+    causal_alignment: object = "bottom_right",
+    scale: object = None,
+    window: object = None,
+    alibi_slopes: object = None,
+    sinks: object = None,
+    softcap: object = None,
+) -> AttentionCall:
+    """Check a call over a paged KV cache (fusedattn.attention_paged) and normalize it."""
+    _check_caches(q, key_cache, value_cache)
+    _check_heads(q.shape[1], key_cache.shape[2], value_cache.shape[2])
+    _check_head_dims(q, key_cache, value_cache)
+    total_q = _packed_length("q", q)
+    cu_q = _cu_seqlens("cu_seqlens_q", cu_seqlens_q, q)
+    sequences = cu_q.shape[0] - 1
+    table = _block_table(block_table, q, sequences)
+    lengths = _cache_lengths(cache_lengths, q, sequences)
+    max_q = _max_seqlen("max_seqlen_q", max_seqlen_q)
+    block_size, num_blocks = key_cache.shape[1], key_cache.shape[0]
+    capacity = table.shape[1] * block_size
+    if capacity > LARGEST_PACKED_LENGTH:
+        raise ValueError(
+            f"block_table: expected room for at most {LARGEST_PACKED_LENGTH} keys per sequence (int32 "
+            f"positions), got {table.shape[1]} blocks of {block_size}"
+        )
+    checked = all(_values_readable(t) for t in (cu_q, table, lengths))
+    if checked:
+        _check_offset_values("cu_seqlens_q", cu_q, total_q, "max_seqlen_q", max_q)
+        _check_paged_values(table, lengths, block_size, num_blocks)
+    window_left, window_right = _window(window)
+    return AttentionCall(
+        q=q,
+        k=key_cache,
+        v=value_cache,
+        scale=_scale(scale, q.shape[-1]),
+        causal=_bool_flag("causal", causal),
+        causal_alignment=_alignment(causal_alignment),
+        cu_seqlens_q=_as_int32(cu_q),
+        block_table=_as_int32(table),
+        cache_lengths=_as_int32(lengths),
+        max_seqlen_q=torch.sym_min(max_q, total_q),
+        max_seqlen_k=capacity,
+        window_left=window_left,
+        window_right=window_right,
+        alibi_slopes=_alibi(alibi_slopes, q, sequences, q.shape[1]),
+        sinks=_sinks(sinks, q, q.shape[1]),
+        softcap=_softcap(softcap),
+        needs_grad=_needs_grad(q, key_cache, value_cache),
+        metadata_checked=checked,
+    )
+
+
 # ---- metadata values the host did not read at validation -----------------------------------
 def metadata_guard(call: AttentionCall, synchronize: bool = False) -> torch.Tensor | None:
     """Make sure no result computed from invalid integer metadata is ever returned as valid.
 
     Called by the op layer (fusedattn/ops.py) before a backend runs. Returns None when the
-    metadata values (cu_seqlens_q/k with max_seqlen_q/k, key_lengths) are known valid:
+    metadata values (cu_seqlens_q/k with max_seqlen_q/k, key_lengths, a paged call's
+    block_table and cache_lengths) are known valid:
     checked at validation, or readable on the host now (CPU tensors; device tensors when
     synchronize is allowed) and checked here, raising the same ValueError as validation.
     Otherwise (device tensors in a compiled graph, a torch.compile trace, CUDA graph
@@ -411,22 +548,30 @@ def metadata_guard(call: AttentionCall, synchronize: bool = False) -> torch.Tens
     """
     if call.metadata_checked:
         return None
-    tensors = [t for t in (call.cu_seqlens_q, call.cu_seqlens_k, call.key_lengths) if t is not None]
+    metadata = (call.cu_seqlens_q, call.cu_seqlens_k, call.key_lengths, call.block_table, call.cache_lengths)
+    tensors = [t for t in metadata if t is not None]
     if not tensors:
         return None
     if all(_values_readable(t, synchronize) for t in tensors):
         if call.is_varlen:
             _check_offset_values("cu_seqlens_q", call.cu_seqlens_q, call.q.shape[0], "max_seqlen_q", call.max_seqlen_q)
+        if call.cu_seqlens_k is not None:
             _check_offset_values("cu_seqlens_k", call.cu_seqlens_k, call.k.shape[0], "max_seqlen_k", call.max_seqlen_k)
         if call.key_lengths is not None:
             _check_key_length_values(call.key_lengths, call.seqlen_k)
+        if call.is_paged:
+            _check_paged_values(call.block_table, call.cache_lengths, call.block_size, call.k.shape[0])
         return None
     invalid = torch.zeros((), dtype=torch.bool, device=call.device)
+    if call.is_paged:
+        lengths = call.cache_lengths
+        invalid = invalid | (lengths < 0).any() | (lengths > call.seqlen_k).any()
+        used = _blocks_in_use(call.block_table, lengths, call.block_size)
+        invalid = invalid | (used & ((call.block_table < 0) | (call.block_table >= call.k.shape[0]))).any()
     if call.is_varlen:
-        spans = (
-            (call.cu_seqlens_q, call.q.shape[0], call.max_seqlen_q),
-            (call.cu_seqlens_k, call.k.shape[0], call.max_seqlen_k),
-        )
+        spans = [(call.cu_seqlens_q, call.q.shape[0], call.max_seqlen_q)]
+        if call.cu_seqlens_k is not None:
+            spans.append((call.cu_seqlens_k, call.k.shape[0], call.max_seqlen_k))
         for offsets, total, longest in spans:
             offsets = offsets.to(torch.int64)
             lengths = offsets[1:] - offsets[:-1]
@@ -570,8 +715,9 @@ def kv_cache_indices(
             blocks = torch.where(_blocks_in_use(table, ends, k_cache.shape[1]), table, 0)
             _outside("block_table", blocks, 0, k_cache.shape[0] - 1, "block numbers (in the blocks in use)")
         return rows, starts, ends, table, None
-    invalid = (rows < 0).any() | (rows >= k_cache.shape[0]).any()
-    invalid = invalid | (lengths < 0).any() | (lengths > capacity - new_tokens).any()
+    invalid = (lengths < 0).any() | (lengths > capacity - new_tokens).any()
+    if cache_batch_idx is not None:  # default rows 0..B-1 fit (checked above); paged caches have none
+        invalid = invalid | (rows < 0).any() | (rows >= k_cache.shape[0]).any()
     invalid = invalid | (starts < 0).any() | (starts > lengths).any()
     rows = rows.clamp(0, max(k_cache.shape[0] - 1, 0))
     ends = ends.clamp(0, capacity)

@@ -15,7 +15,7 @@ from .. import semantics
 from .._native import native, native_error
 from ..ops import native_option_values
 from ..semantics import AttentionCall
-from .base import Backend, Capabilities, allocate_output
+from .base import Backend, CallProfile, Capabilities, allocate_output
 
 
 def _available() -> tuple[bool, str]:
@@ -63,6 +63,12 @@ def backward(
     return grad_q, grad_k, grad_v
 
 
+def refuse(profile: CallProfile) -> str | None:
+    if {"paged_kv", "backward"} <= profile.features:
+        return "no backward over a paged KV cache (inference only; the reference backend differentiates it)"
+    return None
+
+
 BACKEND = Backend(
     name="cpu",
     description="fused C++ CPU kernels: tiled online softmax, OpenMP, SIMD chosen at run time",
@@ -77,4 +83,5 @@ BACKEND = Backend(
     forward=forward,
     backward=backward,
     availability=_available,
+    refuse=refuse,
 )

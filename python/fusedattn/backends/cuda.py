@@ -142,7 +142,8 @@ BACKEND = Backend(
     capabilities=Capabilities(
         devices=frozenset({"cuda"}),
         dtypes=frozenset({torch.float16, torch.bfloat16, torch.float32}),
-        features=frozenset(semantics.FEATURES),
+        # No paged KV caches: the kernels address keys as dense rows only.
+        features=frozenset(semantics.FEATURES) - {"paged_kv"},
         max_head_dim=256,  # the kernels' head-dim buckets end at 256 (attention_common.cuh)
         differentiable_options=frozenset({"sinks"}),
         priority={"cuda": 20},

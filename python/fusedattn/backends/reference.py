@@ -106,6 +106,18 @@ def _attend_dense(
     return torch.where(no_keys, torch.zeros_like(out), out), lse
 
 
+def _sequence_keys(call: AttentionCall, k: torch.Tensor, v: torch.Tensor, index: int) -> tuple[torch.Tensor, ...]:
+    """(keys (Sk_i, Hkv, D), values (Sk_i, Hkv, Dv)) of varlen sequence index: a slice of the
+    packed keys, or its cache_lengths[index] positions gathered from its blocks (paged)."""
+    if not call.is_paged:
+        start, end = int(call.cu_seqlens_k[index]), int(call.cu_seqlens_k[index + 1])
+        return k[start:end], v[start:end]
+    positions = torch.arange(int(call.cache_lengths[index]), device=k.device)
+    blocks = call.block_table[index].to(torch.int64)[positions // call.block_size]
+    rows = positions % call.block_size
+    return k[blocks, rows], v[blocks, rows]
+
+
 def _compute(call: AttentionCall, compute_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     q, k, v = (t.to(compute_dtype) for t in (call.q, call.k, call.v))
     if not call.is_varlen:
@@ -123,12 +135,11 @@ def _compute(call: AttentionCall, compute_dtype: torch.dtype) -> tuple[torch.Ten
     # Varlen: each packed sequence is a batch of one, with its own Sq and Sk for the
     # causal alignment, and its sequence number in the dropout hash.
     offsets_q = call.cu_seqlens_q.tolist()
-    offsets_k = call.cu_seqlens_k.tolist()
     outs, lses = [], []
     for index in range(len(offsets_q) - 1):
         q_i = q[offsets_q[index] : offsets_q[index + 1]].transpose(0, 1)[None]
-        k_i = k[offsets_k[index] : offsets_k[index + 1]].transpose(0, 1)[None]
-        v_i = v[offsets_k[index] : offsets_k[index + 1]].transpose(0, 1)[None]
+        k_i, v_i = _sequence_keys(call, k, v, index)
+        k_i, v_i = k_i.transpose(0, 1)[None], v_i.transpose(0, 1)[None]
         slopes = call.alibi_slopes
         if slopes is not None and slopes.dim() == 2:
             slopes = slopes[index]

@@ -70,6 +70,8 @@ def refuse(profile: CallProfile) -> str | None:
         return "bfloat16 needs a GPU with compute capability 8.0 or newer"
     if device == "cpu" and profile.dtype == torch.bfloat16:
         return "Triton's interpreter does not support tl.dot on bfloat16"
+    if {"paged_kv", "backward"} <= profile.features:
+        return "no backward over a paged KV cache (inference only; the reference backend differentiates it)"
     return None
 
 

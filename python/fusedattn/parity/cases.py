@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from ..semantics import FEATURES, AttentionCall
-from ..testing import FEATURE_CASES
+from ..testing import FEATURE_CASES, paged_case
 
 DTYPES: dict[str, torch.dtype] = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 _DTYPE_ALIASES = {
@@ -42,7 +42,9 @@ _DTYPE_ALIASES = {
 # What case i focuses on: every feature a call can use (backward comes from --grad),
 # plus two properties of the inputs that are not features but break kernels.
 FOCUS: tuple[str, ...] = tuple(name for name in FEATURES if name != "backward") + ("fully_masked", "non_contiguous")
-_DRAWN = tuple(name for name in FOCUS if not name.startswith("causal_")) + ("causal",)
+# Paged cases come only from their focus: drawn at random they would take a fifth of every
+# other feature's cases out of the backward check (paged calls are checked forward only).
+_DRAWN = tuple(name for name in FOCUS if not name.startswith("causal_") and name != "paged_kv") + ("causal",)
 _DRAW_PROBABILITY = 0.2
 _TABLE_PROBABILITY = 0.5
 _MASK_FEATURES = ("bool_mask", "additive_mask", "key_lengths")  # dense-only: attention_varlen has none
@@ -50,6 +52,10 @@ _MASK_FEATURES = ("bool_mask", "additive_mask", "key_lengths")  # dense-only: at
 HEAD_DIMS: tuple[int, ...] = (16, 32, 40, 64, 80, 96, 112, 128, 192, 256)
 ODD_HEAD_DIMS: tuple[int, ...] = (8, 24, 72, 100, 136, 200)  # drawn now and then, to find tile-edge bugs
 GQA_RATIOS: tuple[int, ...] = (2, 7, 8)  # ratio 1 is every case without the gqa feature
+PAGED_BLOCK_SIZES: tuple[int, ...] = (1, 2, 16, 64, 256)
+# Head dims past 256 (Gemma 4's 512; DeepSeek's absorbed MLA, D 576 with Dv 512), now and then.
+WIDE_HEAD_DIMS: tuple[tuple[int, int], ...] = ((512, 512), (576, 512))
+_WIDE_HEAD_PROBABILITY = 0.06
 
 _HEAD_DIM_PADDING = 8  # extra elements per row of the buffer non-contiguous inputs are cut from
 
@@ -130,14 +136,16 @@ class Case:
 
     Dense cases have q (batch, heads_q, seqlen_q, head_dim); varlen cases pack
     `batch` sequences of lengths seqlens_q / seqlens_k, and seqlen_q / seqlen_k are
-    the longest ones.
+    the longest ones. Paged cases are varlen cases whose keys (seqlens_k of them per
+    sequence) live in a paged cache of block_size keys per block (attention_paged;
+    checked forward only).
     """
 
     id: str
     index: int
     seed: int  # seeds the tensors of this case
     dtype: str
-    layout: str  # "dense" or "varlen"
+    layout: str  # "dense", "varlen" or "paged"
     batch: int
     heads_q: int
     heads_kv: int
@@ -147,6 +155,7 @@ class Case:
     head_dim_v: int
     seqlens_q: tuple[int, ...] | None = None
     seqlens_k: tuple[int, ...] | None = None
+    block_size: int | None = None  # keys per cache block (paged cases)
     causal: bool = False
     causal_alignment: str = "bottom_right"
     window: tuple[int | None, int | None] | None = None
@@ -175,7 +184,15 @@ class Case:
         """semantics.FEATURES names this case uses, read from an AttentionCall on the meta
         device (so the names come from semantics.py, not from a copy of its rules)."""
         meta = "meta"
-        if self.layout == "varlen":
+        if self.layout == "paged":
+            q = torch.empty(sum(self.seqlens_q), self.heads_q, self.head_dim, device=meta)
+            k = torch.empty(1, self.block_size, self.heads_kv, self.head_dim, device=meta)
+            v = torch.empty(1, self.block_size, self.heads_kv, self.head_dim_v, device=meta)
+            offsets = torch.empty(self.batch + 1, dtype=torch.int32, device=meta)
+            table = torch.empty(self.batch, 1, dtype=torch.int32, device=meta)
+            varlen = dict(cu_seqlens_q=offsets, block_table=table, cache_lengths=offsets[1:])
+            grad = False  # checked forward only
+        elif self.layout == "varlen":
             tokens_q, tokens_k = sum(self.seqlens_q), sum(self.seqlens_k)
             q = torch.empty(tokens_q, self.heads_q, self.head_dim, device=meta)
             k = torch.empty(tokens_k, self.heads_kv, self.head_dim, device=meta)
@@ -215,7 +232,9 @@ class Case:
         """One short line: dtype, shape and options."""
         heads = f"H{self.heads_q}" if self.heads_q == self.heads_kv else f"H{self.heads_q}/{self.heads_kv}"
         dims = f"D{self.head_dim}" if self.head_dim == self.head_dim_v else f"D{self.head_dim}/{self.head_dim_v}"
-        if self.layout == "varlen":
+        if self.layout == "paged":
+            shape = f"paged q{list(self.seqlens_q)} cache{list(self.seqlens_k)} block{self.block_size}"
+        elif self.layout == "varlen":
             shape = f"varlen q{list(self.seqlens_q)} k{list(self.seqlens_k)}"
         else:
             shape = f"B{self.batch} Sq{self.seqlen_q} Sk{self.seqlen_k}"
@@ -339,6 +358,7 @@ def make_case(index: int, seed: int, profile: SizeProfile) -> Case:
     rng = random.Random(f"fusedattn-parity:{seed}:{profile.name}:{index}")
     focus = FOCUS[index % len(FOCUS)]
     on = {name: rng.random() < _DRAW_PROBABILITY for name in _DRAWN}
+    on["paged_kv"] = False
     alignment = rng.choice(("bottom_right", "top_left"))
     if focus.startswith("causal_"):
         on["causal"] = True
@@ -362,6 +382,9 @@ def make_case(index: int, seed: int, profile: SizeProfile) -> Case:
         alignment = entry_alignment or "bottom_right"
         if entry_on & set(_MASK_FEATURES):
             on["varlen"] = False
+    if on["paged_kv"]:
+        # A paged call is a varlen call over a cache, forward only: no masks, no dropout.
+        on.update(varlen=True, dropout=False, non_contiguous=False)
     if on["varlen"]:
         for name in _MASK_FEATURES:
             on[name] = False
@@ -384,6 +407,8 @@ def make_case(index: int, seed: int, profile: SizeProfile) -> Case:
     if on["value_head_dim"]:
         choices = [d for d in HEAD_DIMS if d != head_dim and (not large or d <= profile.large_max_head_dim)]
         head_dim_v = rng.choice(choices)
+    if not large and rng.random() < _WIDE_HEAD_PROBABILITY:
+        head_dim, head_dim_v = rng.choice([d for d in WIDE_HEAD_DIMS if (d[0] != d[1]) or not on["value_head_dim"]])
 
     if large:
         seqlen_q = rng.randint(*profile.large_seqlens) if rng.random() < 0.7 else rng.choice(profile.seqlens)
@@ -424,6 +449,8 @@ def make_case(index: int, seed: int, profile: SizeProfile) -> Case:
         # seqlens_q[0] >= 1 and some key sequence is non-empty, so the call is never empty.
         fields.update(seqlens_q=tuple(seqlens_q), seqlens_k=tuple(seqlens_k))
         seqlen_q, seqlen_k = max(seqlens_q), max(seqlens_k)
+        if on["paged_kv"]:
+            fields["block_size"] = rng.choice(PAGED_BLOCK_SIZES)
 
     if on["bool_mask"] or on["additive_mask"]:
         fields["mask"] = "bool" if on["bool_mask"] else "additive"
@@ -448,6 +475,8 @@ def make_case(index: int, seed: int, profile: SizeProfile) -> Case:
         fields["dropout_p"] = rng.choice((0.1, 0.25, 0.5))
         fields["dropout_seed"] = rng.randrange(2**62)
     fields.update(table_fields)  # a table entry's values replace the drawn ones
+    if on["paged_kv"]:
+        fields.update(dropout_p=0.0, dropout_seed=None)  # a table entry may carry dropout
     if rng.random() < 0.2:
         fields["scale"] = round(rng.uniform(0.3, 2.0) / math.sqrt(head_dim), 6)
     return Case(
@@ -455,7 +484,7 @@ def make_case(index: int, seed: int, profile: SizeProfile) -> Case:
         index=index,
         seed=rng.randrange(2**31),
         dtype=dtype,
-        layout="varlen" if on["varlen"] else "dense",
+        layout="paged" if on["paged_kv"] else "varlen" if on["varlen"] else "dense",
         batch=batch,
         heads_q=heads_q,
         heads_kv=heads_kv,
@@ -539,8 +568,8 @@ def _attn_mask(case: Case, generator: torch.Generator) -> torch.Tensor:
 def make_inputs(
     case: Case, device: torch.device | str
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, Any]]:
-    """(q, k, v, kwargs) for fusedattn.attention, or attention_varlen when kwargs hold
-    cu_seqlens_q. Drawn on the CPU from the case's seed, so every device gets the same
+    """(q, k, v, kwargs) for fusedattn.attention, attention_varlen when kwargs hold
+    cu_seqlens_q, or attention_paged (k, v the caches) when they also hold block_table. Drawn on the CPU from the case's seed, so every device gets the same
     values; non-contiguous cases get (B, S, H, D) storage viewed as (B, H, S, D)."""
     generator = torch.Generator().manual_seed(case.seed)
     dtype = case.torch_dtype
@@ -558,7 +587,15 @@ def make_inputs(
         return storage[..., : shape[-1]].transpose(first, second)
 
     options: dict[str, Any] = {}
-    if case.layout == "varlen":
+    if case.layout == "paged":
+        (q, k, v), paged = paged_case(
+            case.seqlens_q, case.seqlens_k, block_size=case.block_size, heads_q=case.heads_q,
+            heads_kv=case.heads_kv, head_dim=case.head_dim, head_dim_v=case.head_dim_v, generator=generator,
+        )  # fmt: skip
+        q, k, v = ((t * case.input_scale).to(dtype).to(device) for t in (q, k, v))
+        options.update({name: value.to(device) if isinstance(value, torch.Tensor) else value
+                        for name, value in paged.items()})  # fmt: skip
+    elif case.layout == "varlen":
         tokens_q, tokens_k = sum(case.seqlens_q), sum(case.seqlens_k)
         q = draw(tokens_q, case.heads_q, case.head_dim, transposed=(0, 1))
         k = draw(tokens_k, case.heads_kv, case.head_dim, transposed=(0, 1))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import fusedattn
 import torch
 from fusedattn.ops import OPTIONS, _call_from_arguments, op_arguments
 from fusedattn.semantics import AttentionCall
@@ -79,3 +80,36 @@ def test_native_option_values_follow_the_op_contract():
     plain = dict(zip(NATIVE_OPTIONS, native_option_values(validate_attention(q, k, v, window=(None, 2**70)))))
     assert plain["window_left"] == -1 and plain["window_right"] == 2**30  # validation caps an over-wide side
     assert (plain["dropout_threshold"], plain["dropout_keep_scale"], plain["dropout_seed_key"]) == (0, 1.0, 0)
+
+
+def test_plain_eager_calls_run_the_op_body_and_modes_still_see_the_op():
+    # Eager calls with nothing to differentiate skip the dispatcher's round trip (about
+    # 20 us); the result is the op's, and a dispatch mode (a FlopCounterMode, a tracer)
+    # still sees fusedattn's op.
+    from fusedattn.dispatch import select_backend
+    from fusedattn.ops import op_arguments, ops_for
+    from fusedattn.validation import validate_attention
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Recorder(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    q, k, v = torch.randn(1, 4, 3, 16), torch.randn(1, 2, 5, 16), torch.randn(1, 2, 5, 16)
+    call = validate_attention(q, k, v, causal=True)
+    backend = select_backend(call)
+    forward_op, _ = ops_for(backend)
+    expected, expected_lse = forward_op(*op_arguments(call))
+    out, lse = fusedattn.attention(q, k, v, causal=True, return_lse=True)
+    assert torch.equal(out, expected) and torch.equal(lse, expected_lse)
+    with Recorder() as recorder:
+        fusedattn.attention(q, k, v, causal=True)
+    assert f"fusedattn.{backend.name}_forward.default" in recorder.names
+    q.requires_grad_(True)  # autograd needs the op: its backward is registered there
+    fusedattn.attention(q, k, v, causal=True).sum().backward()
+    assert q.grad is not None and q.grad.shape == q.shape

@@ -27,6 +27,7 @@ class UnsupportedCallError(ValueError):
 
 
 _REGISTRY: dict[str, Backend] | None = None
+_DECISIONS: dict[tuple, tuple[str, str]] = {}
 _IMPORT_ERRORS: dict[str, str] = {}
 _AVAILABILITY: dict[str, tuple[bool, str]] = {}
 
@@ -49,6 +50,7 @@ def registry() -> dict[str, Backend]:
                 found[backend.name] = backend
         _REGISTRY = dict(sorted(found.items()))
         _AVAILABILITY.clear()
+        _DECISIONS.clear()
     return _REGISTRY
 
 
@@ -105,10 +107,23 @@ def select_backend(call: AttentionCall, backend: str = AUTO) -> Backend:
     if not isinstance(backend, str):
         raise TypeError(f"backend: expected a backend name or 'auto', got {type(backend).__name__}")
     profile = CallProfile.of(call)
-    name, error = _select_name(
+    arguments = (
         profile.device, profile.dtype, profile.head_dim, profile.head_dim_v,
         tuple(sorted(profile.features)), tuple(sorted(profile.differentiated_options)), bool(call.is_empty), backend,
     )  # fmt: skip
+    if torch.compiler.is_compiling():
+        name, error = _select_name(*arguments)
+    else:
+        # Eager calls repeat the same few decisions: remembered per environment (settings
+        # such as FUSEDATTN_BACKEND may change between calls), current CUDA device (a
+        # backend may refuse by the device's limits) and set of registered backends.
+        cuda_device = torch.cuda.current_device() if profile.device == "cuda" else None
+        backends = tuple(map(id, registry().values()))
+        key = (*arguments, environment.backend_choice_key(), cuda_device, backends)
+        decided = _DECISIONS.get(key)
+        if decided is None:
+            decided = _DECISIONS[key] = _select_name(*arguments)
+        name, error = decided
     if error:
         # Raised here, not inside _select_name: an exception there would surface from a
         # torch.compile trace as an internal error instead of this one.

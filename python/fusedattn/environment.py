@@ -19,13 +19,14 @@ class Setting:
     choices: tuple[str, ...] | None  # None: free text
     reader: str  # who reads it: "python", "C++ extension", "build", "Triton"
     description: str
+    chooses_backend: bool = False  # backend selection (or a backend's refusal) depends on it
 
 
 SETTINGS: dict[str, Setting] = {
     setting.name: setting
     for setting in (
         Setting("FUSEDATTN_BACKEND", "auto", None, "python",
-                "forces a backend by name for calls whose backend argument is 'auto'"),
+                "forces a backend by name for calls whose backend argument is 'auto'", chooses_backend=True),
         Setting("FUSEDATTN_DETERMINISTIC", "0", ("0", "1"), "python",
                 "1: bitwise-reproducible Triton backward (dQ in its own kernel, no atomics); "
                 "torch.use_deterministic_algorithms(True) does the same"),
@@ -41,7 +42,8 @@ SETTINGS: dict[str, Setting] = {
         Setting("FUSEDATTN_CMAKE_ARGS", "", None, "build",
                 "extra CMake arguments for pip install, e.g. -DFUSEDATTN_CUDA=OFF"),
         Setting("TRITON_INTERPRET", "0", None, "Triton",
-                "Triton's own switch: 1 runs kernels on CPU tensors through its interpreter (the tests)"),
+                "Triton's own switch: 1 runs kernels on CPU tensors through its interpreter (the tests)",
+                chooses_backend=True),
     )
 }  # fmt: skip
 
@@ -58,3 +60,11 @@ def get(name: str) -> str:
 def triton_interpreting() -> bool:
     """True when Triton runs kernels through its CPU interpreter (TRITON_INTERPRET=1)."""
     return get("TRITON_INTERPRET") not in ("", "0")
+
+
+_CHOOSING = tuple(name for name, setting in SETTINGS.items() if setting.chooses_backend)
+
+
+def backend_choice_key() -> tuple[str, ...]:
+    """The raw values of the settings backend selection depends on (chooses_backend)."""
+    return tuple(os.environ.get(name, "") for name in _CHOOSING)

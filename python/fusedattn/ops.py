@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch.utils import _python_dispatch
 
 from . import semantics
 from .backends.base import Backend
@@ -208,14 +209,8 @@ def _define(backend: Backend) -> tuple[Any, Any]:
     # A triton_op backend's body is traced with fake tensors: it keeps the seed a tensor.
     read_seed = not backend.triton_op
 
-    # Metadata values not checked at validation (compiled or captured calls) are checked
-    # here when the host can read them, else flagged on the device and the outputs poisoned.
     def forward_impl(*arguments: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        call = _call_from_arguments(arguments, read_seed)
-        invalid = metadata_guard(call, synchronize=backend.reads_metadata_on_host)
-        out, lse = poison_if_invalid(invalid, *backend.forward(call))
-        # Fixed contiguous outputs, so the fake implementation's strides are exact.
-        return out.contiguous(), lse.contiguous()
+        return forward_body(backend, _call_from_arguments(arguments, read_seed))
 
     def backward_impl(grad_out: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, *arguments: Any):
         if backend.backward is None:
@@ -331,7 +326,40 @@ def ops_for(backend: Backend) -> tuple[Any, Any]:
     return _OPS[backend.name]
 
 
+def forward_body(backend: Backend, call: AttentionCall) -> tuple[torch.Tensor, torch.Tensor]:
+    """What a forward op computes: metadata values not checked at validation (compiled or
+    captured calls) are checked here when the host can read them, else flagged on the
+    device and the outputs poisoned; then the backend's forward."""
+    invalid = metadata_guard(call, synchronize=backend.reads_metadata_on_host)
+    out, lse = poison_if_invalid(invalid, *backend.forward(call))
+    # Fixed contiguous outputs, so the fake implementation's strides are exact.
+    return out.contiguous(), lse.contiguous()
+
+
+def _plain_eager(call: AttentionCall) -> bool:
+    """True when the custom op would add nothing to forward_body: eager (no trace), nothing
+    to differentiate, plain tensors on a real device, no dispatch or function mode that
+    must see the op (a FlopCounterMode, a tensor subclass)."""
+    q = call.q
+    if torch.compiler.is_compiling() or call.needs_grad or q.device.type not in ("cpu", "cuda"):
+        return False
+    if torch.is_grad_enabled() and call.differentiated_options():
+        return False
+    if type(q) is not torch.Tensor or type(call.k) is not torch.Tensor or type(call.v) is not torch.Tensor:
+        return False
+    return _python_dispatch._get_current_dispatch_mode() is None and not torch._C._is_torch_function_mode_enabled()
+
+
 def run_forward(backend: Backend, call: AttentionCall) -> tuple[torch.Tensor, torch.Tensor]:
-    """Run a backend through its custom op (autograd and torch.compile aware)."""
+    """Run a backend through its custom op (autograd and torch.compile aware).
+
+    A plain eager call with nothing to differentiate runs the op's body directly: the
+    dispatcher's round trip through Python (autograd wrapper, argument boxing) costs about
+    20 us, as much as a small attention call itself."""
     forward_op, _ = ops_for(backend)
+    if _plain_eager(call):
+        if torch.autograd.profiler._is_profiler_enabled:
+            with torch.autograd.profiler.record_function(f"fusedattn::{backend.name}_forward"):
+                return forward_body(backend, call)
+        return forward_body(backend, call)
     return forward_op(*op_arguments(call))

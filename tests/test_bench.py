@@ -385,3 +385,24 @@ def test_cli_list_shapes_and_bad_toml(tmp_path, capsys):
     bad.write_text("[[grid]]\nseqlen = 64\nwidth = 3\n")
     assert fusedattn_main(["bench", "--config", str(bad), "--list"]) == 2
     assert "unknown key" in capsys.readouterr().err
+
+
+def test_flex_attention_provider_expresses_every_case_feature():
+    # FlexAttention's block mask and score_mod for each rule of a case, checked against the
+    # float64 reference by the benchmark's own check; its compile time is reported apart.
+    flex = providers.select_providers(torch.device("cpu"), ["flex_attention"])[0]
+    if not flex.availability(torch.device("cpu"))[0]:
+        pytest.skip(flex.availability(torch.device("cpu"))[1])
+    assert "cpu" not in flex.default_devices  # compiling takes seconds per case on CPU
+    cases = [
+        _case(batch=2, heads_q=4, heads_kv=2, seqlen_q=12, seqlen_k=40, causal=True, window=(9, None)),
+        _case(batch=2, seqlen_q=16, seqlen_k=32, mask="bool", alibi=True, softcap=5.0),
+        _case(batch=1, seqlen_q=16, seqlen_k=24, mask="additive", head_dim_v=8, window=(4, 3)),
+        _case(batch=3, seqlen_q=20, seqlen_k=20, causal=True, varlen_seqlens=(20, 7, 13)),
+    ]
+    settings = run.BenchSettings(timing=measure.TimingSettings(warmup_s=0, min_time_s=0, min_repeats=1))
+    results = run.run_benchmark(cases, [flex], settings)
+    for result in results:
+        assert result["status"] == "ok", (result["case_id"], result["reason"])
+        assert result["check"]["passed"] and result["compile_s"] > 0
+    assert report.validate_report(report.build_report(results, settings, [flex])) == []

@@ -13,6 +13,7 @@ import contextlib
 import fnmatch
 import importlib.util
 import math
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -126,6 +127,8 @@ class Prepared:
     canonical_grads: Callable[[tuple[torch.Tensor, ...]], tuple[torch.Tensor, ...]] = _same
     context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
     note: str = ""
+    # Seconds prepare() spent compiling (torch.compile's first calls), never in the timings.
+    compile_s: float | None = None
 
 
 @dataclass(frozen=True)
@@ -443,13 +446,104 @@ def _xformers_provider() -> Provider:
                     _module_available("xformers"))  # fmt: skip
 
 
+# ---- FlexAttention ---------------------------------------------------------------------
+def _flex_provider() -> Provider:
+    """torch.nn.attention.flex_attention under torch.compile, each case's rules written as
+    FlexAttention users write them: causal, window, key padding and packed documents as a
+    block mask (built outside the timed region), softcap, ALiBi and an additive bias as a
+    score_mod. Compiling happens in prepare(): its time is reported apart (compile_s)."""
+
+    def prepare(inputs: CaseInputs) -> Prepared:
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+        case, device = inputs.case, inputs.device
+        if case.varlen_seqlens is not None:
+            # Packed sequences as one batch of T tokens; a token sees only its own document.
+            q, k, v = _leaves(inputs, *(t.transpose(0, 1)[None] for t in (inputs.q, inputs.k, inputs.v)))
+            lengths = torch.tensor(case.varlen_seqlens, device=device)
+            document = torch.repeat_interleave(torch.arange(len(lengths), device=device), lengths)
+            batch, seqlen_q, seqlen_k, offset = 1, q.shape[2], k.shape[2], 0
+
+            def gather(out: torch.Tensor) -> torch.Tensor:
+                return out[0].transpose(0, 1)
+
+            def gather_grads(grads: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+                return tuple(g[0].transpose(0, 1) for g in grads)
+        else:
+            q, k, v = _leaves(inputs, inputs.q, inputs.k, inputs.v)
+            document = None
+            batch, seqlen_q, seqlen_k = case.batch, case.seqlen_q, case.seqlen_k
+            offset = seqlen_k - seqlen_q  # bottom-right: query i at key position i + Sk - Sq
+            gather, gather_grads = (lambda out: out), _same
+        key_lengths = None
+        if case.mask == "bool":
+            key_lengths = torch.tensor([case.key_length(b) for b in range(case.batch)], device=device)
+        left, right = case.window if case.window is not None else (None, None)
+        masked = case.causal or case.window is not None or key_lengths is not None or document is not None
+
+        def mask_mod(b, h, query, key):
+            position = query + offset
+            allowed = key >= 0
+            if document is not None:
+                allowed = allowed & (document[query] == document[key])
+            if key_lengths is not None:
+                allowed = allowed & (key < key_lengths[b])
+            if case.causal:
+                allowed = allowed & (key <= position)
+            if left is not None:
+                allowed = allowed & (key >= position - left)
+            if right is not None:
+                allowed = allowed & (key <= position + right)
+            return allowed
+
+        slopes, bias, cap = inputs.alibi_slopes, None, case.softcap
+        if case.mask == "additive":
+            bias = inputs.attn_mask[0, 0]
+
+        def score_mod(score, b, h, query, key):
+            if cap is not None:
+                score = cap * torch.tanh(score / cap)
+            if slopes is not None:
+                score = score - slopes[h] * torch.abs(query + offset - key)
+            if bias is not None:
+                score = score + bias[query, key]
+            return score
+
+        block_mask = create_block_mask(mask_mod, batch, None, seqlen_q, seqlen_k, device=device) if masked else None
+        uses_scores = cap is not None or slopes is not None or bias is not None
+        compiled = torch.compile(flex_attention, dynamic=False)
+        options = dict(block_mask=block_mask, score_mod=score_mod if uses_scores else None,
+                       enable_gqa=case.heads_q != case.heads_kv)  # fmt: skip
+
+        def forward() -> torch.Tensor:
+            return gather(compiled(q, k, v, **options))
+
+        start = time.perf_counter()
+        out = forward()
+        if case.needs_grad:  # the backward compiles on its first call too
+            torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
+        compile_s = time.perf_counter() - start
+        note = f"compiled in {compile_s:.1f} s (first calls, not timed)"
+        return Prepared(forward, (q, k, v), gather_grads, note=note, compile_s=compile_s)
+
+    def availability(device: torch.device) -> tuple[bool, str]:
+        if importlib.util.find_spec("torch.nn.attention.flex_attention") is None:
+            return False, "this torch has no torch.nn.attention.flex_attention"
+        return True, ""
+
+    # On CPU each case compiles for several seconds (C++ through inductor): asked for by
+    # name there (--providers flex_attention), run by default on CUDA.
+    return Provider("flex_attention", "torch", "torch.compile(flex_attention) with a block mask and score_mod",
+                    prepare, availability, default_devices=frozenset({"cuda"}))  # fmt: skip
+
+
 # ---- the catalog -------------------------------------------------------------------
 def all_providers() -> list[Provider]:
     """Every provider known to this process (available or not), fusedattn backends first."""
     providers = [_fusedattn_provider(name) for name in dispatch.registry()]
     providers.append(_sdpa_provider(None))
     providers += [_sdpa_provider(variant) for variant in SDPA_VARIANTS]
-    providers += [_naive_provider(), _flash_attn_provider(), _xformers_provider()]
+    providers += [_flex_provider(), _naive_provider(), _flash_attn_provider(), _xformers_provider()]
     return providers
 
 

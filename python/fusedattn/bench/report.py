@@ -76,6 +76,7 @@ RESULT_SCHEMA: dict[str, Any] = {
                                        "required": ["name", "passed", "max_error", "bound"]}}},
         },
         "speedup_vs_sdpa": _NUMBER_OR_NULL, "wall_s": _NUMBER,
+        "compile_s": _NUMBER_OR_NULL,  # torch.compile's first calls, outside the timings
     },
 }  # fmt: skip
 

@@ -223,6 +223,7 @@ def run_pair(
             raise Skip(reason)
         prepared = provider.prepare(inputs)
         result["note"] = prepared.note
+        result["compile_s"] = prepared.compile_s
         with prepared.context():
             with warnings.catch_warnings(record=True) as caught:
                 # SDPA explains in warnings why a forced backend cannot run; keep them as the reason.
@@ -344,6 +345,7 @@ def _empty_result(case: Case, provider: Provider) -> dict[str, Any]:
         "check": None,
         "speedup_vs_sdpa": None,
         "wall_s": 0.0,
+        "compile_s": None,
     }
 
 

@@ -290,6 +290,9 @@ def _preset_quick(device: str, dtype: str) -> list[dict[str, Any]]:
                  softcap=[True], alibi=False),
             dict(group="features", batch=4, heads=16, seqlen=4096, head_dim=128, dtype=dtype, alibi=True),
             dict(group="features", batch=4, heads=16, seqlen=4096, head_dim=128, dtype=dtype, mask=MASK_KINDS),
+            # The other common dtype, at one size: fp32 next to the default bf16.
+            dict(group="other-dtype", mode="fwd", tokens=16384, seqlen=2048, head_dim=128, model_dim=2048,
+                 causal=[False, True], dtype=_other_dtype(dtype)),
         ]  # fmt: skip
     # The 2-core CPU: the same structure at a size that finishes in well under two minutes.
     return [
@@ -306,7 +309,17 @@ def _preset_quick(device: str, dtype: str) -> list[dict[str, Any]]:
         dict(group="features", batch=2, heads=8, seqlen=512, head_dim=64, softcap=True, dtype=dtype),
         dict(group="features", batch=2, heads=8, seqlen=512, head_dim=64, alibi=True, causal=True, dtype=dtype),
         dict(group="features", batch=2, heads=8, seqlen=512, head_dim=64, mask=list(MASK_KINDS), dtype=dtype),
+        # The other common dtype, at one size: bf16 next to the default fp32 (and a decode step).
+        dict(group="other-dtype", mode="fwd", tokens=2048, seqlen=1024, head_dim=[64, 128], model_dim=512,
+             causal=[False, True], dtype=_other_dtype(dtype)),
+        dict(group="other-dtype", batch=2, heads_q=16, heads_kv=4, seqlen_q=1, seqlen_k=4096, head_dim=128,
+             causal=True, dtype=_other_dtype(dtype)),
     ]  # fmt: skip
+
+
+def _other_dtype(dtype: str) -> str:
+    """bfloat16 for a float32 run, float32 for a half-precision one."""
+    return "bfloat16" if dtype == "float32" else "float32"
 
 
 def _preset_standard(device: str, dtype: str) -> list[dict[str, Any]]:

@@ -406,3 +406,24 @@ def test_flex_attention_provider_expresses_every_case_feature():
         assert result["status"] == "ok", (result["case_id"], result["reason"])
         assert result["check"]["passed"] and result["compile_s"] > 0
     assert report.validate_report(report.build_report(results, settings, [flex])) == []
+
+
+def test_models_benchmark_runs_every_implementation_on_the_same_weights(capsys):
+    pytest.importorskip("transformers")
+    from fusedattn.bench.models import ModelShape, format_models_table, run_models
+
+    tiny = ModelShape("tiny-llama", "LlamaConfig", dict(hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                                                         num_key_value_heads=2, num_hidden_layers=2))  # fmt: skip
+    results = run_models([tiny], [24], torch.float32, decode_steps=2, repeats=1)
+    assert [(r["implementation"], r["status"]) for r in results] == [
+        ("sdpa", "ok"),
+        ("eager", "ok"),
+        ("fusedattn", "ok"),
+    ]
+    for result in results:
+        assert result["prefill_tokens_per_s"] > 0 and result["decode_tokens_per_s"] > 0
+        assert result["prefill_vs_sdpa"] > 0 and result["decode_vs_eager"] > 0
+    fused = results[2]
+    assert fused["max_logit_difference"] < 1e-3  # the same weights and ids: the same logits
+    assert "tiny-llama" in format_models_table(results)
+    assert fusedattn_main(["bench", "models", "--models", "nope"]) == 2  # unknown model: a usage error

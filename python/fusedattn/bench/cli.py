@@ -113,7 +113,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     output.add_argument("--out", metavar="DIR", help="report folder (default bench-out/<UTC timestamp>)")
     output.add_argument("--no-plots", action="store_true", help="no PNG plots")
     output.add_argument("--list", action="store_true", help="print the cases and providers, run nothing")
-    commands = parser.add_subparsers(dest="bench_command", metavar="{compare,list}")
+    commands = parser.add_subparsers(dest="bench_command", metavar="{compare,list,models}")
     compare = commands.add_parser("compare", help="compare two results.json files; exit 1 on a regression",
                                   description="Print new/base time per matched (case, provider); exit 1 when any "
                                   "got slower than the threshold or stopped being ok.")  # fmt: skip
@@ -128,6 +128,65 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     compare.add_argument("--metric", choices=["median_ms", "min_ms", "mean_ms"], default="median_ms")
     commands.add_parser("list", help="presets (with case counts) and providers (with availability)")
+    models = commands.add_parser(
+        "models", help="whole transformers models (prefill and decode tokens/s) with fusedattn, sdpa and eager",
+        description="Small Llama-, Qwen- and Gemma-shaped models built from configs (no download); CPU.",
+    )  # fmt: skip
+    models.add_argument("--models", default="llama,qwen,gemma", type=_argument_type(_model_names))
+    models.add_argument("--contexts", default="512,2048", type=_argument_type(_int_list),
+                        help="prefill lengths (default 512,2048)")  # fmt: skip
+    models.add_argument("--dtype", default="float32", type=_argument_type(dtype_name))
+    models.add_argument("--decode-steps", type=_argument_type(_positive_int), default=16)
+    models.add_argument("--repeats", type=_argument_type(_positive_int), default=3)
+    models.add_argument("--out", metavar="DIR", help="write results.json here")
+
+
+def _model_names(text: str) -> list[str]:
+    from .models import MODELS
+
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    unknown = [n for n in names if n not in MODELS]
+    if unknown or not names:
+        raise ValueError(f"expected a comma-separated list of {sorted(MODELS)}, got {text!r}")
+    return names
+
+
+def _int_list(text: str) -> list[int]:
+    return [_positive_int(part.strip()) for part in text.split(",") if part.strip()]
+
+
+def _run_models(args: argparse.Namespace) -> int:
+    import importlib.util
+    import json
+
+    from ..fingerprint import cpu_model, git_commit
+    from .models import format_models_table, run_models
+
+    if importlib.util.find_spec("transformers") is None:
+        print("fusedattn bench models: error: transformers is not installed (pip install transformers)",
+              file=sys.stderr)  # fmt: skip
+        return EXIT_USAGE
+    started = time.perf_counter()
+    results = run_models(args.models, args.contexts, getattr(torch, args.dtype), args.decode_steps, args.repeats)
+    print(format_models_table(results))
+    print(f"{len(results)} result(s) in {time.perf_counter() - started:.0f}s")
+    if args.out:
+        import transformers
+
+        commit, dirty = git_commit()
+        document = dict(
+            command="fusedattn bench models " + " ".join(sys.argv[3:]),
+            date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            machine=dict(cpu=cpu_model(), threads=torch.get_num_threads()),
+            versions=dict(torch=torch.__version__, transformers=transformers.__version__, commit=commit, dirty=dirty),
+            results=results,
+        )
+        folder = Path(args.out)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "results.json").write_text(json.dumps(document, indent=2) + "\n")
+        print(f"results written to {folder / 'results.json'}")
+    bad = [r for r in results if r["implementation"] == "fusedattn" and r["status"] in ("wrong", "error")]
+    return 1 if bad else 0
 
 
 def resolve_device(name: str) -> torch.device:
@@ -211,6 +270,8 @@ def main(args: argparse.Namespace) -> int:
     """Run `fusedattn bench`; returns the exit code (0 done, 1 a compare regression, 2 bad arguments)."""
     if args.bench_command == "compare":
         return run_compare(args.base, args.new, args.fail_above, args.metric)
+    if args.bench_command == "models":
+        return _run_models(args)
     try:
         device = resolve_device(args.device)
         if args.bench_command == "list":

@@ -3,7 +3,7 @@ to download), with attn_implementation set to fusedattn, sdpa and eager in one r
 
 Per (model, context, implementation) it measures a prefill of `context` tokens (tokens/s,
 and the peak memory that call adds) and then `decode_steps` greedy decode steps over the
-filled cache (tokens/s). The models are small but shaped like the real ones (grouped-query
+filled cache (tokens/s), the three implementations' calls interleaved round by round. The models are small but shaped like the real ones (grouped-query
 heads, head dims, Gemma 2's sliding windows and logit softcap); a model's layers share one
 attention shape, so a few layers show what a deep one does per layer.
 
@@ -71,101 +71,98 @@ def build_model(shape: ModelShape, implementation: str, dtype: torch.dtype, cont
     return model.to(dtype).eval()
 
 
-def _median_seconds(function, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        function()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+def _failure(error: BaseException) -> tuple[str, str]:
+    first = str(error).strip().splitlines()[0][:200] if str(error).strip() else ""
+    return ("oom" if is_out_of_memory(error) else "error"), f"{type(error).__name__}: {first}"
 
 
-def measure_model(
-    shape: ModelShape,
-    implementation: str,
-    context: int,
-    dtype: torch.dtype,
-    decode_steps: int,
-    repeats: int,
-    reference_logits: torch.Tensor | None,
-) -> dict[str, Any]:
-    """One result: prefill and decode tokens/s, the prefill's peak memory, and the check."""
-    result: dict[str, Any] = {
-        "model": shape.name, "implementation": implementation, "context": context,
-        "dtype": str(dtype).removeprefix("torch."), "status": "ok", "reason": "", "prefill_tokens_per_s": None,
-        "decode_tokens_per_s": None, "prefill_peak_memory_bytes": None, "max_logit_difference": None,
-    }  # fmt: skip
-    try:
+class _Run:
+    """One implementation's model for one (model, context): its prefill and decode calls."""
+
+    def __init__(self, shape: ModelShape, implementation: str, context: int, dtype: torch.dtype, ids: torch.Tensor):
         if implementation == "fusedattn":
             from ..integrations import transformers as fusedattn_transformers
 
             fusedattn_transformers.register()
-        model = build_model(shape, implementation, dtype, context)
-        ids = torch.randint(0, _VOCABULARY, (1, context), generator=torch.Generator().manual_seed(1))
-        with torch.no_grad():
+        self.model = build_model(shape, implementation, dtype, context)
+        self.ids = ids
+        self.output = self.prefill()  # warm-up; its cache is the one every decode run copies
 
-            def prefill():
-                return model(ids, use_cache=True)
+    def prefill(self) -> Any:
+        return self.model(self.ids, use_cache=True)
 
-            output = prefill()  # warm-up
-            result["prefill_tokens_per_s"] = context / _median_seconds(prefill, repeats)
-            peak, _ = measure_peak_memory(prefill, torch.device("cpu"))
-            result["prefill_peak_memory_bytes"] = peak
-            logits = output.logits[0, -1].float()
-            result["last_logits"] = logits
-            if reference_logits is not None:
-                difference = float((logits - reference_logits).abs().max())
-                result["max_logit_difference"] = difference
-                scale = float(reference_logits.abs().max())
-                if not difference <= 2e-2 * max(1.0, scale):  # NaN fails too
-                    result["status"] = "wrong"
-                    result["reason"] = f"last-token logits differ from the reference's by {difference:.3g}"
+    def decode(self, steps: int) -> float:
+        """Seconds of `steps` greedy decode steps from a copy of the prefilled cache."""
+        cache, token = copy.deepcopy(self.output.past_key_values), self.output.logits[:, -1:].argmax(-1)
+        start = time.perf_counter()  # the copy of the cache (a cache grows in place) is not timed
+        for _ in range(steps):
+            step = self.model(token, past_key_values=cache, use_cache=True)
+            cache, token = step.past_key_values, step.logits[:, -1:].argmax(-1)
+        return time.perf_counter() - start
 
-            first_token = output.logits[:, -1:].argmax(-1)
 
-            def decode(cache):
-                token = first_token
-                for _ in range(decode_steps):
-                    step = model(token, past_key_values=cache, use_cache=True)
-                    cache, token = step.past_key_values, step.logits[:, -1:].argmax(-1)
-
-            # Each run decodes from its own copy of the prefilled cache (a cache grows in
-            # place); the copy is made outside the timed region.
-            times = []
-            for _ in range(repeats):
-                cache = copy.deepcopy(output.past_key_values)
-                start = time.perf_counter()
-                decode(cache)
-                times.append(time.perf_counter() - start)
-            result["decode_tokens_per_s"] = decode_steps / statistics.median(times)
-    except Exception as error:  # noqa: BLE001  (a run that fails is reported, never fatal)
-        result["status"] = "oom" if is_out_of_memory(error) else "error"
-        result["reason"] = f"{type(error).__name__}: {str(error).strip().splitlines()[0][:200] if str(error) else ''}"
-    finally:
-        release_memory(torch.device("cpu"))
-    return result
+def measure_context(
+    shape: ModelShape, context: int, dtype: torch.dtype, decode_steps: int, repeats: int
+) -> list[dict[str, Any]]:
+    """The three implementations on one (model, context), their calls interleaved round by
+    round (a noisy neighbour then slows all of them alike), and fusedattn's check."""
+    ids = torch.randint(0, _VOCABULARY, (1, context), generator=torch.Generator().manual_seed(1))
+    results: dict[str, dict[str, Any]] = {}
+    runs: dict[str, _Run] = {}
+    with torch.no_grad():
+        for implementation in ("sdpa", "eager", "fusedattn"):
+            results[implementation] = {
+                "model": shape.name, "implementation": implementation, "context": context,
+                "dtype": str(dtype).removeprefix("torch."), "status": "ok", "reason": "", "prefill_tokens_per_s": None,
+                "decode_tokens_per_s": None, "prefill_peak_memory_bytes": None, "max_logit_difference": None,
+            }  # fmt: skip
+            try:
+                runs[implementation] = _Run(shape, implementation, context, dtype, ids)
+            except Exception as error:  # noqa: BLE001  (a run that fails is reported, never fatal)
+                results[implementation]["status"], results[implementation]["reason"] = _failure(error)
+        prefill_times: dict[str, list[float]] = {name: [] for name in runs}
+        decode_times: dict[str, list[float]] = {name: [] for name in runs}
+        for _ in range(repeats):
+            for name, run in list(runs.items()):
+                try:
+                    start = time.perf_counter()
+                    run.prefill()
+                    prefill_times[name].append(time.perf_counter() - start)
+                    decode_times[name].append(run.decode(decode_steps))
+                except Exception as error:  # noqa: BLE001
+                    results[name]["status"], results[name]["reason"] = _failure(error)
+                    del runs[name]
+        for name, run in runs.items():
+            result = results[name]
+            result["prefill_tokens_per_s"] = context / statistics.median(prefill_times[name])
+            result["decode_tokens_per_s"] = decode_steps / statistics.median(decode_times[name])
+            result["prefill_peak_memory_bytes"], _ = measure_peak_memory(run.prefill, torch.device("cpu"))
+        # fusedattn's logits against sdpa's, or eager's where transformers has no sdpa path
+        # for the model (Gemma 2: its logit softcap).
+        reference = next((name for name in ("sdpa", "eager") if name in runs), None)
+        if reference is not None and "fusedattn" in runs:
+            expected = runs[reference].output.logits[0, -1].float()
+            difference = float((runs["fusedattn"].output.logits[0, -1].float() - expected).abs().max())
+            results["fusedattn"]["max_logit_difference"] = difference
+            results["fusedattn"]["checked_against"] = reference
+            if not difference <= 2e-2 * max(1.0, float(expected.abs().max())):  # NaN fails too
+                results["fusedattn"]["status"] = "wrong"
+                results["fusedattn"]["reason"] = f"last-token logits differ from {reference}'s by {difference:.3g}"
+    del runs
+    release_memory(torch.device("cpu"))
+    return list(results.values())
 
 
 def run_models(
     models: list[str | ModelShape], contexts: list[int], dtype: torch.dtype, decode_steps: int = 16, repeats: int = 3
 ) -> list[dict[str, Any]]:
-    """Every (model, context, implementation), sdpa first (the reference of the check).
+    """Every (model, context, implementation), with ratios against sdpa and eager.
     models: names of MODELS, or shapes of one's own."""
     results = []
     for model in models:
         shape = MODELS[model] if isinstance(model, str) else model
         for context in contexts:
-            # The check's reference: sdpa's logits, or eager's where transformers offers no
-            # sdpa path for the model (Gemma 2: its logit softcap).
-            reference = None
-            for implementation in ("sdpa", "eager", "fusedattn"):
-                check_against = reference if implementation == "fusedattn" else None
-                result = measure_model(shape, implementation, context, dtype, decode_steps, repeats, check_against)
-                logits = result.pop("last_logits", None)
-                if reference is None and result["status"] == "ok" and implementation != "fusedattn":
-                    reference = logits
-                    result["reference_of_the_check"] = True
-                results.append(result)
+            results += measure_context(shape, context, dtype, decode_steps, repeats)
     for result in results:
         for baseline_name in ("sdpa", "eager"):
             baseline = next(

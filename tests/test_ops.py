@@ -113,3 +113,25 @@ def test_plain_eager_calls_run_the_op_body_and_modes_still_see_the_op():
     q.requires_grad_(True)  # autograd needs the op: its backward is registered there
     fusedattn.attention(q, k, v, causal=True).sum().backward()
     assert q.grad is not None and q.grad.shape == q.shape
+
+
+def test_vmap_goes_through_the_op():
+    # Found in review: under torch.func.vmap the inputs are batched tensors of type
+    # torch.Tensor; skipping the op sent them to the native kernel, which has no batching
+    # rule. The op's fallback loops over the batch.
+    q, k, v = torch.randn(3, 2, 4, 16), torch.randn(3, 2, 5, 16), torch.randn(3, 2, 5, 16)
+    batched = torch.func.vmap(lambda q, k, v: fusedattn.attention(q[None], k[None], v[None], causal=True)[0])
+    expected = fusedattn.attention(q, k, v, causal=True, backend="reference")
+    torch.testing.assert_close(batched(q, k, v), expected)
+
+
+def test_softcap_keeps_its_precision_at_any_cap():
+    # Found in review: tanh through (1 - e) / (1 + e) alone has an absolute error, which the
+    # cap scales; the CPU kernel's scores must stay as exact at cap 1e5 as without softcap.
+    from fusedattn.backends.reference import reference_attention
+
+    q, k, v = torch.randn(1, 2, 32, 64), torch.randn(1, 2, 100, 64), torch.randn(1, 2, 100, 64)
+    call = validate_attention(q.double(), k.double(), v.double(), softcap=1e5)
+    expected, _, _ = reference_attention(call, torch.float64)
+    out = fusedattn.attention(q, k, v, softcap=1e5, backend="cpu")
+    assert float((out.double() - expected).abs().max()) < 1e-5

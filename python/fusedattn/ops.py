@@ -338,14 +338,20 @@ def forward_body(backend: Backend, call: AttentionCall) -> tuple[torch.Tensor, t
 
 def _plain_eager(call: AttentionCall) -> bool:
     """True when the custom op would add nothing to forward_body: eager (no trace), nothing
-    to differentiate, plain tensors on a real device, no dispatch or function mode that
-    must see the op (a FlopCounterMode, a tensor subclass)."""
+    to differentiate, plain tensors on a real device, no functorch transform (vmap's
+    batched tensors need the op's fallback) and no dispatch or function mode that must see
+    the op (a FlopCounterMode, a tensor subclass)."""
     q = call.q
     if torch.compiler.is_compiling() or call.needs_grad or q.device.type not in ("cpu", "cuda"):
         return False
     if torch.is_grad_enabled() and call.differentiated_options():
         return False
-    if type(q) is not torch.Tensor or type(call.k) is not torch.Tensor or type(call.v) is not torch.Tensor:
+    option_tensors = (call.attn_mask, call.alibi_slopes, call.sinks)
+    if any(type(t) is not torch.Tensor for t in (q, call.k, call.v)) or any(
+        t is not None and type(t) is not torch.Tensor for t in option_tensors
+    ):
+        return False
+    if torch._C._are_functorch_transforms_active():
         return False
     return _python_dispatch._get_current_dispatch_mode() is None and not torch._C._is_torch_function_mode_enabled()
 

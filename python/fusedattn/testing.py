@@ -17,6 +17,7 @@ never wrote fails the NaN check.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
@@ -45,6 +46,8 @@ __all__ = [
     "TensorCheck",
     "check_tensor",
     "check_backend",
+    "validated_call",
+    "paged_case",
     "flash_backward_bounds",
     "FEATURE_CASES",
     "SHAPE_FEATURES",
@@ -230,17 +233,26 @@ def flash_backward_bounds(
 
 
 _VARLEN_ARGUMENTS = ("cu_seqlens_q", "cu_seqlens_k", "max_seqlen_q", "max_seqlen_k")
-
-
 _PAGED_ARGUMENTS = ("block_table", "cache_lengths", "cu_seqlens_q", "max_seqlen_q")
 
 
-def _split_varlen(kwargs: dict[str, Any]) -> tuple[list[Any] | None, dict[str, Any]]:
-    """(positional varlen (or paged) arguments or None, the remaining keyword arguments)."""
+def _entry(kwargs: dict[str, Any]) -> tuple[Callable, Callable, list[Any], dict[str, Any]]:
+    """(entry function, its validator, positional metadata arguments, the other keyword
+    arguments) for kwargs of attention, attention_varlen (they hold cu_seqlens_q) or
+    attention_paged (they hold block_table)."""
     if "cu_seqlens_q" not in kwargs:
-        return None, kwargs
-    names = _PAGED_ARGUMENTS if "block_table" in kwargs else _VARLEN_ARGUMENTS
-    return [kwargs[n] for n in names], {n: x for n, x in kwargs.items() if n not in names}
+        return attention, validate_attention, [], kwargs
+    if "block_table" in kwargs:
+        names, function, validator = _PAGED_ARGUMENTS, attention_paged, validate_paged
+    else:
+        names, function, validator = _VARLEN_ARGUMENTS, attention_varlen, validate_varlen
+    return function, validator, [kwargs[n] for n in names], {n: x for n, x in kwargs.items() if n not in names}
+
+
+def validated_call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, options: dict[str, Any]) -> AttentionCall:
+    """The AttentionCall of (q, k, v, options) as check_backend's kwargs describe it."""
+    _, validate, positional, rest = _entry(options)
+    return validate(q, k, v, *positional, **rest)
 
 
 def check_backend(
@@ -259,32 +271,24 @@ def check_backend(
     caches; forward only) when they include block_table. Inputs must not require grad.
     """
     kwargs = dict(kwargs)
-    paged = "block_table" in kwargs
-    grad = grad and not paged
-    run, validate = (attention_paged, validate_paged) if paged else (attention_varlen, validate_varlen)
+    grad = grad and "block_table" not in kwargs
     if kwargs.get("dropout_p", 0.0) > 0 and kwargs.get("dropout_seed") is None:
         kwargs["dropout_seed"] = 1234  # the oracle must draw the same mask
     dtype = q.dtype
-    varlen, options = _split_varlen(kwargs)
+    run, validate, positional, options = _entry(kwargs)
     inputs = [_leaf_copy(t, grad) for t in (q, k, v)]
     # Sinks are learned: their gradient is checked too (semantics.DIFFERENTIABLE_OPTIONS).
     learned = {}
     if grad and isinstance(options.get("sinks"), torch.Tensor):
         learned["sinks"] = options["sinks"] = _leaf_copy(options["sinks"], True)
     with poisoned_outputs():
-        if varlen is not None:
-            out, lse = run(*inputs, *varlen, return_lse=True, backend=backend, **options)
-        else:
-            out, lse = attention(*inputs, return_lse=True, backend=backend, **options)
+        out, lse = run(*inputs, *positional, return_lse=True, backend=backend, **options)
         grad_out = torch.randn_like(out) if grad else None
         if grad:
             dq, dk, dv, *option_grads = torch.autograd.grad(out, [*inputs, *learned.values()], grad_out)
     options = {name: (value.detach() if name in learned else value) for name, value in options.items()}
 
-    if varlen is not None:
-        call = validate(q.detach(), k.detach(), v.detach(), *varlen, **options)
-    else:
-        call = validate_attention(q.detach(), k.detach(), v.detach(), **options)
+    call = validate(q.detach(), k.detach(), v.detach(), *positional, **options)
     oracle_call = call
     if oracle_device is not None:
         oracle_call = _to_device(call, torch.device(oracle_device))

@@ -65,6 +65,18 @@ def _require_tensor(name: str, value: object) -> torch.Tensor:
     return value
 
 
+def _integer_tensor(name: str, value: object, q: torch.Tensor, shape: tuple[int, ...] | None = None) -> torch.Tensor:
+    """An int32 or int64 tensor on q's device (of exactly shape, unless None), unconverted."""
+    tensor = _require_tensor(name, value)
+    if tensor.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"{name}: expected dtype torch.int32 or torch.int64, got {tensor.dtype}")
+    if tensor.device != q.device:
+        raise ValueError(f"{name}: expected device {q.device} (that of q), got {tensor.device}")
+    if shape is not None and tuple(tensor.shape) != shape:
+        raise ValueError(f"{name}: expected shape {shape}, got {tuple(tensor.shape)}")
+    return tensor
+
+
 def _check_qkv(q: object, k: object, v: object, rank: int, layout: str) -> None:
     for name, t in (("q", q), ("k", k), ("v", v)):
         t = _require_tensor(name, t)
@@ -215,13 +227,7 @@ def _attn_mask(mask: object, q: torch.Tensor, target: tuple[int, int, int, int])
 def _key_lengths(key_lengths: object, q: torch.Tensor, batch: int, seqlen_k: int) -> torch.Tensor | None:
     if key_lengths is None:
         return None
-    lengths = _require_tensor("key_lengths", key_lengths)
-    if lengths.dtype not in (torch.int32, torch.int64):
-        raise TypeError(f"key_lengths: expected dtype torch.int32 or torch.int64, got {lengths.dtype}")
-    if lengths.device != q.device:
-        raise ValueError(f"key_lengths: expected device {q.device} (that of q), got {lengths.device}")
-    if tuple(lengths.shape) != (batch,):
-        raise ValueError(f"key_lengths: expected shape ({batch},), got {tuple(lengths.shape)}")
+    lengths = _integer_tensor("key_lengths", key_lengths, q, (batch,))
     if _values_readable(lengths):
         _check_key_length_values(lengths, seqlen_k)
     return _as_int32(lengths)
@@ -430,25 +436,10 @@ def _check_caches(q: object, key_cache: object, value_cache: object) -> None:
 
 
 def _block_table(block_table: object, q: torch.Tensor, sequences: int) -> torch.Tensor:
-    table = _require_tensor("block_table", block_table)
-    if table.dtype not in (torch.int32, torch.int64):
-        raise TypeError(f"block_table: expected dtype torch.int32 or torch.int64, got {table.dtype}")
-    if table.device != q.device:
-        raise ValueError(f"block_table: expected device {q.device} (that of q), got {table.device}")
+    table = _integer_tensor("block_table", block_table, q)
     if table.dim() != 2 or table.shape[0] != sequences:
         raise ValueError(f"block_table: expected shape ({sequences}, max_blocks), got {tuple(table.shape)}")
     return table
-
-
-def _cache_lengths(cache_lengths: object, q: torch.Tensor, sequences: int) -> torch.Tensor:
-    lengths = _require_tensor("cache_lengths", cache_lengths)
-    if lengths.dtype not in (torch.int32, torch.int64):
-        raise TypeError(f"cache_lengths: expected dtype torch.int32 or torch.int64, got {lengths.dtype}")
-    if lengths.device != q.device:
-        raise ValueError(f"cache_lengths: expected device {q.device} (that of q), got {lengths.device}")
-    if tuple(lengths.shape) != (sequences,):
-        raise ValueError(f"cache_lengths: expected shape ({sequences},), got {tuple(lengths.shape)}")
-    return lengths
 
 
 def _check_paged_values(table: torch.Tensor, lengths: torch.Tensor, block_size: int, num_blocks: int) -> None:
@@ -464,7 +455,7 @@ def _check_paged_values(table: torch.Tensor, lengths: torch.Tensor, block_size: 
     if low < 0 or high > capacity:
         room = f"lengths that fit block_table's {table.shape[1]} blocks of {block_size} keys"
         _outside("cache_lengths", lengths, 0, capacity, room)
-    blocks = torch.where(_blocks_in_use(table, lengths, block_size), table, 0)
+    blocks = _used_blocks(table, lengths, block_size)
     low, high = torch.aminmax(blocks)
     if low < 0 or high >= num_blocks:
         _outside("block_table", blocks, 0, num_blocks - 1, "block numbers (in the blocks in use)")
@@ -495,7 +486,7 @@ def validate_paged(
     cu_q = _cu_seqlens("cu_seqlens_q", cu_seqlens_q, q)
     sequences = cu_q.shape[0] - 1
     table = _block_table(block_table, q, sequences)
-    lengths = _cache_lengths(cache_lengths, q, sequences)
+    lengths = _integer_tensor("cache_lengths", cache_lengths, q, (sequences,))
     max_q = _max_seqlen("max_seqlen_q", max_seqlen_q)
     block_size, num_blocks = key_cache.shape[1], key_cache.shape[0]
     capacity = table.shape[1] * block_size
@@ -566,8 +557,7 @@ def metadata_guard(call: AttentionCall, synchronize: bool = False) -> torch.Tens
     if call.is_paged:
         lengths = call.cache_lengths
         invalid = invalid | (lengths < 0).any() | (lengths > call.seqlen_k).any()
-        used = _blocks_in_use(call.block_table, lengths, call.block_size)
-        invalid = invalid | (used & ((call.block_table < 0) | (call.block_table >= call.k.shape[0]))).any()
+        invalid = invalid | _blocks_outside(_used_blocks(call.block_table, lengths, call.block_size), call.k.shape[0])
     if call.is_varlen:
         spans = [(call.cu_seqlens_q, call.q.shape[0], call.max_seqlen_q)]
         if call.cu_seqlens_k is not None:
@@ -592,14 +582,7 @@ def poison_if_invalid(invalid: torch.Tensor | None, *outputs: torch.Tensor) -> t
 
 # ---- KV-cache indices (fusedattn.compat.flash_attn_with_kvcache) ---------------------------
 def _index_tensor(name: str, value: object, q: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
-    tensor = _require_tensor(name, value)
-    if tensor.dtype not in (torch.int32, torch.int64):
-        raise TypeError(f"{name}: expected dtype torch.int32 or torch.int64, got {tensor.dtype}")
-    if tensor.device != q.device:
-        raise ValueError(f"{name}: expected device {q.device} (that of q), got {tensor.device}")
-    if tuple(tensor.shape) != shape:
-        raise ValueError(f"{name}: expected shape {shape}, got {tuple(tensor.shape)}")
-    return tensor.to(torch.int64)
+    return _integer_tensor(name, value, q, shape).to(torch.int64)
 
 
 def _outside(name: str, values: torch.Tensor, low: torch.Tensor | int, high: torch.Tensor | int, what: str) -> None:
@@ -615,9 +598,16 @@ def _outside(name: str, values: torch.Tensor, low: torch.Tensor | int, high: tor
         )
 
 
-def _blocks_in_use(table: torch.Tensor, lengths: torch.Tensor, block_size: int) -> torch.Tensor:
-    """(N, max_blocks) bool: True for the blocks that hold positions below lengths[n]."""
-    return torch.arange(table.shape[1], device=table.device)[None, :] * block_size < lengths[:, None]
+def _used_blocks(table: torch.Tensor, lengths: torch.Tensor, block_size: int) -> torch.Tensor:
+    """The block table with 0 in every slot past a sequence's last block (slots at or past
+    ceil(lengths[n] / block_size) are never read, and may hold anything)."""
+    in_use = torch.arange(table.shape[1], device=table.device)[None, :] * block_size < lengths[:, None]
+    return torch.where(in_use, table, 0)
+
+
+def _blocks_outside(blocks: torch.Tensor, num_blocks: int) -> torch.Tensor:
+    """0-d bool, on the blocks' device: some used block number is not in [0, num_blocks)."""
+    return ((blocks < 0) | (blocks >= num_blocks)).any()
 
 
 def check_kv_cache_tensors(q: object, k_cache: object, v_cache: object, k: object = None, v: object = None) -> None:
@@ -712,7 +702,7 @@ def kv_cache_indices(
         _outside("cache_seqlens", lengths, 0, capacity - new_tokens, room)
         _outside("cache_leftpad", starts, 0, lengths, "first valid positions (at most cache_seqlens)")
         if table is not None:
-            blocks = torch.where(_blocks_in_use(table, ends, k_cache.shape[1]), table, 0)
+            blocks = _used_blocks(table, ends, k_cache.shape[1])
             _outside("block_table", blocks, 0, k_cache.shape[0] - 1, "block numbers (in the blocks in use)")
         return rows, starts, ends, table, None
     invalid = (lengths < 0).any() | (lengths > capacity - new_tokens).any()
@@ -723,8 +713,7 @@ def kv_cache_indices(
     ends = ends.clamp(0, capacity)
     starts = torch.minimum(starts.clamp(min=0), ends)
     if table is not None:
-        used = _blocks_in_use(table, ends, k_cache.shape[1])
-        invalid = invalid | (used & ((table < 0) | (table >= k_cache.shape[0]))).any()
+        invalid = invalid | _blocks_outside(_used_blocks(table, ends, k_cache.shape[1]), k_cache.shape[0])
         table = table.clamp(0, max(k_cache.shape[0] - 1, 0))
     return rows, starts, ends, table, invalid
 
@@ -751,15 +740,14 @@ def paged_sequence_lengths(
     offsets = cu.to(torch.int64)
     lengths = offsets[1:] - offsets[:-1]
     capacity = table.shape[1] * k_cache.shape[1]
-    used = _blocks_in_use(table, lengths, k_cache.shape[1])
+    blocks = _used_blocks(table, lengths, k_cache.shape[1])
     if _values_readable(cu) and _values_readable(table):
         _check_offset_values(
             "cu_seqlens_k", cu, int(offsets[-1]), "max_seqlen_k", int(lengths.max()) if lengths.numel() else 0
         )
         _outside("cu_seqlens_k", lengths, 0, capacity, f"sequence lengths that fit in block_table's {capacity} keys")
-        blocks = torch.where(used, table, 0)
         _outside("block_table", blocks, 0, k_cache.shape[0] - 1, "block numbers (in the blocks in use)")
         return lengths, table, None
     invalid = (offsets[0] != 0) | (lengths < 0).any() | (lengths > capacity).any()
-    invalid = invalid | (used & ((table < 0) | (table >= k_cache.shape[0]))).any()
+    invalid = invalid | _blocks_outside(blocks, k_cache.shape[0])
     return lengths.clamp(0, capacity), table.clamp(0, max(k_cache.shape[0] - 1, 0)), invalid

@@ -16,9 +16,7 @@ from .. import environment as settings
 from ..backends.base import Backend
 from ..dispatch import import_errors, refusal, registry
 from ..fingerprint import cpu_model, git_commit
-from ..semantics import AttentionCall
-from ..testing import check_backend
-from ..validation import validate_attention, validate_paged, validate_varlen
+from ..testing import check_backend, validated_call
 from .cases import Case, SizeProfile, dtype_name, make_inputs, profile_for_device, select_cases
 from .cases import case_index as parse_case_id
 from .cases import make_case as build_case
@@ -192,22 +190,6 @@ def environment(device: torch.device, oracle_device: torch.device | None) -> dic
 
 
 # ---- running ----------------------------------------------------------------------------
-_VARLEN_ARGUMENTS = ("cu_seqlens_q", "cu_seqlens_k", "max_seqlen_q", "max_seqlen_k")
-_PAGED_ARGUMENTS = ("block_table", "cache_lengths", "cu_seqlens_q", "max_seqlen_q")
-
-
-def validated_call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, options: dict[str, Any]) -> AttentionCall:
-    """The AttentionCall of make_inputs' (q, k, v, options): attention_paged's when options
-    hold block_table, attention_varlen's when they hold cu_seqlens_q, else attention's."""
-    if "cu_seqlens_q" not in options:
-        return validate_attention(q, k, v, **options)
-    names, validate = (
-        (_PAGED_ARGUMENTS, validate_paged) if "block_table" in options else (_VARLEN_ARGUMENTS, validate_varlen)
-    )
-    rest = {name: value for name, value in options.items() if name not in names}
-    return validate(q, k, v, *(options[name] for name in names), **rest)
-
-
 def _skip_reason(
     backend: Backend,
     case: Case,

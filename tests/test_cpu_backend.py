@@ -205,6 +205,11 @@ def test_every_instruction_set_variant(isa: str, monkeypatch: pytest.MonkeyPatch
         assert_backend_matches("cpu", q, k, v, key_lengths=torch.tensor([300, 41], dtype=torch.int32))
         q, k, v = make_qkv(batch=1, heads_q=2, heads_kv=2, seqlen_q=1, seqlen_k=77, dim=20, dtype=dtype)
         assert_backend_matches("cpu", q, k, v, window=(30, None), softcap=3.0)
+        # (B, S, H, D) storage: V rows read in place at a token stride (float32), K tiles
+        # transposed a register block at a time; masks at key stride 1 applied as selects.
+        q, k, v = (torch.randn(1, 70, 2, 48, dtype=dtype).transpose(1, 2) for _ in range(3))
+        assert_backend_matches("cpu", q, k, v, attn_mask=torch.rand(1, 2, 70, 70) > 0.4)
+        assert_backend_matches("cpu", q, k, v, attn_mask=torch.randn(1, 1, 70, 70, dtype=dtype), causal=True)
 
 
 def test_dispatch_prefers_cpu_backend() -> None:

@@ -36,6 +36,10 @@
   X(bool, bottom_right, "bool")                                \
   X(int64_t, window_left, "int")                               \
   X(int64_t, window_right, "int")                              \
+  X(int64_t, query_start, "int")                               \
+  X(int64_t, key_start, "int")                                 \
+  X(const std::optional<at::Tensor>&, k_descale, "Tensor?")    \
+  X(const std::optional<at::Tensor>&, v_descale, "Tensor?")    \
   X(double, softcap, "float")                                  \
   X(int64_t, dropout_threshold, "int")                         \
   X(double, dropout_keep_scale, "float")                       \

@@ -146,7 +146,7 @@ def score_gradients(
     key_limit,
     position_offset,
     rule,
-    dropout_threshold,
+    dropout,
     dropout_keep_scale,
     CAUSAL: tl.constexpr,
     HAS_WINDOW_LEFT: tl.constexpr,
@@ -175,7 +175,7 @@ def score_gradients(
     probabilities = tl.math.exp2(logits - lse)
     kept = probabilities
     if HAS_DROPOUT:
-        keep = dropout_keep(row_hash, keys, dropout_threshold)
+        keep = dropout_keep(row_hash, keys, dropout)
         kept = tl.where(keep, probabilities, 0.0)
         grad_probabilities = tl.where(keep, grad_probabilities * dropout_keep_scale, 0.0)
     grad_scores = probabilities * (grad_probabilities - delta)
@@ -243,6 +243,8 @@ def attention_backward_dkdv_kernel(
     DropoutSeed,
     dropout_threshold,
     dropout_keep_scale,
+    query_start,
+    key_start,
     HEAD_DIM: tl.constexpr,
     HEAD_DIM_V: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -270,8 +272,9 @@ def attention_backward_dkdv_kernel(
     members = group // group_splits
     first_member = (program_head % group_splits) * members
     q_start, k_start, len_q, len_k, key_limit, position_offset = sequence_bounds(
-        batch, CuSeqlensQ, CuSeqlensK, KeyLengths, extent_q, extent_k, IS_VARLEN, HAS_KEY_LENGTHS, BOTTOM_RIGHT
-    )
+        batch, CuSeqlensQ, CuSeqlensK, KeyLengths, extent_q, extent_k, IS_VARLEN, HAS_KEY_LENGTHS, BOTTOM_RIGHT,
+        False, None, query_start - key_start,
+    )  # fmt: skip
     first_key = block_n * BLOCK_N
     if first_key >= len_k:
         return
@@ -336,7 +339,7 @@ def attention_backward_dkdv_kernel(
             lse, delta = _load_row_statistics(Lse, Delta, lse_base, rows, row_valid, stride_ls)
             row_hash = rows.to(tl.uint32)
             if HAS_DROPOUT:
-                row_hash = dropout_row_hash(DropoutSeed, batch, heads, rows)
+                row_hash = dropout_row_hash(DropoutSeed, batch, heads, rows + query_start)
             # Transposed orientation: S^T = K Q^T, so P^T and dS^T feed dV += P^T dO and
             # dK += dS^T Q from registers.
             qk_t = tl.dot(k_tile, tl.trans(q), input_precision=INPUT_PRECISION)
@@ -344,7 +347,7 @@ def attention_backward_dkdv_kernel(
             kept_t, grad_scores_t = score_gradients(
                 qk_t, grad_probabilities_t, lse[None, :], delta[None, :], rows[None, :], keys[:, None],
                 heads[None, :], row_valid[None, :], row_hash[None, :], batch, key_limit, position_offset, rule,
-                dropout_threshold, dropout_keep_scale, CAUSAL, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, MASK_KIND,
+                (dropout_threshold, key_start), dropout_keep_scale, CAUSAL, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, MASK_KIND,
                 HAS_ALIBI, HAS_SOFTCAP, HAS_DROPOUT,
             )  # fmt: skip
             grad_v = tl.dot(kept_t.to(grad_out.dtype), grad_out, grad_v, input_precision=INPUT_PRECISION)
@@ -426,6 +429,8 @@ def attention_backward_dq_kernel(
     DropoutSeed,
     dropout_threshold,
     dropout_keep_scale,
+    query_start,
+    key_start,
     HEAD_DIM: tl.constexpr,
     HEAD_DIM_V: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -447,8 +452,9 @@ def attention_backward_dq_kernel(
     block_m, head, batch = grid_position(tl.cdiv(grid_rows, BLOCK_M), heads_q)
     kv_head = head // group
     q_start, k_start, len_q, len_k, key_limit, position_offset = sequence_bounds(
-        batch, CuSeqlensQ, CuSeqlensK, KeyLengths, extent_q, extent_k, IS_VARLEN, HAS_KEY_LENGTHS, BOTTOM_RIGHT
-    )
+        batch, CuSeqlensQ, CuSeqlensK, KeyLengths, extent_q, extent_k, IS_VARLEN, HAS_KEY_LENGTHS, BOTTOM_RIGHT,
+        False, None, query_start - key_start,
+    )  # fmt: skip
     first_row = block_m * BLOCK_M
     if first_row >= len_q:
         return
@@ -477,7 +483,7 @@ def attention_backward_dq_kernel(
     lse, delta = _load_row_statistics(Lse, Delta, lse_base, rows, row_valid, stride_ls)
     row_hash = rows.to(tl.uint32)
     if HAS_DROPOUT:
-        row_hash = dropout_row_hash(DropoutSeed, batch, heads, rows)
+        row_hash = dropout_row_hash(DropoutSeed, batch, heads, rows + query_start)
     k_base = K + batch64 * stride_kb + kv_head.to(tl.int64) * stride_kh + k_start.to(tl.int64) * stride_ks
     v_base = V + batch64 * stride_vb + kv_head.to(tl.int64) * stride_vh + k_start.to(tl.int64) * stride_vs
     grad_q = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
@@ -516,7 +522,7 @@ def attention_backward_dq_kernel(
         grad_probabilities = tl.dot(grad_out, tl.trans(v_tile), input_precision=INPUT_PRECISION)
         _kept, grad_scores = score_gradients(
             qk, grad_probabilities, lse[:, None], delta[:, None], rows[:, None], keys[None, :], heads[:, None],
-            row_valid[:, None], row_hash[:, None], batch, key_limit, position_offset, rule, dropout_threshold,
+            row_valid[:, None], row_hash[:, None], batch, key_limit, position_offset, rule, (dropout_threshold, key_start),
             dropout_keep_scale, CAUSAL, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, MASK_KIND, HAS_ALIBI, HAS_SOFTCAP,
             HAS_DROPOUT,
         )  # fmt: skip

@@ -86,6 +86,8 @@ def attention_decode_split_kernel(
     DropoutSeed,
     dropout_threshold,
     dropout_keep_scale,
+    query_start,
+    key_start,
     HEAD_DIM: tl.constexpr,
     HEAD_DIM_V: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -109,7 +111,7 @@ def attention_decode_split_kernel(
     split, kv_head, batch = grid_position(splits, heads_kv)
     q_start, k_start, len_q, len_k, key_limit, position_offset = sequence_bounds(
         batch, CuSeqlensQ, CuSeqlensK, KeyLengths, extent_q, extent_k, IS_VARLEN, HAS_KEY_LENGTHS, BOTTOM_RIGHT,
-        IS_PAGED, CacheLengths,
+        IS_PAGED, CacheLengths, query_start - key_start,
     )  # fmt: skip
     paging = (BlockTable + batch.to(tl.int64) * stride_table, stride_kblock, stride_vblock, last_block)
     # Row r of this program is query row r % Sq of query head kv_head * group + r // Sq
@@ -142,7 +144,7 @@ def attention_decode_split_kernel(
     accumulator = tl.zeros((BLOCK_M, BLOCK_DV), tl.float32)
     row_hash = rows.to(tl.uint32)
     if HAS_DROPOUT:
-        row_hash = dropout_row_hash(DropoutSeed, batch, heads, rows)
+        row_hash = dropout_row_hash(DropoutSeed, batch, heads, rows + query_start)
     lo, hi = key_range(
         len_q * 0,
         len_q - 1,
@@ -164,7 +166,7 @@ def attention_decode_split_kernel(
     for start_n in range(lo, hi, BLOCK_N):
         accumulator, row_max, row_sum = attend_tile(
             q, accumulator, row_max, row_sum, start_n, k_base, v_base, stride_ks, stride_vs, paging, rows, heads,
-            row_valid, row_hash, batch, len_k, key_limit, position_offset, rule, dropout_threshold, offs_d, offs_dv,
+            row_valid, row_hash, batch, len_k, key_limit, position_offset, rule, (dropout_threshold, key_start), offs_d, offs_dv,
             d_valid, dv_valid, CAUSAL, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, MASK_KIND, HAS_ALIBI, HAS_SOFTCAP,
             HAS_DROPOUT, INPUT_PRECISION, True, False, IS_PAGED, PAGE_SIZE, BLOCK_N,
         )  # fmt: skip

@@ -138,6 +138,8 @@ def attention_forward_kernel(
     DropoutSeed,
     dropout_threshold,
     dropout_keep_scale,
+    query_start,
+    key_start,
     tune_bucket,
     HEAD_DIM: tl.constexpr,
     HEAD_DIM_V: tl.constexpr,
@@ -169,7 +171,7 @@ def attention_forward_kernel(
     kv_head = head // group
     q_start, k_start, len_q, len_k, key_limit, position_offset = sequence_bounds(
         batch, CuSeqlensQ, CuSeqlensK, KeyLengths, extent_q, extent_k, IS_VARLEN, HAS_KEY_LENGTHS, BOTTOM_RIGHT,
-        IS_PAGED, CacheLengths,
+        IS_PAGED, CacheLengths, query_start - key_start,
     )  # fmt: skip
     paging = (BlockTable + batch.to(tl.int64) * stride_table, stride_kblock, stride_vblock, last_block)
     first_row = block_m * BLOCK_M
@@ -205,7 +207,7 @@ def attention_forward_kernel(
     accumulator = tl.zeros((BLOCK_M, BLOCK_DV), tl.float32)
     row_hash = rows.to(tl.uint32)
     if HAS_DROPOUT:
-        row_hash = dropout_row_hash(DropoutSeed, batch, heads, rows)
+        row_hash = dropout_row_hash(DropoutSeed, batch, heads, rows + query_start)
 
     last_row = first_row + BLOCK_M - 1
     lo, hi = key_range(
@@ -242,7 +244,7 @@ def attention_forward_kernel(
         for start_n in range(segment_lo, segment_hi, BLOCK_N):
             accumulator, row_max, row_sum = attend_tile(
                 q, accumulator, row_max, row_sum, start_n, k_source, v_source, stride_ks, stride_vs, paging, rows,
-                heads, row_valid, row_hash, batch, len_k, key_limit, position_offset, rule, dropout_threshold, offs_d,
+                heads, row_valid, row_hash, batch, len_k, key_limit, position_offset, rule, (dropout_threshold, key_start), offs_d,
                 offs_dv, d_valid, dv_valid, CAUSAL, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, MASK_KIND, HAS_ALIBI,
                 HAS_SOFTCAP, HAS_DROPOUT, INPUT_PRECISION, segment != 1, USE_TMA, IS_PAGED, PAGE_SIZE, BLOCK_N,
             )  # fmt: skip

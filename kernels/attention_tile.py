@@ -32,7 +32,7 @@ def attend_tile(
     key_limit,
     position_offset,
     score_rule,
-    dropout_threshold,
+    dropout,
     offs_d,
     offs_dv,
     d_valid,
@@ -87,7 +87,7 @@ def attend_tile(
     correction = tl.math.exp2(row_max - safe_max)
     row_sum = row_sum * correction + tl.sum(probabilities, 1)
     if HAS_DROPOUT:
-        probabilities = tl.where(dropout_keep(row_hash[:, None], keys[None, :], dropout_threshold), probabilities, 0.0)
+        probabilities = tl.where(dropout_keep(row_hash[:, None], keys[None, :], dropout), probabilities, 0.0)
     if USE_TMA:
         v_tile = v_source.load([start_n, 0])
     else:

@@ -56,10 +56,12 @@ def dropout_row_hash(Seed, sequence, heads, rows):
 
 
 @triton.jit
-def dropout_keep(row_hash, keys, threshold):
+def dropout_keep(row_hash, keys, dropout):
     """Bool tile: True where the probability is kept (hash >= floor(p * 2**32)). row_hash and
-    keys broadcast against each other: (BLOCK_M, 1) and (1, BLOCK_N), or transposed."""
-    return mix32(row_hash ^ keys.to(tl.uint32)) >= threshold.to(tl.uint32)
+    keys broadcast against each other: (BLOCK_M, 1) and (1, BLOCK_N), or transposed.
+    dropout is (threshold, key_start): keys are hashed by their global index."""
+    threshold, key_start = dropout
+    return mix32(row_hash ^ (keys + key_start).to(tl.uint32)) >= threshold.to(tl.uint32)
 
 
 # ---- score rules -------------------------------------------------------------------------
@@ -229,6 +231,7 @@ def sequence_bounds(
     BOTTOM_RIGHT: tl.constexpr,
     IS_PAGED: tl.constexpr = False,
     CacheLengths=None,
+    block_shift=0,
 ):
     """(q_start, k_start, len_q, len_k, key_limit, position_offset) of one sequence.
 
@@ -237,7 +240,7 @@ def sequence_bounds(
     queries) has CacheLengths[batch] keys, clamped into extent_k (the block table's room),
     and k_start 0 (paged_rows finds the rows). key_limit is the number of keys not cut by
     key_lengths; position_offset is the key position of query row 0 (Sk - Sq bottom-right,
-    0 top-left).
+    0 top-left), plus block_shift = query_start - key_start for a block of a longer sequence.
     """
     if IS_PAGED:
         q_start, len_q = packed_span(CuSeqlensQ, batch, extent_q)
@@ -256,9 +259,9 @@ def sequence_bounds(
     if HAS_KEY_LENGTHS:
         key_limit = tl.minimum(key_limit, tl.maximum(tl.load(KeyLengths + batch), 0))
     if BOTTOM_RIGHT:
-        position_offset = len_k - len_q
+        position_offset = len_k - len_q + block_shift
     else:
-        position_offset = len_k * 0
+        position_offset = len_k * 0 + block_shift
     return q_start, k_start, len_q, len_k, key_limit, position_offset
 
 
@@ -541,6 +544,9 @@ def feature_arguments(call: AttentionCall) -> dict[str, Any]:
         DropoutSeed=dropout_seed_tensor(call.dropout_seed, placeholder) if dropout else placeholder,
         dropout_threshold=min(semantics.dropout_threshold(call.dropout_p), 0xFFFFFFFF) if dropout else 0,
         dropout_keep_scale=semantics.dropout_keep_scale(call.dropout_p) if dropout else 1.0,
+        # A block of a longer sequence (validation keeps both in [0, 2**29]: int32-safe).
+        query_start=call.query_start,
+        key_start=call.key_start,
         CAUSAL=call.causal,
         BOTTOM_RIGHT=call.causal_alignment == "bottom_right",
         HAS_WINDOW_LEFT=call.window_left is not None,

@@ -74,12 +74,14 @@ def test_sdpa_replaces_torch_by_assignment(monkeypatch):
     torch.testing.assert_close(F.scaled_dot_product_attention(q, k, v, is_causal=True), expected)
 
 
-def test_sdpa_fully_masked_row_gives_zero_where_torch_gives_nan():
+def test_sdpa_fully_masked_row_gives_zero_as_torch_does():
+    # docs/semantics.md: 0, never NaN; torch 2.13's SDPA (either CPU kernel) agrees.
     q, k, v = torch.randn(1, 1, 2, 4), torch.randn(1, 1, 3, 4), torch.randn(1, 1, 3, 4)
     mask = torch.tensor([[True, True, False], [False, False, False]])
     out = fusedattn.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     assert torch.equal(out[0, 0, 1], torch.zeros(4))
-    torch.testing.assert_close(out[0, 0, 0], _math_sdpa(q, k, v, attn_mask=mask)[0, 0, 0])
+    torch.testing.assert_close(out, _math_sdpa(q, k, v, attn_mask=mask))
+    torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v, attn_mask=mask))
 
 
 # ---- layouts and edge cases ---------------------------------------------------------------
@@ -232,8 +234,10 @@ def test_sdpa_three_dim_mask_shape_refused_under_compile():
     mask = torch.ones(2, 5, 7, dtype=torch.bool)
     for function in (fusedattn.scaled_dot_product_attention,
                      torch.compile(fusedattn.scaled_dot_product_attention, backend="eager")):  # fmt: skip
-        with pytest.raises(ValueError, match=r"attn_mask: expected at most 3 dims broadcastable to \(2, 5, 6\)"):
+        # A ValueError, and the RuntimeError torch raises (fusedattn.errors.RuntimeValueError).
+        with pytest.raises(ValueError, match=r"attn_mask: expected a shape broadcastable to \(2, 5, 6\)") as raised:
             function(q, k, v, attn_mask=mask)
+        assert isinstance(raised.value, RuntimeError)
     compiled = torch.compile(fusedattn.scaled_dot_product_attention, backend="eager", fullgraph=True)
     with pytest.raises(Exception) as raised:
         compiled(q, k, v, attn_mask=mask)

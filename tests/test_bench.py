@@ -140,7 +140,7 @@ def test_grid_expansion_and_presets():
             preset = bench_cases.preset_cases(name, device)
             assert preset and len({c.case_id for c in preset}) == len(preset)
     quick = bench_cases.preset_cases("quick", "cpu")
-    assert {c.mode for c in quick} == {"fwd", "bwd", "fwd_bwd"}
+    assert {c.mode for c in quick} == {"fwd", "fwd_bwd"}
     assert any(c.seqlen_q < c.seqlen_k for c in quick) and any(c.varlen_seqlens for c in quick)
     with pytest.raises(ValueError, match="unknown key"):
         bench_cases.expand_grid(dict(seqlenq=5))

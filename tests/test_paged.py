@@ -207,7 +207,11 @@ def test_bad_block_tables_are_refused(bad: str, compiled: bool) -> None:
         (lambda a: {**a, "block_table": a["block_table"].float()}, TypeError, "block_table: expected dtype"),
         (lambda a: {**a, "block_table": a["block_table"][0]}, ValueError, "block_table: expected shape"),
         (lambda a: {**a, "value_cache": a["value_cache"][:, :8]}, ValueError, "value_cache: expected"),
-        (lambda a: {**a, "key_cache": a["key_cache"].half()}, TypeError, "key_cache: expected the dtype of q"),
+        (
+            lambda a: {**a, "key_cache": a["key_cache"].half()},
+            TypeError,
+            "key_cache, value_cache: expected the dtype of q",
+        ),
         (lambda a: {**a, "key_cache": a["key_cache"][0]}, ValueError, "key_cache: expected a 4-D tensor"),
         (lambda a: {**a, "q": a["q"][None]}, ValueError, "q: expected a 3-D tensor"),
     ],

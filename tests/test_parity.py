@@ -171,7 +171,7 @@ def test_reference_passes_the_default_grid():
     assert result.passed and result.exit_code == 0, [(o.case.id, o.reason) for o in result.failures]
     assert len(result.checked) == parity.DEFAULT_CASES
     for outcome in result.checked:
-        if outcome.case.layout == "paged":  # paged calls are inference: checked forward only
+        if outcome.case.layout == "paged" or outcome.case.kv_quantized:  # inference: checked forward only
             assert [c.name for c in outcome.checks] == ["out", "lse"]
             continue
         learned = ["dsinks"] if outcome.case.sinks else []  # a learned option's gradient is checked too
@@ -206,7 +206,8 @@ def test_oracle_on_another_device_passes():
 def test_perturbed_output_fails(wrong_backends):
     result = parity.run(cases=8, device="cpu", backends="parity_test_perturbed", dtypes="fp32")
     assert result.exit_code == 1
-    assert len(result.failures) == 8
+    # Every case the backend takes fails (it refuses head dims over 256, which the grid draws now and then).
+    assert len(result.failures) == len(result.checked) >= 6
     for outcome in result.failures:
         failed = {c.name for c in outcome.checks if not c.passed}
         assert failed == {"out"}, (outcome.case.id, outcome.reason)

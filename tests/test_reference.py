@@ -43,8 +43,9 @@ def _kept(seed: int, p: float, b: int, h: int, i: int, j: int) -> bool:
 
 def loop_attention(q, k, v, *, causal=False, alignment="bottom_right", scale=None, mask=None,
                    key_lengths=None, window=(None, None), alibi=None, softcap=None,
-                   dropout_p=0.0, seed=0, batch_index=None, sinks=None):  # fmt: skip
-    """Attention per docs/semantics.md, one query row at a time, in float64."""
+                   dropout_p=0.0, seed=0, batch_index=None, sinks=None, query_start=0, key_start=0):  # fmt: skip
+    """Attention per docs/semantics.md, one query row at a time, in float64. query_start /
+    key_start place the call in a longer sequence: global rows and keys throughout."""
     B, Hq, Sq, D = q.shape
     Hkv, Sk, Dv = k.shape[1], k.shape[2], v.shape[3]
     scale = 1 / math.sqrt(D) if scale is None else scale
@@ -55,22 +56,24 @@ def loop_attention(q, k, v, *, causal=False, alignment="bottom_right", scale=Non
         for h in range(Hq):
             kv = h // (Hq // Hkv)
             for i in range(Sq):
-                position = i + (Sk - Sq if alignment == "bottom_right" else 0)
+                # Global position of the row and global index of each key.
+                position = i + (Sk - Sq if alignment == "bottom_right" else 0) + query_start
                 scores = []
-                for j in range(Sk):
-                    s = float(q[b, h, i].double() @ k[b, kv, j].double()) * scale
+                for j_local in range(Sk):
+                    j = j_local + key_start
+                    s = float(q[b, h, i].double() @ k[b, kv, j_local].double()) * scale
                     if softcap:
                         s = softcap * math.tanh(s / softcap)
                     if alibi is not None:
                         slope = float(alibi[h] if alibi.dim() == 1 else alibi[b, h])
                         s += -slope * abs(position - j)
                     if mask is not None and mask.dtype != torch.bool:
-                        s += float(mask[b, h, i, j])
+                        s += float(mask[b, h, i, j_local])
                     visible = True
                     if mask is not None and mask.dtype == torch.bool:
-                        visible &= bool(mask[b, h, i, j])
+                        visible &= bool(mask[b, h, i, j_local])
                     if key_lengths is not None:
-                        visible &= j < int(key_lengths[b])
+                        visible &= j_local < int(key_lengths[b])
                     if causal:
                         visible &= j <= position
                     if left is not None:
@@ -91,7 +94,8 @@ def loop_attention(q, k, v, *, causal=False, alignment="bottom_right", scale=Non
                 for j in range(Sk):
                     p = weights[j] / total
                     if dropout_p > 0:
-                        p = p / (1 - dropout_p) if _kept(seed, dropout_p, row_batch, h, i, j) else 0.0
+                        kept = _kept(seed, dropout_p, row_batch, h, i + query_start, j + key_start)
+                        p = p / (1 - dropout_p) if kept else 0.0
                     out[b, h, i] += p * v[b, kv, j].double()
     return out, lse
 
@@ -133,6 +137,7 @@ def _materialize(name, q, k):
         loop["key_lengths"] = api["key_lengths"]
     if api.get("sinks") is not None:
         loop["sinks"] = api["sinks"]
+    loop["query_start"], loop["key_start"] = api.get("query_start", 0), api.get("key_start", 0)
     return api, loop
 
 

@@ -88,6 +88,12 @@ ElementType element_type_of(const at::Tensor& tensor) {
   }
 }
 
+KeyValueType key_value_type_of(const at::Tensor& k) {
+  if (k.scalar_type() == at::kChar) return KeyValueType::int8;
+  if (k.scalar_type() == at::kFloat8_e4m3fn) return KeyValueType::float8_e4m3;
+  return KeyValueType::like_queries;
+}
+
 // q/k/v/out-like tensors: dense (B, H, S, D) or packed (T, H, D).
 TensorView token_view(const at::Tensor& tensor) {
   TensorView view;
@@ -173,6 +179,38 @@ void check_offsets(const char* name, const at::Tensor& offsets, int64_t total, c
                     max_seqlen);
 }
 
+// The scales of an 8-bit K or V: float32, shaped like the cache without its feature dim
+// (dense (B, H, S), packed (T, H), paged (num_blocks, block_size, H)); any strides (the
+// Python side passes expanded views). A view with null data when absent (scale 1).
+TensorView descale_view(const char* name, const std::optional<at::Tensor>& descale, const at::Tensor& cache,
+                        bool paged) {
+  TensorView view;
+  if (!descale.has_value()) return view;
+  TORCH_CHECK_VALUE(key_value_type_of(cache) != KeyValueType::like_queries, name,
+                    ": expected None for a cache of dtype ", cache.scalar_type());
+  const at::Tensor& scales = *descale;
+  TORCH_CHECK_VALUE(scales.device().is_cpu(), name, ": expected a CPU tensor, got one on ", scales.device());
+  TORCH_CHECK_TYPE(scales.scalar_type() == at::kFloat, name, ": expected float32, got ", scales.scalar_type());
+  TORCH_CHECK_VALUE(scales.sizes() == cache.sizes().slice(0, cache.dim() - 1), name, ": expected shape ",
+                    cache.sizes().slice(0, cache.dim() - 1), " (that of the cache without its head dim), got ",
+                    shape_of(scales));
+  view.data = scales.data_ptr();
+  view.stride_feature = 0;
+  if (paged) {
+    view.stride_batch = scales.stride(0);
+    view.stride_position = scales.stride(1);
+    view.stride_head = scales.stride(2);
+  } else if (scales.dim() == 3) {
+    view.stride_batch = scales.stride(0);
+    view.stride_head = scales.stride(1);
+    view.stride_position = scales.stride(2);
+  } else {
+    view.stride_position = scales.stride(0);
+    view.stride_head = scales.stride(1);
+  }
+  return view;
+}
+
 // A paged cache (num_blocks, block_size, H, D): blocks on stride_batch, rows on stride_position.
 TensorView block_view(const at::Tensor& cache) {
   TensorView view;
@@ -221,9 +259,12 @@ AttentionProblem describe(const at::Tensor& q, const at::Tensor& k, const at::Te
     TORCH_CHECK_VALUE(tensor->device().is_cpu(), name, ": expected a CPU tensor, got one on ", tensor->device());
   AttentionProblem problem;
   problem.element_type = element_type_of(q);
-  TORCH_CHECK_TYPE(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(),
-                   "k, v: expected the dtype of q (", q.scalar_type(), "), got k ", k.scalar_type(), " and v ",
-                   v.scalar_type());
+  problem.kv_type = key_value_type_of(k);
+  TORCH_CHECK_TYPE((problem.kv_type == KeyValueType::like_queries ? k.scalar_type() == q.scalar_type()
+                                                                   : true) &&
+                       v.scalar_type() == k.scalar_type(),
+                   "k, v: expected the dtype of q (", q.scalar_type(), ") or both 8-bit, got k ", k.scalar_type(),
+                   " and v ", v.scalar_type());
   const bool varlen = cu_seqlens_q.has_value();
   const bool paged = block_table.has_value();
   TORCH_CHECK_VALUE(paged == cache_lengths.has_value(), "cache_lengths: expected together with block_table");
@@ -257,6 +298,8 @@ AttentionProblem describe(const at::Tensor& q, const at::Tensor& k, const at::Te
   problem.q = token_view(q);
   problem.k = paged ? block_view(k) : token_view(k);
   problem.v = paged ? block_view(v) : token_view(v);
+  problem.k_descale = descale_view("k_descale", k_descale, k, paged);
+  problem.v_descale = descale_view("v_descale", v_descale, v, paged);
   problem.head_dim = head_dim;
   problem.head_dim_v = v.size(-1);
   problem.heads_q = heads_q;
@@ -340,6 +383,15 @@ AttentionProblem describe(const at::Tensor& q, const at::Tensor& k, const at::Te
                     ")");
   problem.window_left = window_left;
   problem.window_right = window_right;
+  // Validation keeps the starts in [0, 2**29] (validation.LATEST_SEQUENCE_START).
+  TORCH_CHECK_VALUE(query_start >= 0 && key_start >= 0 && query_start <= (int64_t(1) << 29) &&
+                        key_start <= (int64_t(1) << 29),
+                    "query_start, key_start: expected values in [0, 2**29], got ", query_start, " and ", key_start);
+  TORCH_CHECK_VALUE(!varlen || (query_start == 0 && key_start == 0),
+                    "query_start, key_start: expected 0 for varlen and paged calls, got ", query_start, " and ",
+                    key_start);
+  problem.query_start = query_start;
+  problem.key_start = key_start;
   problem.softcap = static_cast<float>(softcap);
   TORCH_CHECK_VALUE(dropout_threshold >= 0 && dropout_threshold <= (int64_t(1) << 32),
                     "dropout_threshold: expected a value in [0, 2**32], got ", dropout_threshold);
@@ -386,6 +438,8 @@ void cpu_backward(const at::Tensor& grad_out, const at::Tensor& q, const at::Ten
                   at::Tensor& grad_v FUSEDATTN_OPTION_PARAMETERS) {
   FUSEDATTN_COLLECT_OPTIONS();
   TORCH_CHECK_VALUE(!block_table.has_value(), "block_table: the CPU backward does not read paged KV caches");
+  TORCH_CHECK_VALUE(key_value_type_of(k) == KeyValueType::like_queries,
+                    "k, v: the CPU backward does not read 8-bit caches (inference only)");
   AttentionProblem problem = describe(q, k, v, options);
   check_like("grad_out", grad_out, q, v.size(-1));
   check_like("out", out, q, v.size(-1));

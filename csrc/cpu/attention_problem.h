@@ -12,6 +12,8 @@
 namespace fusedattn::cpu {
 
 enum class ElementType : int32_t { float32 = 0, bfloat16 = 1, float16 = 2 };
+// How K and V are stored: like q, or 8 bits with a float32 scale per row (k_descale).
+enum class KeyValueType : int32_t { like_queries = 0, int8 = 1, float8_e4m3 = 2 };
 
 // A tensor read as [sequence, head, position, feature] through element strides.
 // Dense tensors (B, H, S, D) use all four strides. Packed varlen tensors (T, H, D) use
@@ -65,6 +67,15 @@ struct AttentionProblem {
   bool bottom_right = true;
   int64_t window_left = -1;  // -1: unbounded
   int64_t window_right = -1;
+  // Global index of query row 0 and key 0 (a block of a longer sequence, dense calls):
+  // positions and the dropout hash use query_start + i and key_start + j.
+  int64_t query_start = 0;
+  int64_t key_start = 0;
+  // 8-bit K / V: values times these scales, one per row of K / V, read through views shaped
+  // like K's and V's without the feature dim (data null: scale 1).
+  KeyValueType kv_type = KeyValueType::like_queries;
+  TensorView k_descale;
+  TensorView v_descale;
   float softcap = 0.0f;  // 0: off
 
   uint64_t dropout_threshold = 0;  // drop when hash < threshold; 0: no dropout

@@ -185,6 +185,11 @@ inline AttentionParams make_params(const at::Tensor& q, const at::Tensor& k, con
                 side);
   p.window_left = static_cast<int>(options.window_left);
   p.window_right = static_cast<int>(options.window_right);
+  // The CUDA kernels compute whole sequences (the backend does not declare sequence_block).
+  TORCH_CHECK_VALUE(options.query_start == 0 && options.key_start == 0,
+                    "fusedattn cuda: query_start, key_start: expected 0 (blocks of a longer sequence are not "
+                    "supported by this backend), got ",
+                    options.query_start, " and ", options.key_start);
   p.softcap = static_cast<float>(options.softcap);
   if (options.alibi_slopes.has_value()) {
     const at::Tensor slopes = options.alibi_slopes->to(at::kFloat);

@@ -13,6 +13,7 @@ docs/semantics.md defines the function every backend computes.
 from .api import attention, attention_paged, attention_varlen, explain, scaled_dot_product_attention
 from .dispatch import UnsupportedCallError, availability, registry
 from .ops import ops_for
+from .quantization import append_quantized_kv, quantize_kv
 from .semantics import AttentionCall
 
 __version__ = "0.1.0"
@@ -51,11 +52,13 @@ def list_backends() -> list[str]:
 __all__ = [
     "AttentionCall",
     "UnsupportedCallError",
+    "append_quantized_kv",
     "attention",
     "attention_paged",
     "attention_varlen",
     "list_backends",
     "explain",
+    "quantize_kv",
     "scaled_dot_product_attention",
     "__version__",
 ]

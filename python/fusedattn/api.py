@@ -8,6 +8,7 @@ from .dispatch import AUTO, Explanation, explain_call, select_backend
 from .ops import run_forward
 from .semantics import AttentionCall
 from .validation import validate_attention, validate_paged, validate_varlen
+from .validation_dropin import sdpa_call
 
 
 def _run(call: AttentionCall, backend: str, return_lse: bool):
@@ -33,6 +34,10 @@ def attention(
     softcap: float | None = None,
     dropout_p: float = 0.0,
     dropout_seed: int | None = None,
+    query_start: int = 0,
+    key_start: int = 0,
+    k_descale: torch.Tensor | None = None,
+    v_descale: torch.Tensor | None = None,
     return_lse: bool = False,
     backend: str = AUTO,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
@@ -58,6 +63,13 @@ def attention(
         dropout_p: probability of dropping an attention probability.
         dropout_seed: seed of the counter-based dropout mask; drawn from torch's
             generator when None.
+        query_start, key_start: global index of query row 0 and of key 0 when the call is
+            a block of a longer sequence (context parallelism): query i sits at position
+            query_start + i (+ Sk - Sq bottom-right), key j at key_start + j, for causal,
+            windows and ALiBi, and dropout hashes the global indices.
+        k_descale, v_descale: with k and v float8_e4m3fn or int8 (a quantized cache), float
+            scales broadcastable to (B, Hkv, Sk): the key is k.float() * k_descale[..., None]
+            (None: 1). See fusedattn.quantize_kv.
         return_lse: also return the log-sum-exp of the scores, (B, Hq, Sq) float32.
         backend: "auto", or a backend name (see fusedattn.explain / fusedattn info).
 
@@ -79,6 +91,10 @@ def attention(
         softcap=softcap,
         dropout_p=dropout_p,
         dropout_seed=dropout_seed,
+        query_start=query_start,
+        key_start=key_start,
+        k_descale=k_descale,
+        v_descale=v_descale,
     )
     return _run(call, backend, return_lse)
 
@@ -101,6 +117,8 @@ def attention_varlen(
     softcap: float | None = None,
     dropout_p: float = 0.0,
     dropout_seed: int | None = None,
+    k_descale: torch.Tensor | None = None,
+    v_descale: torch.Tensor | None = None,
     return_lse: bool = False,
     backend: str = AUTO,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
@@ -112,7 +130,8 @@ def attention_varlen(
         cu_seqlens_q, cu_seqlens_k: (N + 1,) int offsets; sequence i is
             q[cu_seqlens_q[i]:cu_seqlens_q[i + 1]] against k[cu_seqlens_k[i]:cu_seqlens_k[i + 1]].
         max_seqlen_q, max_seqlen_k: at least the longest query / key sequence.
-        Other options as in :func:`attention`; alibi_slopes may be (Hq,) or (N, Hq).
+        Other options as in :func:`attention`; alibi_slopes may be (Hq,) or (N, Hq);
+        k_descale / v_descale broadcastable to (Tk, Hkv).
 
     Returns:
         out (Tq, Hq, Dv), or (out, lse) with lse (Hq, Tq) float32.
@@ -134,6 +153,8 @@ def attention_varlen(
         softcap=softcap,
         dropout_p=dropout_p,
         dropout_seed=dropout_seed,
+        k_descale=k_descale,
+        v_descale=v_descale,
     )
     return _run(call, backend, return_lse)
 
@@ -154,6 +175,8 @@ def attention_paged(
     alibi_slopes: torch.Tensor | None = None,
     sinks: torch.Tensor | None = None,
     softcap: float | None = None,
+    k_descale: torch.Tensor | None = None,
+    v_descale: torch.Tensor | None = None,
     return_lse: bool = False,
     backend: str = AUTO,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
@@ -176,7 +199,8 @@ def attention_paged(
         cu_seqlens_q: (N + 1,) int offsets of each sequence's queries in q.
         max_seqlen_q: at least the longest query sequence.
         Other options as in :func:`attention`; alibi_slopes may be (Hq,) or (N, Hq). Causal
-        alignment and ALiBi positions use each sequence's own key count.
+        alignment and ALiBi positions use each sequence's own key count. 8-bit caches take
+        k_descale / v_descale broadcastable to (num_blocks, block_size, Hkv).
 
     Returns:
         out (Tq, Hq, Dv), or (out, lse) with lse (Hq, Tq) float32.
@@ -196,6 +220,8 @@ def attention_paged(
         alibi_slopes=alibi_slopes,
         sinks=sinks,
         softcap=softcap,
+        k_descale=k_descale,
+        v_descale=v_descale,
     )
     return _run(call, backend, return_lse)
 
@@ -212,48 +238,19 @@ def scaled_dot_product_attention(
 ) -> torch.Tensor:
     """torch.nn.functional.scaled_dot_product_attention's signature and semantics.
 
-    query (N, ..., L, E), key (N, ..., S, E), value (N, ..., S, Ev) with 3-D or 4-D
-    inputs; attn_mask bool (True = attend) or additive, broadcastable to (N, ..., L, S);
-    is_causal aligned top-left. One deliberate difference: a fully masked row gives 0,
-    not NaN. Dropout draws its seed from torch's generator.
+    query (..., L, E), key (..., S, E), value (..., S, Ev), any number of batch dims,
+    broadcast as torch broadcasts them; attn_mask bool (True = attend), additive (float32
+    or query's dtype) or a torch.nn.attention.bias.CausalBias (run as the causal alignment
+    it names, never materialized), broadcastable to (..., L, S); is_causal aligned
+    top-left, also together with a mask. Inputs torch refuses are refused with torch's
+    exception class (fusedattn.errors). Dropout draws its seed from torch's generator;
+    docs/swap-in.md lists what still differs from torch.
     """
-    if not isinstance(query, torch.Tensor) or query.dim() not in (3, 4):
-        shape = tuple(query.shape) if isinstance(query, torch.Tensor) else type(query).__name__
-        raise ValueError(f"query: expected a 3-D (N, L, E) or 4-D (N, H, L, E) tensor, got {shape}")
-    if is_causal and attn_mask is not None:
-        raise ValueError("attn_mask: expected None when is_causal=True (torch SDPA rejects both), got a mask")
-    three_d = query.dim() == 3
-    if three_d:
-        for name, tensor in (("key", key), ("value", value)):
-            if not isinstance(tensor, torch.Tensor) or tensor.dim() != 3:
-                raise ValueError(f"{name}: expected a 3-D tensor like query, got {getattr(tensor, 'shape', tensor)}")
-        if isinstance(attn_mask, torch.Tensor):
-            # A head dimension for the mask; validation checks the broadcast (an expand in a
-            # try block here would not survive torch.compile's tracing).
-            target = (query.shape[0], query.shape[1], key.shape[1])
-            padded = (1,) * (3 - attn_mask.dim()) + tuple(attn_mask.shape)
-            if attn_mask.dim() > 3 or any(have not in (1, want) for have, want in zip(padded, target)):
-                raise ValueError(
-                    f"attn_mask: expected at most 3 dims broadcastable to {target}, got {tuple(attn_mask.shape)}"
-                )
-            if attn_mask.dim() == 3:
-                attn_mask = attn_mask[:, None]
-        query, key, value = query[:, None], key[:, None], value[:, None]
-    if not enable_gqa and isinstance(key, torch.Tensor) and key.dim() == 4 and query.shape[1] != key.shape[1]:
-        raise ValueError(
-            f"key: expected {query.shape[1]} heads (those of query) unless enable_gqa=True, got {key.shape[1]}"
-        )
-    out = attention(
-        query,
-        key,
-        value,
-        causal=is_causal,
-        causal_alignment="top_left",
-        scale=scale,
-        attn_mask=attn_mask,
-        dropout_p=dropout_p,
-    )
-    return out[:, 0] if three_d else out
+    planned = sdpa_call(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+    if isinstance(planned, torch.Tensor):  # empty problems, head dims past the kernels'
+        return planned
+    (q, k, v), options, out_shape = planned
+    return attention(q, k, v, **options).reshape(out_shape).to(query.dtype)
 
 
 def explain(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kwargs) -> Explanation:

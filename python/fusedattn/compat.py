@@ -11,15 +11,19 @@ unbounded); softcap=0.0 is off; alibi_slopes (heads,) or (batch, heads) add
 Every call goes through :func:`fusedattn.attention` / :func:`fusedattn.attention_varlen`,
 which check the arguments and pick the backend.
 
-Differences, by design: the kernels run on any device and dtype fusedattn supports
-(float32 and CPU included); ``deterministic`` is accepted and has no effect (fusedattn's
-backward passes do not depend on it); the probabilities returned with
-``return_attn_probs=True`` are exact, shaped (batch, heads, Sq, Sk) without FlashAttention's
-rounding of the sizes, with dropped entries negated as FlashAttention encodes them; rotary
-embeddings in :func:`flash_attn_with_kvcache` are not implemented.
+Arguments are taken in every form flash-attn's op converts (numpy integers, 0-d tensors,
+window_size as a 1-D tensor of two); bad block tables and cache lengths raise
+fusedattn.errors.CacheMetadataError, a RuntimeError as in flash-attn. Differences, by
+design, each with its reason, are listed in docs/swap-in.md: among them, the probabilities
+returned with ``return_attn_probs=True`` are exact and normalized, shaped (batch, heads, Sq,
+Sk), with dropped entries negated as FlashAttention encodes them; ``deterministic`` and
+``num_splits`` have no effect; rotary embeddings in :func:`flash_attn_with_kvcache` are not
+implemented; the kernels run on any device and dtype fusedattn supports (CPU included).
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 
@@ -27,13 +31,8 @@ from . import semantics
 from .api import attention, attention_paged, attention_varlen
 from .dispatch import select_backend
 from .nn.weights import attention_probabilities
-from .validation import (
-    check_kv_cache_tensors,
-    kv_cache_indices,
-    paged_sequence_lengths,
-    poison_if_invalid,
-    validate_attention,
-)
+from .validation import integer_argument, integer_pair, number_argument, poison_if_invalid, validate_attention
+from .validation_kvcache import check_kv_cache_tensors, kv_cache_indices, paged_sequence_lengths
 
 __all__ = [
     "flash_attn_func",
@@ -45,22 +44,20 @@ __all__ = [
     "flash_attn_with_kvcache",
 ]
 
-WindowSize = tuple[int, int]
+WindowSize = Sequence[int] | torch.Tensor
+"""(left, right): a tuple or list of ints, or a 1-D integer tensor or numpy array of two."""
 FlashOutput = torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 """out, or (out, lse, probabilities) with return_attn_probs=True."""
 
 
 # ---- convention translation ---------------------------------------------------------
 def _window(window_size: WindowSize) -> tuple[int | None, int | None] | None:
-    """FlashAttention's (left, right) with -1 = unbounded -> fusedattn's (left, right) with None."""
-    if (
-        not isinstance(window_size, (tuple, list))
-        or len(window_size) != 2
-        or any(isinstance(side, bool) or not isinstance(side, int) for side in window_size)
-    ):
-        shown = window_size if isinstance(window_size, (tuple, list, int, str, type(None))) else type(window_size)
-        raise TypeError(f"window_size: expected a pair (left, right) of ints, -1 for unbounded, got {shown!r}")
-    left, right = window_size
+    """FlashAttention's (left, right) with -1 = unbounded -> fusedattn's (left, right) with None.
+
+    Sides are taken as flash-attn's op takes them (numpy integers, 0-d tensors: its tests pass
+    torch.randint(0, s, (2,))); a tensor's values are read on the host.
+    """
+    left, right = integer_pair("window_size", window_size)
     if left < 0 and right < 0:
         return None
     return (None if left < 0 else left, None if right < 0 else right)
@@ -76,14 +73,15 @@ def _options(
     learnable_sink: torch.Tensor | None = None,
 ) -> dict:
     """FlashAttention's options as fusedattn.attention keyword arguments (flash-attn 4's
-    learnable_sink is fusedattn's sinks)."""
+    learnable_sink is fusedattn's sinks). Numbers are taken in every form flash-attn's op
+    converts (numpy scalars, 0-d tensors), as Python numbers; fusedattn then checks values."""
     options = dict(
         causal=causal,
-        scale=softmax_scale,
+        scale=None if softmax_scale is None else number_argument("softmax_scale", softmax_scale),
         window=_window(window_size),
         alibi_slopes=alibi_slopes,
-        softcap=softcap,
-        dropout_p=dropout_p,
+        softcap=number_argument("softcap", softcap),
+        dropout_p=number_argument("dropout_p", dropout_p),
     )
     if learnable_sink is not None:
         options["sinks"] = learnable_sink
@@ -93,8 +91,8 @@ def _options(
 def _drawn_seed(dropout_p: float) -> int | None:
     # The probabilities returned with return_attn_probs must show the kernel's dropout
     # pattern, so the seed is drawn here (from torch's generator, as fusedattn would).
-    # A dropout_p that is not a number gets no seed: validation refuses it, naming it.
-    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) or not dropout_p > 0.0:
+    # dropout_p is _options' float: one out of [0, 1] gets no seed, validation refuses it.
+    if not 0.0 < dropout_p <= 1.0:
         return None
     return int(torch.randint(0, 2**62, (), dtype=torch.int64).item())
 
@@ -127,7 +125,7 @@ def _dense(
     options = _options(dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, learnable_sink)
     if not return_attn_probs:
         return attention(q, k, v, **options).transpose(1, 2).contiguous()
-    options["dropout_seed"] = _drawn_seed(dropout_p)
+    options["dropout_seed"] = _drawn_seed(options["dropout_p"])
     out, lse = attention(q, k, v, return_lse=True, **options)
     return out.transpose(1, 2).contiguous(), lse, _flash_probabilities(q, k, v, options)
 
@@ -323,6 +321,8 @@ def flash_attn_varlen_func(
     del deterministic
     invalid = None
     options = _options(dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, learnable_sink)
+    max_seqlen_q = integer_argument("max_seqlen_q", max_seqlen_q)
+    max_seqlen_k = integer_argument("max_seqlen_k", max_seqlen_k)
     if block_table is not None:
         lengths, table, invalid = paged_sequence_lengths(cu_seqlens_q, cu_seqlens_k, block_table, k, q)
         if not return_attn_probs:
@@ -343,7 +343,7 @@ def flash_attn_varlen_func(
     if not return_attn_probs:
         out = attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, **options)
         return poison_if_invalid(invalid, out)[0]
-    options["dropout_seed"] = _drawn_seed(dropout_p)
+    options["dropout_seed"] = _drawn_seed(options["dropout_p"])
     out, lse = attention_varlen(
         q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, return_lse=True, **options
     )
@@ -501,7 +501,8 @@ def flash_attn_with_kvcache(
     Returns:
         out (B, Sq, Hq, D), or (out, lse) with return_softmax_lse.
     """
-    del num_splits, rotary_interleaved  # a kernel-scheduling hint / a rotary option
+    integer_argument("num_splits", num_splits)  # a kernel-scheduling hint: checked, then unused
+    del num_splits, rotary_interleaved
     if rotary_cos is not None or rotary_sin is not None:
         raise NotImplementedError(
             "rotary_cos, rotary_sin: rotary embeddings are not implemented by fusedattn.compat; "

@@ -64,6 +64,8 @@ FEATURE_LABELS = {
     "value_head_dim": "Dv != D",
     "sinks": "attention sinks (gpt-oss)",
     "paged_kv": "paged KV cache (block table; forward)",
+    "sequence_block": "block of a longer sequence (query_start / key_start)",
+    "quantized_kv": "8-bit K/V (float8_e4m3fn, int8; forward)",
     "backward": "backward",
 }
 # Rows for the option tensors a backend differentiates (semantics.DIFFERENTIABLE_OPTIONS).

@@ -43,8 +43,13 @@ FEATURES: tuple[str, ...] = (
     "value_head_dim",  # Dv != D
     "sinks",  # a learned logit per query head in every row's softmax denominator
     "paged_kv",  # keys and values read in place from a paged cache through a block table
+    "sequence_block",  # query_start / key_start: a block of a longer sequence (context parallelism)
+    "quantized_kv",  # 8-bit K and V (float8_e4m3fn or int8) with k_descale / v_descale
     "backward",
 )
+
+# K / V dtypes read as 8-bit values times a float32 scale (k_descale / v_descale).
+QUANTIZED_KV_DTYPES: tuple[torch.dtype, ...] = (torch.float8_e4m3fn, torch.int8)
 
 # Option tensors the output is differentiable in (besides q, k, v): the mask and the ALiBi
 # slopes enter the scores additively, the sinks the softmax denominator. A backend lists
@@ -101,6 +106,14 @@ class AttentionCall:
     softcap: float | None = None
     dropout_p: float = 0.0
     dropout_seed: int | None = None
+    # Global index of query row 0 and key 0 when the call is a block of a longer sequence
+    # (dense calls only): positions and the dropout hash use global indices.
+    query_start: int = 0
+    key_start: int = 0
+    # 8-bit K / V (QUANTIZED_KV_DTYPES): float32 scales expanded (zero strides, no copy) to
+    # k.shape[:-1] / v.shape[:-1], or None for 1; the key is k.float() * k_descale[..., None].
+    k_descale: torch.Tensor | None = None
+    v_descale: torch.Tensor | None = None
     needs_grad: bool = False
     # True when the values of cu_seqlens / key_lengths were checked on the host. False
     # inside torch.compile traces and CUDA graph capture (see validation.metadata_guard).
@@ -209,6 +222,10 @@ class AttentionCall:
             used.add("dropout")
         if self.head_dim_v != self.head_dim:
             used.add("value_head_dim")
+        if self.query_start != 0 or self.key_start != 0:
+            used.add("sequence_block")
+        if self.k.dtype in QUANTIZED_KV_DTYPES:
+            used.add("quantized_kv")
         if self.needs_grad:
             used.add("backward")
         return frozenset(used)
@@ -233,9 +250,12 @@ def lse_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 # ---- positions ----------------------------------------------------------------------
-def query_offset(seqlen_q: int, seqlen_k: int, alignment: str) -> int:
-    """Key position of query row 0: Sk - Sq for bottom-right alignment, 0 for top-left."""
-    return seqlen_k - seqlen_q if alignment == "bottom_right" else 0
+def query_offset(seqlen_q: int, seqlen_k: int, alignment: str, query_start: int = 0, key_start: int = 0) -> int:
+    """Position of query row 0 counted from the call's key 0: Sk - Sq for bottom-right
+    alignment, 0 for top-left, plus query_start - key_start for a block of a longer
+    sequence (query row i is global row query_start + i, key j global key key_start + j)."""
+    alignment_shift = seqlen_k - seqlen_q if alignment == "bottom_right" else 0
+    return alignment_shift + query_start - key_start
 
 
 def visible_keys(
@@ -247,6 +267,8 @@ def visible_keys(
     window_left: int | None,
     window_right: int | None,
     device: torch.device | str = "cpu",
+    query_start: int = 0,
+    key_start: int = 0,
 ) -> torch.Tensor | None:
     """(Sq, Sk) bool, True where query i may see key j under causal and window rules.
 
@@ -256,7 +278,7 @@ def visible_keys(
     """
     if not causal and window_left is None and window_right is None:
         return None
-    offset = query_offset(seqlen_q, seqlen_k, alignment)
+    offset = query_offset(seqlen_q, seqlen_k, alignment, query_start, key_start)
     position = torch.arange(seqlen_q, device=device)[:, None] + offset
     key = torch.arange(seqlen_k, device=device)[None, :]
     allowed = torch.ones(seqlen_q, seqlen_k, dtype=torch.bool, device=device)
@@ -270,9 +292,11 @@ def visible_keys(
     return allowed
 
 
-def alibi_bias(slopes: torch.Tensor, seqlen_q: int, seqlen_k: int, alignment: str) -> torch.Tensor:
+def alibi_bias(
+    slopes: torch.Tensor, seqlen_q: int, seqlen_k: int, alignment: str, query_start: int = 0, key_start: int = 0
+) -> torch.Tensor:
     """ALiBi bias -slope * |p_i - j|: (..., Hq, Sq, Sk) for slopes (..., Hq)."""
-    offset = query_offset(seqlen_q, seqlen_k, alignment)
+    offset = query_offset(seqlen_q, seqlen_k, alignment, query_start, key_start)
     position = torch.arange(seqlen_q, device=slopes.device)[:, None] + offset
     key = torch.arange(seqlen_k, device=slopes.device)[None, :]
     distance = (position - key).abs().to(slopes.dtype)
@@ -387,14 +411,17 @@ def dropout_keep_mask(
     num_heads: int,
     seqlen_q: int,
     seqlen_k: int,
+    query_start: int = 0,
+    key_start: int = 0,
 ) -> torch.Tensor:
     """(len(sequence), Hq, Sq, Sk) bool, True where the probability is kept.
 
-    sequence holds the batch (or varlen sequence) index of each leading row.
+    sequence holds the batch (or varlen sequence) index of each leading row; rows and keys
+    are hashed by their global index (query_start + i, key_start + j).
     """
     device = sequence.device
     seq = sequence.to(torch.int64)[:, None, None, None]
     head = torch.arange(num_heads, device=device, dtype=torch.int64)[None, :, None, None]
-    row = torch.arange(seqlen_q, device=device, dtype=torch.int64)[None, None, :, None]
-    key = torch.arange(seqlen_k, device=device, dtype=torch.int64)[None, None, None, :]
+    row = torch.arange(seqlen_q, device=device, dtype=torch.int64)[None, None, :, None] + query_start
+    key = torch.arange(seqlen_k, device=device, dtype=torch.int64)[None, None, None, :] + key_start
     return dropout_hash(seed, seq, head, row, key) >= dropout_threshold(dropout_p)

@@ -25,8 +25,9 @@ import torch
 
 from .api import attention, attention_paged, attention_varlen
 from .backends.reference import reference_attention
+from .dispatch import registry
 from .outputs import poisoned_outputs
-from .semantics import AttentionCall
+from .semantics import QUANTIZED_KV_DTYPES, AttentionCall
 from .validation import validate_attention, validate_paged, validate_varlen
 
 ABSOLUTE_FLOOR = {
@@ -268,10 +269,12 @@ def check_backend(
     """Run backend on (q, k, v, **kwargs) and compare out, lse and (with grad) dq, dk, dv
     with the float64 reference. kwargs are those of fusedattn.attention, of
     attention_varlen when they include cu_seqlens_q, or of attention_paged (k, v the
-    caches; forward only) when they include block_table. Inputs must not require grad.
+    caches; forward only) when they include block_table. Inputs must not require grad;
+    8-bit K/V are checked forward only.
     """
     kwargs = dict(kwargs)
-    grad = grad and "block_table" not in kwargs
+    # Paged caches and 8-bit K/V are inference only (8-bit tensors cannot require grad).
+    grad = grad and "block_table" not in kwargs and k.dtype not in QUANTIZED_KV_DTYPES
     if kwargs.get("dropout_p", 0.0) > 0 and kwargs.get("dropout_seed") is None:
         kwargs["dropout_seed"] = 1234  # the oracle must draw the same mask
     dtype = q.dtype
@@ -420,11 +423,27 @@ FEATURE_CASES: dict[str, dict[str, Any]] = {
         "causal": True,
         "causal_alignment": "top_left",
     },
+    # A block of a longer sequence (context parallelism): global positions and dropout indices.
+    "sequence_block": {
+        "causal": True,
+        "window": (30, None),
+        "alibi_slopes": "per_head",
+        "dropout_p": 0.2,
+        "query_start": 50,
+        "key_start": 45,
+    },
 }
 
 # Features that come from the inputs' shapes, not from an option: the tests' inputs carry
 # them (GQA heads, Dv != D, packed sequences, paged caches (tests/test_paged.py), gradients).
-SHAPE_FEATURES = frozenset({"gqa", "value_head_dim", "varlen", "paged_kv", "backward"})
+SHAPE_FEATURES = frozenset({"gqa", "value_head_dim", "varlen", "paged_kv", "quantized_kv", "backward"})
+
+
+def undeclared_features(backend: str, q: torch.Tensor, k: torch.Tensor, options: dict[str, Any]) -> frozenset[str]:
+    """Features of a dense call with these options that the backend does not declare (the
+    shared feature cases skip them on that backend; the dispatcher refuses them)."""
+    call = validate_attention(q, k, k, **options)
+    return call.features() - registry()[backend].capabilities.features
 
 
 def feature_case(name: str, q: torch.Tensor, k: torch.Tensor) -> dict[str, Any]:

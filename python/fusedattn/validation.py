@@ -1,22 +1,31 @@
 """Every check on user input, in one place, before any kernel runs.
 
 Each failure raises TypeError (wrong type or dtype) or ValueError (wrong shape or value)
-with a message that names the argument, what was expected and what was given. Backends
-never re-check arguments: they receive an :class:`~fusedattn.semantics.AttentionCall`
-that is already valid.
+with a message that names the argument, what was expected and what was given; bad values
+of block tables and cache lengths raise CacheMetadataError, a ValueError that is also the
+RuntimeError flash-attn raises. Backends never re-check arguments: they receive an
+:class:`~fusedattn.semantics.AttentionCall` that is already valid. fusedattn.compat's
+KV-cache indices are checked in validation_kvcache.py, with the helpers defined here.
 """
 
 from __future__ import annotations
 
 import math
+import numbers
+import operator
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
-from .semantics import CAUSAL_ALIGNMENTS, MAX_HEAD_DIM, AttentionCall
+from .errors import CacheMetadataError
+from .semantics import CAUSAL_ALIGNMENTS, MAX_HEAD_DIM, QUANTIZED_KV_DTYPES, AttentionCall
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 WIDEST_WINDOW = 2**30
+# query_start / key_start at most this (2**29, half a billion tokens): positions plus the
+# widest window stay below 2**31 in the kernels' 32-bit position arithmetic.
+LATEST_SEQUENCE_START = 2**29
 # Offsets and lengths reach the kernels as int32: larger packed lengths cannot be addressed.
 LARGEST_PACKED_LENGTH = 2**31 - 1
 
@@ -65,6 +74,50 @@ def _require_tensor(name: str, value: object) -> torch.Tensor:
     return value
 
 
+def integer_argument(name: str, value: object) -> int | torch.SymInt:
+    """value as an int, taking what flash-attn's custom ops convert (operator.index semantics):
+    Python ints, numpy integers, 0-d integer tensors (read on the host) and SymInts.
+
+    Bools are refused: a flag where a count is expected is a mistake, not a count.
+    """
+    if isinstance(value, torch.SymInt):
+        return value
+    if not isinstance(value, (bool, torch.Tensor)):
+        try:
+            return operator.index(value)  # numpy's bools refuse it
+        except TypeError:
+            pass
+    # numpy arrays as the tensors they convert to (torch.compile traces them as such).
+    given = torch.as_tensor(value) if isinstance(value, np.ndarray) else value
+    if isinstance(given, torch.Tensor):
+        if given.dim() == 0 and given.dtype != torch.bool and not (given.is_floating_point() or given.is_complex()):
+            return int(given)
+    raise TypeError(f"{name}: expected an int (Python, numpy or a 0-d integer tensor), got {_describe(value)}")
+
+
+def number_argument(name: str, value: object) -> float:
+    """value as a float: Python or numpy ints and floats, 0-d integer or floating tensors
+    (read on the host), as flash-attn's custom ops convert its float arguments. No bools."""
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):  # numpy's too, not its bools
+        return float(value)
+    # numpy arrays as the tensors they convert to (torch.compile traces them as such).
+    given = torch.as_tensor(value) if isinstance(value, np.ndarray) else value
+    if isinstance(given, torch.Tensor):
+        if given.dim() == 0 and given.dtype != torch.bool and not given.is_complex():
+            return float(given)
+    raise TypeError(f"{name}: expected a number (Python, numpy or a 0-d tensor), got {_describe(value)}")
+
+
+def integer_pair(name: str, value: object) -> tuple[int, int]:
+    """Two integer_arguments given as a tuple, a list, or a 1-D tensor or numpy array of two
+    (flash-attn's own tests pass window_size=torch.randint(0, s, (2,)))."""
+    pair = isinstance(value, (tuple, list)) or getattr(value, "ndim", None) == 1
+    if not pair or len(value) != 2:
+        raise TypeError(f"{name}: expected a pair of ints, got {_describe(value)}")
+    first, second = value
+    return integer_argument(f"{name}[0]", first), integer_argument(f"{name}[1]", second)
+
+
 def _integer_tensor(name: str, value: object, q: torch.Tensor, shape: tuple[int, ...] | None = None) -> torch.Tensor:
     """An int32 or int64 tensor on q's device (of exactly shape, unless None), unconverted."""
     tensor = _require_tensor(name, value)
@@ -77,15 +130,24 @@ def _integer_tensor(name: str, value: object, q: torch.Tensor, shape: tuple[int,
     return tensor
 
 
+def _check_kv_dtypes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, names: str = "k, v") -> None:
+    """K and V in q's dtype, or both in one 8-bit dtype (quantized, with k_descale / v_descale)."""
+    quantized = k.dtype in QUANTIZED_KV_DTYPES and v.dtype == k.dtype
+    if not (quantized or q.dtype == k.dtype == v.dtype):
+        raise TypeError(
+            f"{names}: expected the dtype of q ({q.dtype}), or both float8_e4m3fn or both int8 (a quantized "
+            f"cache), got {k.dtype} and {v.dtype}"
+        )
+
+
 def _check_qkv(q: object, k: object, v: object, rank: int, layout: str) -> None:
     for name, t in (("q", q), ("k", k), ("v", v)):
         t = _require_tensor(name, t)
-        if t.dtype not in FLOAT_DTYPES:
+        if t.dtype not in FLOAT_DTYPES and (name == "q" or t.dtype not in QUANTIZED_KV_DTYPES):
             raise TypeError(f"{name}: expected dtype float16, bfloat16, float32 or float64, got {t.dtype}")
         if t.dim() != rank:
             raise ValueError(f"{name}: expected a {rank}-D tensor {layout}, got shape {tuple(t.shape)}")
-    if not (q.dtype == k.dtype == v.dtype):
-        raise TypeError(f"k, v: expected the dtype of q ({q.dtype}), got k {k.dtype} and v {v.dtype}")
+    _check_kv_dtypes(q, k, v)
     if not (q.device == k.device == v.device):
         raise ValueError(f"k, v: expected the device of q ({q.device}), got k on {k.device} and v on {v.device}")
 
@@ -143,6 +205,35 @@ def _window(window: object) -> tuple[int | None, int | None]:
         # keeps position arithmetic in every kernel and in the reference free of overflow.
         sides.append(min(int(side), WIDEST_WINDOW))
     return sides[0], sides[1]
+
+
+def _sequence_start(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name}: expected an int, got {_describe(value)}")
+    if not 0 <= value <= LATEST_SEQUENCE_START:
+        raise ValueError(f"{name}: expected a value in [0, {LATEST_SEQUENCE_START}], got {value}")
+    return int(value)
+
+
+def _descale(name: str, value: object, tensor: torch.Tensor, q: torch.Tensor) -> torch.Tensor | None:
+    """A scale of an 8-bit K or V: float, broadcastable to tensor.shape[:-1]; returned as a
+    float32 view expanded to that shape (zero strides, no copy)."""
+    if value is None:
+        return None
+    cache = name.split("_")[0]  # "k" or "v"
+    if tensor.dtype not in QUANTIZED_KV_DTYPES:
+        raise ValueError(f"{name}: expected None when {cache} is {tensor.dtype} (scales go with 8-bit caches)")
+    scale = _require_tensor(name, value)
+    if not scale.is_floating_point():
+        raise TypeError(f"{name}: expected a floating dtype, got {scale.dtype}")
+    if scale.device != q.device:
+        raise ValueError(f"{name}: expected device {q.device} (that of q), got {scale.device}")
+    target = tuple(tensor.shape[:-1])
+    try:
+        expanded = torch.broadcast_to(scale, target)
+    except RuntimeError:
+        raise ValueError(f"{name}: expected a shape broadcastable to {target}, got {tuple(scale.shape)}") from None
+    return expanded.to(torch.float32)
 
 
 def _softcap(softcap: object) -> float | None:
@@ -257,6 +348,10 @@ def validate_attention(
     softcap: object = None,
     dropout_p: object = 0.0,
     dropout_seed: object = None,
+    query_start: object = 0,
+    key_start: object = 0,
+    k_descale: object = None,
+    v_descale: object = None,
 ) -> AttentionCall:
     """Check a dense call (B, H, S, D) and normalize it into an AttentionCall."""
     _check_qkv(q, k, v, 4, "(batch, heads, seq, head_dim)")
@@ -270,6 +365,11 @@ def validate_attention(
     seqlen_k = k.shape[2]
     window_left, window_right = _window(window)
     dropout_p, dropout_seed = _dropout(dropout_p, dropout_seed)
+    query_start = _sequence_start("query_start", query_start)
+    key_start = _sequence_start("key_start", key_start)
+    if not (causal or window_left is not None or window_right is not None or alibi_slopes is not None or dropout_p):
+        # Nothing reads positions: the block is computed as any call (every backend serves it).
+        query_start = key_start = 0
     return AttentionCall(
         q=q,
         k=k,
@@ -286,6 +386,10 @@ def validate_attention(
         softcap=_softcap(softcap),
         dropout_p=dropout_p,
         dropout_seed=dropout_seed,
+        query_start=query_start,
+        key_start=key_start,
+        k_descale=_descale("k_descale", k_descale, k, q),
+        v_descale=_descale("v_descale", v_descale, v, q),
         needs_grad=_needs_grad(q, k, v),
         metadata_checked=key_lengths is None or _values_readable(key_lengths),
     )
@@ -365,6 +469,8 @@ def validate_varlen(
     softcap: object = None,
     dropout_p: object = 0.0,
     dropout_seed: object = None,
+    k_descale: object = None,
+    v_descale: object = None,
 ) -> AttentionCall:
     """Check a packed variable-length call (T, H, D) and normalize it."""
     _check_qkv(q, k, v, 3, "(total_tokens, heads, head_dim)")
@@ -403,6 +509,8 @@ def validate_varlen(
         softcap=_softcap(softcap),
         dropout_p=dropout_p,
         dropout_seed=dropout_seed,
+        k_descale=_descale("k_descale", k_descale, k, q),
+        v_descale=_descale("v_descale", v_descale, v, q),
         needs_grad=_needs_grad(q, k, v),
         metadata_checked=checked,
     )
@@ -422,10 +530,9 @@ def _check_caches(q: object, key_cache: object, value_cache: object) -> None:
             raise ValueError(
                 f"{name}: expected a 4-D tensor (num_blocks, block_size, heads, head_dim), got shape {tuple(cache.shape)}"
             )
-        if cache.dtype != q.dtype:
-            raise TypeError(f"{name}: expected the dtype of q ({q.dtype}), got {cache.dtype}")
         if cache.device != q.device:
             raise ValueError(f"{name}: expected the device of q ({q.device}), got {cache.device}")
+    _check_kv_dtypes(q, key_cache, value_cache, "key_cache, value_cache")
     if tuple(value_cache.shape[:3]) != tuple(key_cache.shape[:3]):
         raise ValueError(
             f"value_cache: expected (num_blocks, block_size, heads) = {tuple(key_cache.shape[:3])} (those of "
@@ -440,6 +547,32 @@ def _block_table(block_table: object, q: torch.Tensor, sequences: int) -> torch.
     if table.dim() != 2 or table.shape[0] != sequences:
         raise ValueError(f"block_table: expected shape ({sequences}, max_blocks), got {tuple(table.shape)}")
     return table
+
+
+def _outside(name: str, values: torch.Tensor, low: torch.Tensor | int, high: torch.Tensor | int, what: str) -> None:
+    """CacheMetadataError (a ValueError and a RuntimeError) naming the first entry of values
+    outside [low, high]: every caller checks KV-cache metadata."""
+    bad = (values < low) | (values > high)
+    if bool(bad.any()):
+        index = tuple(int(i) for i in bad.nonzero()[0])
+        where = index[0] if len(index) == 1 else index
+        limit_low = low if isinstance(low, int) else int(torch.as_tensor(low).expand_as(values)[index])
+        limit_high = high if isinstance(high, int) else int(torch.as_tensor(high).expand_as(values)[index])
+        raise CacheMetadataError(
+            f"{name}: expected {what} in [{limit_low}, {limit_high}], got {int(values[index])} at index {where}"
+        )
+
+
+def _used_blocks(table: torch.Tensor, lengths: torch.Tensor, block_size: int) -> torch.Tensor:
+    """The block table with 0 in every slot past a sequence's last block (slots at or past
+    ceil(lengths[n] / block_size) are never read, and may hold anything)."""
+    in_use = torch.arange(table.shape[1], device=table.device)[None, :] * block_size < lengths[:, None]
+    return torch.where(in_use, table, 0)
+
+
+def _blocks_outside(blocks: torch.Tensor, num_blocks: int) -> torch.Tensor:
+    """0-d bool, on the blocks' device: some used block number is not in [0, num_blocks)."""
+    return ((blocks < 0) | (blocks >= num_blocks)).any()
 
 
 def _check_paged_values(table: torch.Tensor, lengths: torch.Tensor, block_size: int, num_blocks: int) -> None:
@@ -477,6 +610,8 @@ def validate_paged(
     alibi_slopes: object = None,
     sinks: object = None,
     softcap: object = None,
+    k_descale: object = None,
+    v_descale: object = None,
 ) -> AttentionCall:
     """Check a call over a paged KV cache (fusedattn.attention_paged) and normalize it."""
     _check_caches(q, key_cache, value_cache)
@@ -517,6 +652,8 @@ def validate_paged(
         alibi_slopes=_alibi(alibi_slopes, q, sequences, q.shape[1]),
         sinks=_sinks(sinks, q, q.shape[1]),
         softcap=_softcap(softcap),
+        k_descale=_descale("k_descale", k_descale, key_cache, q),
+        v_descale=_descale("v_descale", v_descale, value_cache, q),
         needs_grad=_needs_grad(q, key_cache, value_cache),
         metadata_checked=checked,
     )
@@ -578,176 +715,3 @@ def poison_if_invalid(invalid: torch.Tensor | None, *outputs: torch.Tensor) -> t
     if invalid is None:
         return outputs
     return tuple(output.masked_fill(invalid, float("nan")) for output in outputs)
-
-
-# ---- KV-cache indices (fusedattn.compat.flash_attn_with_kvcache) ---------------------------
-def _index_tensor(name: str, value: object, q: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
-    return _integer_tensor(name, value, q, shape).to(torch.int64)
-
-
-def _outside(name: str, values: torch.Tensor, low: torch.Tensor | int, high: torch.Tensor | int, what: str) -> None:
-    """ValueError naming the first entry of values outside [low, high]."""
-    bad = (values < low) | (values > high)
-    if bool(bad.any()):
-        index = tuple(int(i) for i in bad.nonzero()[0])
-        where = index[0] if len(index) == 1 else index
-        limit_low = low if isinstance(low, int) else int(torch.as_tensor(low).expand_as(values)[index])
-        limit_high = high if isinstance(high, int) else int(torch.as_tensor(high).expand_as(values)[index])
-        raise ValueError(
-            f"{name}: expected {what} in [{limit_low}, {limit_high}], got {int(values[index])} at index {where}"
-        )
-
-
-def _used_blocks(table: torch.Tensor, lengths: torch.Tensor, block_size: int) -> torch.Tensor:
-    """The block table with 0 in every slot past a sequence's last block (slots at or past
-    ceil(lengths[n] / block_size) are never read, and may hold anything)."""
-    in_use = torch.arange(table.shape[1], device=table.device)[None, :] * block_size < lengths[:, None]
-    return torch.where(in_use, table, 0)
-
-
-def _blocks_outside(blocks: torch.Tensor, num_blocks: int) -> torch.Tensor:
-    """0-d bool, on the blocks' device: some used block number is not in [0, num_blocks)."""
-    return ((blocks < 0) | (blocks >= num_blocks)).any()
-
-
-def check_kv_cache_tensors(q: object, k_cache: object, v_cache: object, k: object = None, v: object = None) -> None:
-    """Shapes, dtypes and devices of a KV-cache call: q (B, Sq, Hq, D), caches
-    (B_cache or num_blocks, S_cache or block_size, Hkv, D / Dv), new k, v (B, S_new, Hkv, D / Dv)."""
-    layout = "(batch, seq, heads, head_dim)"
-    for name, tensor in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
-        tensor = _require_tensor(name, tensor)
-        if tensor.dim() != 4:
-            raise ValueError(f"{name}: expected a 4-D tensor {layout}, got shape {tuple(tensor.shape)}")
-        if tensor.dtype != q.dtype and name != "q":
-            raise TypeError(f"{name}: expected the dtype of q ({q.dtype}), got {tensor.dtype}")
-        if tensor.device != q.device:
-            raise ValueError(f"{name}: expected the device of q ({q.device}), got {tensor.device}")
-    if tuple(v_cache.shape[:3]) != tuple(k_cache.shape[:3]):
-        raise ValueError(
-            f"v_cache: expected leading dims {tuple(k_cache.shape[:3])} (those of k_cache), got {tuple(v_cache.shape[:3])}"
-        )
-    if (k is None) != (v is None):
-        raise ValueError("k, v: expected both new keys and new values, or neither, got only one")
-    if k is None:
-        return
-    batch, heads_kv = q.shape[0], k_cache.shape[2]
-    for name, tensor, cache in (("k", k, k_cache), ("v", v, v_cache)):
-        tensor = _require_tensor(name, tensor)
-        if tensor.dtype != cache.dtype:
-            raise TypeError(f"{name}: expected the dtype of the cache ({cache.dtype}), got {tensor.dtype}")
-        if tensor.device != cache.device:
-            raise ValueError(f"{name}: expected the device of the cache ({cache.device}), got {tensor.device}")
-        expected = (batch, k.shape[1] if isinstance(k, torch.Tensor) and k.dim() == 4 else -1, heads_kv, cache.shape[3])
-        if tensor.dim() != 4 or tuple(tensor.shape) != expected:
-            raise ValueError(f"{name}: expected shape (B, S_new, Hkv, D) = {expected}, got {tuple(tensor.shape)}")
-
-
-def kv_cache_indices(
-    q: torch.Tensor,
-    k_cache: torch.Tensor,
-    new_tokens: int,
-    cache_seqlens: object,
-    cache_batch_idx: object,
-    cache_leftpad: object,
-    block_table: object,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """Check the integer arguments of a KV-cache call before anything reads or writes a cache.
-
-    q (B, Sq, Hq, D); k_cache (B_cache, S_cache, Hkv, D), or (num_blocks, block_size, Hkv, D)
-    with block_table (B, max_blocks). Returns int64 (rows, starts, ends, block_table, invalid):
-    the cache row of each batch element, the first and one-past-last valid key of each row
-    after appending new_tokens, the block table, and None when the values were checked on
-    the host (a ValueError names the first bad entry), else a 0-d bool tensor, True when
-    they are invalid. In that case (compiled or captured calls) every index is clamped into
-    its tensor: the caller must skip its cache writes and poison its outputs when invalid.
-    """
-    batch = q.shape[0]
-    if new_tokens < 0:
-        raise ValueError(f"k: expected new tokens >= 0, got {new_tokens}")
-    if block_table is not None:
-        if cache_batch_idx is not None:
-            raise ValueError("cache_batch_idx: expected None with block_table (a paged cache has no cache rows)")
-        table = _require_tensor("block_table", block_table)
-        if table.dtype != torch.int32:
-            raise TypeError(f"block_table: expected dtype torch.int32, got {table.dtype}")
-        if table.dim() != 2 or table.shape[0] != batch or (table.shape[1] < 1 and batch > 0):
-            raise ValueError(f"block_table: expected shape ({batch}, max_blocks >= 1), got {tuple(table.shape)}")
-        table = _index_tensor("block_table", table, q, tuple(table.shape))
-        capacity = table.shape[1] * k_cache.shape[1]
-    else:
-        table = None
-        capacity = k_cache.shape[1]
-    if cache_batch_idx is None:
-        if table is None and batch > k_cache.shape[0]:
-            raise ValueError(f"k_cache: expected at least {batch} rows (the batch of q), got {k_cache.shape[0]}")
-        rows = torch.arange(batch, device=q.device)
-    else:
-        rows = _index_tensor("cache_batch_idx", cache_batch_idx, q, (batch,))
-    if cache_seqlens is None:
-        lengths = torch.full((batch,), capacity, dtype=torch.int64, device=q.device)
-    elif isinstance(cache_seqlens, int) and not isinstance(cache_seqlens, bool):
-        lengths = torch.full((batch,), cache_seqlens, dtype=torch.int64, device=q.device)
-    else:
-        lengths = _index_tensor("cache_seqlens", cache_seqlens, q, (batch,))
-    if cache_leftpad is None:
-        starts = torch.zeros_like(lengths)
-    else:
-        starts = _index_tensor("cache_leftpad", cache_leftpad, q, (batch,))
-    ends = lengths + new_tokens
-    indices = [rows, lengths, starts] + ([table] if table is not None else [])
-    if all(_values_readable(t) for t in indices):
-        if cache_batch_idx is not None:
-            _outside("cache_batch_idx", rows, 0, k_cache.shape[0] - 1, "cache rows")
-        room = f"lengths that leave room for {new_tokens} new tokens"
-        _outside("cache_seqlens", lengths, 0, capacity - new_tokens, room)
-        _outside("cache_leftpad", starts, 0, lengths, "first valid positions (at most cache_seqlens)")
-        if table is not None:
-            blocks = _used_blocks(table, ends, k_cache.shape[1])
-            _outside("block_table", blocks, 0, k_cache.shape[0] - 1, "block numbers (in the blocks in use)")
-        return rows, starts, ends, table, None
-    invalid = (lengths < 0).any() | (lengths > capacity - new_tokens).any()
-    if cache_batch_idx is not None:  # default rows 0..B-1 fit (checked above); paged caches have none
-        invalid = invalid | (rows < 0).any() | (rows >= k_cache.shape[0]).any()
-    invalid = invalid | (starts < 0).any() | (starts > lengths).any()
-    rows = rows.clamp(0, max(k_cache.shape[0] - 1, 0))
-    ends = ends.clamp(0, capacity)
-    starts = torch.minimum(starts.clamp(min=0), ends)
-    if table is not None:
-        invalid = invalid | _blocks_outside(_used_blocks(table, ends, k_cache.shape[1]), k_cache.shape[0])
-        table = table.clamp(0, max(k_cache.shape[0] - 1, 0))
-    return rows, starts, ends, table, invalid
-
-
-def paged_sequence_lengths(
-    cu_seqlens_q: object, cu_seqlens_k: object, block_table: object, k_cache: torch.Tensor, q: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """(lengths, block_table, invalid) of a varlen call whose keys live in a paged cache
-    (num_blocks, block_size, Hkv, D): sequence i has cu_seqlens_k[i + 1] - cu_seqlens_k[i]
-    keys in the blocks block_table[i]. Checked like kv_cache_indices (None: checked on the
-    host; else a 0-d bool flag, with lengths and blocks clamped)."""
-    if not isinstance(k_cache, torch.Tensor) or k_cache.dim() != 4:
-        raise ValueError(f"k: expected a paged cache (num_blocks, block_size, Hkv, D), got {_describe(k_cache)}")
-    _check_qkv(q, q, q, 3, "(total_tokens, heads, head_dim)")
-    cu_q = _cu_seqlens("cu_seqlens_q", cu_seqlens_q, q)
-    cu = _cu_seqlens("cu_seqlens_k", cu_seqlens_k, q)
-    _same_count(cu_q, cu)
-    table = _require_tensor("block_table", block_table)
-    if table.dtype != torch.int32:
-        raise TypeError(f"block_table: expected dtype torch.int32, got {table.dtype}")
-    if table.dim() != 2 or table.shape[0] != cu.shape[0] - 1 or (table.shape[1] < 1 and table.shape[0] > 0):
-        raise ValueError(f"block_table: expected shape ({cu.shape[0] - 1}, max_blocks >= 1), got {tuple(table.shape)}")
-    table = _index_tensor("block_table", table, q, tuple(table.shape))
-    offsets = cu.to(torch.int64)
-    lengths = offsets[1:] - offsets[:-1]
-    capacity = table.shape[1] * k_cache.shape[1]
-    blocks = _used_blocks(table, lengths, k_cache.shape[1])
-    if _values_readable(cu) and _values_readable(table):
-        _check_offset_values(
-            "cu_seqlens_k", cu, int(offsets[-1]), "max_seqlen_k", int(lengths.max()) if lengths.numel() else 0
-        )
-        _outside("cu_seqlens_k", lengths, 0, capacity, f"sequence lengths that fit in block_table's {capacity} keys")
-        _outside("block_table", blocks, 0, k_cache.shape[0] - 1, "block numbers (in the blocks in use)")
-        return lengths, table, None
-    invalid = (offsets[0] != 0) | (lengths < 0).any() | (lengths > capacity).any()
-    invalid = invalid | _blocks_outside(blocks, k_cache.shape[0])
-    return lengths.clamp(0, capacity), table.clamp(0, max(k_cache.shape[0] - 1, 0)), invalid

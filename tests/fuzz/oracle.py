@@ -24,6 +24,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+import fusedattn.errors
 import torch
 from fusedattn.backends.base import poisoned_outputs
 from fusedattn.testing import check_tensor
@@ -59,9 +60,18 @@ def named_arguments(message: str) -> frozenset[str]:
 
 
 _OBSERVED = re.compile(r"raised exception (\w+)\((.*)\)\s*$", re.S)
-# fusedattn's own refusal class is a ValueError; every other name is a builtin exception
-# (the drop-ins raise what torch raises: AssertionError, RuntimeError, IndexError, ...).
-_ALIASED_CLASSES: dict[str, type[BaseException]] = {"UnsupportedCallError": ValueError}
+# fusedattn's own refusal class is a ValueError; fusedattn.errors' classes are two builtin
+# classes at once (the drop-ins raise what torch raises, AssertionError, RuntimeError,
+# IndexError, ..., and stay fusedattn's ValueError / TypeError); every other name is a
+# builtin exception.
+_ALIASED_CLASSES: dict[str, type[BaseException]] = {
+    "UnsupportedCallError": ValueError,
+    **{
+        name: kind
+        for name, kind in vars(fusedattn.errors).items()
+        if isinstance(kind, type) and issubclass(kind, Exception)
+    },
+}
 
 
 def _exception_class(name: str) -> type[BaseException] | None:

@@ -66,6 +66,8 @@ def backward(
 def refuse(profile: CallProfile) -> str | None:
     if {"paged_kv", "backward"} <= profile.features:
         return "no backward over a paged KV cache (inference only; the reference backend differentiates it)"
+    if {"quantized_kv", "backward"} <= profile.features:
+        return "no backward with 8-bit K/V (inference only; the reference backend differentiates it)"
     return None
 
 

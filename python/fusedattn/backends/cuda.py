@@ -143,7 +143,7 @@ BACKEND = Backend(
         devices=frozenset({"cuda"}),
         dtypes=frozenset({torch.float16, torch.bfloat16, torch.float32}),
         # No paged KV caches: the kernels address keys as dense rows only.
-        features=frozenset(semantics.FEATURES) - {"paged_kv"},
+        features=frozenset(semantics.FEATURES) - {"paged_kv", "sequence_block", "quantized_kv"},
         max_head_dim=256,  # the kernels' head-dim buckets end at 256 (attention_common.cuh)
         differentiable_options=frozenset({"sinks"}),
         priority={"cuda": 20},

@@ -57,6 +57,8 @@ def _attend_dense(
         window_left=call.window_left,
         window_right=call.window_right,
         device=q.device,
+        query_start=call.query_start,
+        key_start=call.key_start,
     )
     if visible is not None:
         allowed = visible if allowed is None else allowed & visible
@@ -73,7 +75,7 @@ def _attend_dense(
     scores = semantics.apply_softcap(scores, call.softcap)
     if alibi_slopes is not None:
         slopes = alibi_slopes.to(scores.dtype)
-        bias = semantics.alibi_bias(slopes, seqlen_q, seqlen_k, call.causal_alignment)
+        bias = semantics.alibi_bias(slopes, seqlen_q, seqlen_k, call.causal_alignment, call.query_start, call.key_start)
         scores = scores + bias
     if attn_mask is not None and attn_mask.dtype != torch.bool:
         scores = scores + attn_mask.to(scores.dtype)
@@ -98,7 +100,14 @@ def _attend_dense(
 
     if call.dropout_p > 0.0:
         keep = semantics.dropout_keep_mask(
-            int(call.dropout_seed), call.dropout_p, sequence_index, heads_q, seqlen_q, seqlen_k
+            int(call.dropout_seed),
+            call.dropout_p,
+            sequence_index,
+            heads_q,
+            seqlen_q,
+            seqlen_k,
+            call.query_start,
+            call.key_start,
         )
         probabilities = probabilities * keep.to(probabilities.dtype) * semantics.dropout_keep_scale(call.dropout_p)
     out = torch.matmul(probabilities, v)
@@ -120,6 +129,11 @@ def _sequence_keys(call: AttentionCall, k: torch.Tensor, v: torch.Tensor, index:
 
 def _compute(call: AttentionCall, compute_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     q, k, v = (t.to(compute_dtype) for t in (call.q, call.k, call.v))
+    # 8-bit K / V: the values times their scales (docs/semantics.md, "Quantized K and V").
+    if call.k_descale is not None:
+        k = k * call.k_descale.to(compute_dtype)[..., None]
+    if call.v_descale is not None:
+        v = v * call.v_descale.to(compute_dtype)[..., None]
     if not call.is_varlen:
         return _attend_dense(
             call,
@@ -194,6 +208,13 @@ def reference_attention(
             grads = (None,) * len(inputs)
     grads = tuple(torch.zeros_like(x) if g is None else g for g, x in zip(grads, inputs))
     return out.detach(), lse.detach(), grads
+
+
+def differentiable_reference(call: AttentionCall, compute_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """out of reference_attention on autograd's graph (in compute_dtype), for callers that
+    differentiate it themselves: MultiheadAttention's attention weights."""
+    out, _ = _compute(call, compute_dtype or default_compute_dtype(call.dtype))
+    return out
 
 
 def forward(call: AttentionCall) -> tuple[torch.Tensor, torch.Tensor]:

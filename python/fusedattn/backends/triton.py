@@ -99,7 +99,8 @@ BACKEND = Backend(
     capabilities=Capabilities(
         devices=frozenset({"cuda", "cpu"}),
         dtypes=frozenset({torch.float16, torch.bfloat16, torch.float32}),
-        features=frozenset(semantics.FEATURES),
+        # 8-bit K / V are read by the reference and the CPU backend only, so far.
+        features=frozenset(semantics.FEATURES) - {"quantized_kv"},
         max_head_dim=semantics.MAX_HEAD_DIM,
         priority={"cuda": 30, "cpu": -10},
         differentiable_options=frozenset({"sinks"}),

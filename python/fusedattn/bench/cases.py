@@ -275,46 +275,49 @@ def expand_grids(grids: list[dict[str, Any]], overrides: dict[str, Any] | None =
 
 # ---- presets -----------------------------------------------------------------------
 def _preset_quick(device: str, dtype: str) -> list[dict[str, Any]]:
+    """What `make bench` runs: the main prefill configuration at four or more lengths and decode at
+    three KV lengths in both common dtypes (bf16 is what models run, fp32 what CPUs run fastest),
+    a training step, and the feature cases once, in the device's default dtype."""
+    dtypes = sorted({dtype, _other_dtype(dtype)})
     if device == "cuda":
         # FlashAttention's benchmark shapes: 16k tokens per batch, model dim 2048.
         return [
-            dict(group="prefill", mode=["fwd", "fwd_bwd"], tokens=16384, seqlen=[512, 2048, 8192],
-                 head_dim=[64, 128], model_dim=2048, causal=[False, True], dtype=dtype),
-            dict(group="decode", batch=8, heads_q=32, heads_kv=8, seqlen_q=[1, 16], seqlen_k=16384,
-                 head_dim=128, causal=True, dtype=dtype),
-            dict(group="varlen", mode="fwd", varlen={"documents": 16, "tokens": 16384}, heads=16, head_dim=128,
+            dict(group="prefill", mode="fwd", tokens=16384, seqlen=[512, 1024, 2048, 4096, 8192], head_dim=128,
+                 model_dim=2048, causal=[False, True], dtype=dtypes),
+            dict(group="train", mode="fwd_bwd", tokens=16384, seqlen=[1024, 4096], head_dim=128, model_dim=2048,
                  causal=True, dtype=dtype),
-            dict(group="features", batch=4, heads=16, seqlen=4096, head_dim=128, dtype=dtype, causal=True,
-                 window=[[1024, 0]]),
-            dict(group="features", batch=4, heads=16, seqlen=4096, head_dim=128, dtype=dtype,
-                 softcap=[True], alibi=False),
-            dict(group="features", batch=4, heads=16, seqlen=4096, head_dim=128, dtype=dtype, alibi=True),
-            dict(group="features", batch=4, heads=16, seqlen=4096, head_dim=128, dtype=dtype, mask=MASK_KINDS),
-            # The other common dtype, at one size: fp32 next to the default bf16.
-            dict(group="other-dtype", mode="fwd", tokens=16384, seqlen=2048, head_dim=128, model_dim=2048,
-                 causal=[False, True], dtype=_other_dtype(dtype)),
+            dict(group="decode", batch=8, heads_q=32, heads_kv=8, seqlen_q=1, seqlen_k=[4096, 16384, 65536],
+                 head_dim=128, causal=True, dtype=dtypes),
+            dict(group="features", mode="fwd", varlen={"documents": 16, "tokens": 16384}, heads=16, head_dim=128,
+                 causal=True, dtype=dtype),
+            *_feature_grids(dict(batch=4, heads=16, seqlen=4096, head_dim=128, dtype=dtype), window=1024),
         ]  # fmt: skip
-    # The 2-core CPU: the same structure at a size that finishes in well under two minutes.
+    # The 2-core CPU: the same structure at a size that finishes in under two minutes.
     return [
-        dict(group="prefill", mode="fwd", tokens=2048, seqlen=[256, 1024], head_dim=[64, 128], model_dim=512,
-             causal=[False, True], dtype=dtype),
-        dict(group="train", mode=["bwd", "fwd_bwd"], tokens=512, seqlen=512, head_dim=64, model_dim=512,
-             causal=True, dtype=dtype),
-        dict(group="decode", batch=2, heads_q=16, heads_kv=4, seqlen_q=[1, 16], seqlen_k=4096, head_dim=128,
-             causal=True, dtype=dtype),
-        dict(group="varlen", varlen={"documents": 6, "tokens": 1536}, heads=8, head_dim=64, causal=True, dtype=dtype),
-        dict(group="features", batch=2, heads=8, seqlen=512, head_dim=64, causal=True, window=[[128, 0]],
+        dict(group="prefill", mode="fwd", tokens=2048, seqlen=[256, 512, 1024, 2048], head_dim=64, model_dim=512,
+             causal=True, dtype=dtypes),
+        dict(group="train", mode="fwd_bwd", tokens=512, seqlen=512, head_dim=64, model_dim=512, causal=True,
+             dtype=dtypes),
+        dict(group="decode", batch=2, heads_q=16, heads_kv=4, seqlen_q=1, seqlen_k=[1024, 4096, 16384],
+             head_dim=128, causal=True, dtype=dtypes),
+        dict(group="features", varlen={"documents": 6, "tokens": 1536}, heads=8, head_dim=64, causal=True,
              dtype=dtype),
-        dict(group="features", batch=2, heads_q=8, heads_kv=2, seqlen=512, head_dim=64, causal=True, dtype=dtype),
-        dict(group="features", batch=2, heads=8, seqlen=512, head_dim=64, softcap=True, dtype=dtype),
-        dict(group="features", batch=2, heads=8, seqlen=512, head_dim=64, alibi=True, causal=True, dtype=dtype),
-        dict(group="features", batch=2, heads=8, seqlen=512, head_dim=64, mask=list(MASK_KINDS), dtype=dtype),
-        # The other common dtype, at one size: bf16 next to the default fp32 (and a decode step).
-        dict(group="other-dtype", mode="fwd", tokens=2048, seqlen=1024, head_dim=[64, 128], model_dim=512,
-             causal=[False, True], dtype=_other_dtype(dtype)),
-        dict(group="other-dtype", batch=2, heads_q=16, heads_kv=4, seqlen_q=1, seqlen_k=4096, head_dim=128,
-             causal=True, dtype=_other_dtype(dtype)),
+        *_feature_grids(dict(batch=2, heads=8, seqlen=512, head_dim=64, dtype=dtype), window=128),
     ]  # fmt: skip
+
+
+def _feature_grids(shape: dict[str, Any], window: int) -> list[dict[str, Any]]:
+    """One case per feature on one shape: window, GQA, softcap, ALiBi, both masks."""
+    base = dict(group="features", **shape)
+    gqa = dict(base, heads_q=shape["heads"], heads_kv=max(1, shape["heads"] // 4))
+    del gqa["heads"]
+    return [
+        dict(base, causal=True, window=[[window, 0]]),
+        dict(gqa, causal=True),
+        dict(base, softcap=True),
+        dict(base, alibi=True, causal=True),
+        dict(base, mask=list(MASK_KINDS)),
+    ]
 
 
 def _other_dtype(dtype: str) -> str:
@@ -376,7 +379,8 @@ def _preset_training(device: str, dtype: str) -> list[dict[str, Any]]:
 
 
 PRESETS = {
-    "quick": (_preset_quick, "the default: prefill, decode, varlen, features, a backward; < 2 min on a 2-core CPU"),
+    "quick": (_preset_quick, "the default: bf16 and fp32 prefill (4+ lengths) and decode (3 KV lengths), training, "
+              "features; < 2 min on a 2-core CPU"),
     "standard": (_preset_standard, "FlashAttention's grid: seqlen 512..16k at 16k tokens, d64/d128, causal or not, "
                  "fwd/bwd/fwd_bwd"),
     "llm-prefill": (_preset_llm_prefill, "GQA 32/8 d128 causal prefill, sliding window, softcap, packed documents"),

@@ -17,11 +17,13 @@ from typing import Any
 import torch
 
 from .cases import MODES, PRESETS, Case, dtype_name, expand_grids, load_grid_file, parse_shapes, preset_grids
+from .ceilings import measure_ceilings
 from .compare import parse_threshold, run_compare
 from .measure import TimingSettings
 from .providers import Provider, all_providers, select_providers
 from .report import build_report, format_table, write_outputs
 from .run import BenchSettings, run_benchmark
+from .summary import format_summary, summarize
 
 EXIT_USAGE = 2
 
@@ -66,7 +68,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.description = (
         "Benchmark fusedattn's backends against torch SDPA, a naive eager implementation and "
         "(when installed) flash-attn and xformers: latency, TFLOP/s, tokens/s, peak memory. "
-        "Run without arguments for the quick preset on the best device present."
+        "Run without arguments for the quick preset on the best device present; it ends with a summary "
+        "(speedup against SDPA per workload and dtype, slower cases, share of the machine's measured "
+        "ceilings) and writes report.md, results.json, results.csv and charts."
     )
     grid = parser.add_argument_group("what to run")
     grid.add_argument("--preset", choices=sorted(PRESETS), default="quick",
@@ -111,12 +115,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     measure.add_argument("--seed", type=int, default=0)
     output = parser.add_argument_group("output")
     output.add_argument("--out", metavar="DIR", help="report folder (default bench-out/<UTC timestamp>)")
-    output.add_argument("--no-plots", action="store_true", help="no PNG plots")
+    output.add_argument("--no-plots", action="store_true", help="no PNG charts")
+    output.add_argument(
+        "--details",
+        action="store_true",
+        help="also print one table per case before the summary (report.md always has them)",
+    )
+    measure.add_argument(
+        "--no-ceilings",
+        dest="ceilings",
+        action="store_false",
+        help="skip measuring the matmul rate and copy bandwidth (about 2 s)",
+    )
     output.add_argument("--list", action="store_true", help="print the cases and providers, run nothing")
     commands = parser.add_subparsers(dest="bench_command", metavar="{compare,list,models}")
-    compare = commands.add_parser("compare", help="compare two results.json files; exit 1 on a regression",
-                                  description="Print new/base time per matched (case, provider); exit 1 when any "
-                                  "got slower than the threshold or stopped being ok.")  # fmt: skip
+    compare = commands.add_parser("compare", help="compare two results.json files (two machines or commits); "
+                                  "exit 1 on a regression",
+                                  description="Print and plot new/base time per matched (case, provider); exit 1 "
+                                  "when any got slower than the threshold or stopped being ok.")  # fmt: skip
     compare.add_argument("base", metavar="BASE.json")
     compare.add_argument("new", metavar="NEW.json")
     compare.add_argument(
@@ -127,6 +143,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="slowdown that fails the gate, e.g. 5%% (default) or 2.5",
     )
     compare.add_argument("--metric", choices=["median_ms", "min_ms", "mean_ms"], default="median_ms")
+    compare.add_argument(
+        "--plot",
+        metavar="PNG",
+        default="",
+        help="where to draw the per-case ratio chart (default: compare.png next to NEW.json)",
+    )
+    compare.add_argument("--no-plot", dest="plot", action="store_const", const=None, help="draw no chart")
     commands.add_parser("list", help="presets (with case counts) and providers (with availability)")
     models = commands.add_parser(
         "models", help="whole transformers models (prefill and decode tokens/s) with fusedattn, sdpa and eager",
@@ -221,34 +244,57 @@ def build_cases(args: argparse.Namespace, device: torch.device) -> list[Case]:
 
 
 class Progress:
-    """A progress bar on a terminal, one line per finished pair otherwise."""
+    """A progress bar while the run goes (rich's when installed, a plain one otherwise), on a
+    terminal only: redirected output (logs, CI) stays quiet until the summary."""
 
-    def __init__(self, stream=None) -> None:
+    def __init__(self, stream: Any = None) -> None:
         self.stream = stream if stream is not None else sys.stdout
-        self.interactive = self.stream.isatty()
+        self.interactive = bool(getattr(self.stream, "isatty", lambda: False)())
         self.started = time.perf_counter()
+        self._rich: Any = None
+        self._task: Any = None
+
+    def __enter__(self) -> Progress:
+        if self.interactive:
+            try:
+                from rich.console import Console
+                from rich.progress import (
+                    BarColumn,
+                    MofNCompleteColumn,
+                    TextColumn,
+                    TimeElapsedColumn,
+                    TimeRemainingColumn,
+                )
+                from rich.progress import Progress as RichProgress
+            except ImportError:  # rich is optional (the bench extra): the plain bar below
+                return self
+            self._rich = RichProgress(
+                BarColumn(bar_width=24), MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
+                TextColumn("{task.description}"), console=Console(file=self.stream), transient=True,
+            )  # fmt: skip
+            self._rich.start()
+            self._task = self._rich.add_task("", total=None)
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self._rich is not None:
+            self._rich.stop()
+        elif self.interactive:
+            self.stream.write("\r" + " " * 160 + "\r")
+            self.stream.flush()
 
     def __call__(self, done: int, total: int, case: Case, provider: Provider, result: dict[str, Any] | None) -> None:
+        if not self.interactive:
+            return
+        label = f"{provider.name}  {case.group}  {case.case_id}"
+        if self._rich is not None:
+            self._rich.update(self._task, total=total, completed=done, description=label[:90])
+            return
+        width = 24
+        filled = int(width * done / max(total, 1))
         elapsed = time.perf_counter() - self.started
-        if self.interactive:
-            width = 24
-            filled = int(width * done / max(total, 1))
-            bar = "#" * filled + "-" * (width - filled)
-            text = f"\r[{bar}] {done}/{total} {elapsed:5.0f}s  {provider.name:<18} {case.case_id}"
-            self.stream.write(text[:160].ljust(160))
-            if done == total and result is not None:
-                self.stream.write("\n")
-            self.stream.flush()
-            return
-        if result is None:
-            return
-        if result["status"] in ("ok", "wrong"):
-            outcome = f"{result['timing']['median_ms']:.4g} ms"
-            if result["status"] == "wrong":
-                outcome += " WRONG"
-        else:
-            outcome = f"{result['status']}: {result['reason'][:70]}"
-        self.stream.write(f"[{done}/{total} {elapsed:.0f}s] {provider.name:<18} {case.case_id}  {outcome}\n")
+        text = f"\r[{'#' * filled}{'-' * (width - filled)}] {done}/{total} {elapsed:5.0f}s  {label}"
+        self.stream.write(text[:160].ljust(160))
         self.stream.flush()
 
 
@@ -269,7 +315,7 @@ def _list(device: torch.device) -> int:
 def main(args: argparse.Namespace) -> int:
     """Run `fusedattn bench`; returns the exit code (0 done, 1 a compare regression, 2 bad arguments)."""
     if args.bench_command == "compare":
-        return run_compare(args.base, args.new, args.fail_above, args.metric)
+        return run_compare(args.base, args.new, args.fail_above, args.metric, args.plot)
     if args.bench_command == "models":
         return _run_models(args)
     try:
@@ -301,19 +347,28 @@ def main(args: argparse.Namespace) -> int:
     print(f"fusedattn bench: {len(cases)} case(s) x {len(providers)} provider(s) on {device.type} "
           f"({torch.get_num_threads()} torch threads): {', '.join(p.name for p in providers)}", flush=True)  # fmt: skip
     started = time.perf_counter()
-    results = run_benchmark(cases, providers, settings, progress=Progress())
-    report = build_report(results, settings, providers, preset=preset)
+    with Progress() as progress:
+        # The ceilings come from this run, on this machine, so the summary's fractions are comparable.
+        ceilings = measure_ceilings([case.dtype for case in cases], device) if args.ceilings else None
+        results = run_benchmark(cases, providers, settings, progress=progress)
+    report = build_report(results, settings, providers, preset=preset, ceilings=ceilings)
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d-%H%M%S")
     folder = Path(args.out) if args.out else Path("bench-out") / stamp
     paths = write_outputs(report, folder, plots=not args.no_plots)
-    print()
-    print(format_table(results))
+    if args.details:
+        print()
+        print(format_table(results))
     counts: dict[str, int] = {}
     for result in results:
         counts[result["status"]] = counts.get(result["status"], 0) + 1
+    print()
+    print(format_summary(summarize(report)))
+    print()
     print(f"{len(results)} result(s) in {time.perf_counter() - started:.0f}s: "
           + ", ".join(f"{n} {s}" for s, n in counts.items()))  # fmt: skip
-    print(f"report written to {folder}/ ({', '.join(p.name for p in paths.values())})")
+    charts = [p.name for p in paths.values() if p.suffix == ".png"]
+    print(f"report written to {folder}/: report.md (summary, charts, every case), results.json, results.csv"
+          + (f"; charts: {', '.join(charts)}" if charts else ""))  # fmt: skip
     bad = [r for r in results if r["provider"].startswith("fusedattn:") and r["status"] in ("wrong", "error")]
     if bad:
         for result in bad:

@@ -1,5 +1,6 @@
 """Benchmark reports: the JSON document (schema below, prose in docs/benchmarks.md), the
-environment fingerprint, and its renderings: terminal table, CSV, markdown, PNG plots.
+environment fingerprint, and its renderings: per-case table, CSV, markdown (opening with the
+summary, bench/summary.py); the PNG charts are bench/plots.py's.
 """
 
 from __future__ import annotations
@@ -18,8 +19,10 @@ import torch
 
 from .. import __version__
 from ..fingerprint import cpu_model, git_commit, run_text
+from .plots import write_plots
 from .providers import BASELINE, Provider, all_providers
 from .run import STATUSES, BenchSettings
+from .summary import summarize, summary_markdown
 
 SCHEMA_VERSION = "fusedattn-bench/1"
 
@@ -107,6 +110,12 @@ REPORT_SCHEMA: dict[str, Any] = {
                 "type": "object",
                 "required": ["name", "kind", "description", "available", "reason", "selected"],
             },
+        },
+        # Optional (older reports lack it): the run's own matmul and copy ceilings (bench/ceilings.py).
+        "ceilings": {
+            "type": ["object", "null"],
+            "required": ["matmul_tflops", "copy_gb_per_s", "method"],
+            "properties": {"matmul_tflops": {"type": "object"}, "copy_gb_per_s": _NUMBER_OR_NULL, "method": _STRING},
         },
         "results": {"type": "array", "items": RESULT_SCHEMA},
     },
@@ -230,8 +239,9 @@ def build_report(
     providers: list[Provider] | None = None,
     preset: str | None = None,
     command: list[str] | None = None,
+    ceilings: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The JSON document of a run (validate_report(report) == [])."""
+    """The JSON document of a run (validate_report(report) == []); ceilings: measure_ceilings()'s block."""
     device = torch.device(settings.device)
     timing = settings.timing
     # Every known provider is listed (so an unavailable one shows why), with the ones run marked.
@@ -263,6 +273,7 @@ def build_report(
         },
         "environment": environment(device),
         "providers": provider_rows,
+        "ceilings": _finite(ceilings),
         "results": _finite(results),
     }
 
@@ -378,6 +389,9 @@ def markdown(report: dict[str, Any], plots: list[str]) -> str:
     env = report["environment"]
     lines = ["# fusedattn bench report", ""]
     lines.append(f"Preset `{report['preset']}`, created {report['created']}; command `{' '.join(report['command'])}`.")
+    lines += ["", summary_markdown(summarize(report))]
+    if plots:
+        lines += ["## Charts", ""] + [f"![{Path(p).stem}]({p})" for p in plots] + [""]
     lines += ["", "## Environment", "", "| | |", "|---|---|"]
     for key in ("device", "device_name", "gpu_driver", "cuda", "cudnn", "torch", "triton", "fusedattn", "python",
                 "platform", "cpu_model", "cpu_cores", "cpu_cores_available", "torch_threads", "commit",
@@ -396,98 +410,7 @@ def markdown(report: dict[str, Any], plots: list[str]) -> str:
         for row in table:
             lines.append("| " + " | ".join(row[c].replace("|", "/") for c in columns) + " |")
         lines.append("")
-    if plots:
-        lines += ["## Plots", ""] + [f"![{Path(p).stem}]({p})" for p in plots] + [""]
     return "\n".join(lines)
-
-
-def _is_plain_prefill(case: dict[str, Any]) -> bool:
-    return (case["seqlen_q"] == case["seqlen_k"] and case["window"] is None and case["softcap"] is None
-            and not case["alibi"] and case["mask"] is None and case["varlen_seqlens"] is None)  # fmt: skip
-
-
-Panels = dict[Any, dict[str, list[tuple[int, float]]]]
-"""panel key -> line label -> (x, y) points."""
-
-
-def _save_figure(panels: Panels, title: Any, xlabel: str, ylabel: str, suptitle: str, path: Path) -> None:
-    """One PNG: a panel per key (sorted), a line per label, log2 x axis."""
-    import matplotlib.pyplot as plt
-
-    keys = sorted(panels)
-    figure, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 4), squeeze=False)
-    for axis, key in zip(axes[0], keys):
-        for label, points in sorted(panels[key].items()):
-            points = sorted(points)
-            axis.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label)
-        axis.set_xscale("log", base=2)
-        axis.set_title(title(key))
-        axis.set_xlabel(xlabel)
-        axis.set_ylabel(ylabel)
-        axis.grid(True, alpha=0.3)
-        axis.legend(fontsize=8)
-    figure.suptitle(suptitle)
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-
-
-def _family(case: dict[str, Any]) -> str:
-    """Cases of one line in a throughput plot: same group and heads (GQA points stay apart)."""
-    heads = f"h{case['heads_q']}" + (f":{case['heads_kv']}" if case["heads_kv"] != case["heads_q"] else "")
-    return f"{case['group']}, {heads}"
-
-
-def write_plots(report: dict[str, Any], folder: Path) -> list[str]:
-    """PNG plots (paths relative to folder): TFLOP/s against sequence length per provider, one
-    figure per mode and dtype with a panel per (head dim, causal); decode GB/s against KV length."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-    except ImportError:
-        return []
-    ok = [r for r in report["results"] if r["status"] == "ok"]
-    device_name = report["environment"]["device_name"]
-    throughput: dict[tuple[str, str], list[dict[str, Any]]] = {}
-    decode: dict[str, list[dict[str, Any]]] = {}
-    for result in ok:
-        case = result["case"]
-        if _is_plain_prefill(case):
-            throughput.setdefault((case["mode"], case["dtype"]), []).append(result)
-        elif case["mode"] == "fwd" and case["seqlen_q"] <= 16 < case["seqlen_k"] and case["varlen_seqlens"] is None:
-            decode.setdefault(case["dtype"], []).append(result)
-    written = []
-    for (mode, dtype), results in sorted(throughput.items()):
-        panels: Panels = {}
-        families: dict[tuple[int, bool], set[str]] = {}
-        for result in results:
-            families.setdefault((result["case"]["head_dim"], result["case"]["causal"]), set()).add(
-                _family(result["case"])
-            )
-        for result in results:
-            case = result["case"]
-            key = (case["head_dim"], case["causal"])
-            label = f"{result['provider']} ({_family(case)})" if len(families[key]) > 1 else result["provider"]
-            panel = panels.setdefault(key, {})
-            panel.setdefault(label, []).append((case["seqlen_q"], result["tflops"]))
-        name = f"throughput_{mode}_{dtype}.png"
-        _save_figure(panels, lambda key: f"d{key[0]}, {'causal' if key[1] else 'non-causal'}", "sequence length",
-                     "TFLOP/s", f"{mode} {dtype} ({device_name})", folder / name)  # fmt: skip
-        written.append(name)
-    for dtype, results in sorted(decode.items()):
-        panels = {}
-        for result in results:
-            case = result["case"]
-            panel = panels.setdefault(case["seqlen_q"], {})
-            panel.setdefault(f"{result['provider']} b{case['batch']}", []).append(
-                (case["seqlen_k"], result["gb_per_s"])
-            )
-        name = f"decode_bandwidth_{dtype}.png"
-        _save_figure(panels, lambda key: f"decode, {key} query row(s)", "KV length",
-                     "GB/s (q, k, v read + out written)", f"decode {dtype} ({device_name})", folder / name)  # fmt: skip
-        written.append(name)
-    return written
 
 
 def write_outputs(report: dict[str, Any], folder: str | Path, plots: bool = True) -> dict[str, Path]:

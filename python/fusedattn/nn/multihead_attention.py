@@ -12,11 +12,14 @@ changes. It translates torch's conventions into a :func:`fusedattn.attention` ca
   mask is then replaced by causal masking (aligned top-left) when there is no
   key_padding_mask and no weights are asked for.
 * Attention weights (``need_weights=True``, torch's default) are recomputed in plain
-  PyTorch from the same call, dropout pattern included; pass ``need_weights=False`` to
-  skip that (O(L * S)) work.
+  PyTorch from the same call, dropout pattern included, on autograd's graph; pass
+  ``need_weights=False`` to skip that (O(L * S)) work.
+* Inputs torch refuses are refused first, with torch's exception class
+  (fusedattn.validation_dropin.check_multihead_call); projections run in torch's (L, N, E)
+  layout, so F.linear rounds and refuses dtypes as it does for torch.
 
-One deliberate difference: a query whose keys are all masked gets a zero output, where
-torch returns NaN.
+docs/swap-in.md lists what still differs from torch (a query whose keys are all masked
+gets a zero output, where torch's weights path returns NaN, for one).
 """
 
 from __future__ import annotations
@@ -26,7 +29,9 @@ import torch.nn.functional as F
 
 from .. import semantics
 from ..api import attention
+from ..errors import RuntimeTypeError
 from ..validation import validate_attention
+from ..validation_dropin import check_multihead_call, mask_dtype
 from .weights import attention_probabilities
 
 __all__ = ["MultiheadAttention", "swap_modules"]
@@ -110,6 +115,16 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
         _install(module)
         return module
 
+    def __prepare_scriptable__(self) -> MultiheadAttention:
+        """torch.jit.script calls this on every module it is about to compile: refuse here,
+        at script time, with the reason, rather than with a TorchScript parse error."""
+        raise RuntimeError(
+            "fusedattn.nn.MultiheadAttention does not support TorchScript (torch.jit.script): a scripted "
+            "module runs without Python, and fusedattn checks its arguments and picks a kernel in Python. "
+            "Use torch.compile (it captures fusedattn's kernels, no graph breaks), or script a "
+            "torch.nn.MultiheadAttention loaded with this module's state_dict (the keys are the same)."
+        )
+
     def forward(
         self,
         query: torch.Tensor,
@@ -138,82 +153,12 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
         """
         if query.is_nested:
             return self._forward_nested(query, key, value, key_padding_mask, need_weights, attn_mask, is_causal)
-        self._refuse_like_torch(query, key, value, key_padding_mask, attn_mask, is_causal and not need_weights)
-        if is_causal and attn_mask is None:
-            raise RuntimeError(
-                "Need attn_mask if specifying the is_causal hint. You may use the Transformer module method "
-                "`generate_square_subsequent_mask` to create this mask."
-            )
+        check_multihead_call(self, query, key, value, key_padding_mask, attn_mask, need_weights, is_causal)
+        if self.head_dim > semantics.MAX_HEAD_DIM:  # past fusedattn's kernels: torch's own implementation
+            return super().forward(query, key, value, key_padding_mask, need_weights, attn_mask,
+                                   average_attn_weights, is_causal)  # fmt: skip
         return self._attend(query, key, value, key_padding_mask, None, need_weights, attn_mask,
                             average_attn_weights, is_causal)  # fmt: skip
-
-    def _refuse_like_torch(
-        self,
-        query: torch.Tensor,
-        key: torch.Tensor,
-        value: torch.Tensor,
-        key_padding_mask: torch.Tensor | None,
-        attn_mask: torch.Tensor | None,
-        causal_hint_used: bool,
-    ) -> None:
-        """Raise what torch's MultiheadAttention raises for these inputs (the same checks,
-        through torch's own helpers where it has them), before anything is computed."""
-        # torch's _canonical_mask checks (without its deprecation warning, which stops torch.compile).
-        for name, mask in (("key_padding_mask", key_padding_mask), ("attn_mask", attn_mask)):
-            if mask is not None and mask.dtype != torch.bool and not torch.is_floating_point(mask):
-                raise AssertionError(f"only bool and floating types of {name} are supported")
-        F._mha_shape_check(query, key, value, key_padding_mask, attn_mask, self.num_heads)
-        if query.shape[-1] != self.embed_dim:
-            raise AssertionError(f"was expecting embedding dimension of {self.embed_dim}, but got {query.shape[-1]}")
-        if self._qkv_same_embed_dim and key.shape != value.shape:
-            raise AssertionError(f"key shape {key.shape} does not match value shape {value.shape}")
-        if not self._qkv_same_embed_dim:
-            batch_dims = slice(0, 2) if query.dim() == 3 else slice(0, 1)
-            if key.shape[batch_dims] != value.shape[batch_dims]:
-                raise AssertionError(
-                    f"key's sequence and batch dims {key.shape[batch_dims]} do not match value's "
-                    f"{value.shape[batch_dims]}"
-                )
-            for name, tensor, weight in (("key", key, self.k_proj_weight), ("value", value, self.v_proj_weight)):
-                if tensor.shape[-1] != weight.shape[1]:
-                    raise AssertionError(
-                        f"expecting {name} weights shape of {(self.embed_dim, tensor.shape[-1])}, "
-                        f"but got {tuple(weight.shape)}"
-                    )
-        weights = (self.in_proj_weight,) * 3 if self._qkv_same_embed_dim else (
-            self.q_proj_weight, self.k_proj_weight, self.v_proj_weight,
-        )  # fmt: skip
-        if query.is_floating_point() and any(x.dtype != w.dtype for x, w in zip((query, key, value), weights)):
-            # torch's in-projection (F.linear) refuses an input whose dtype is not its weight's.
-            names = ", ".join(f"{x.dtype}" for x in (query, key, value))
-            raise RuntimeError(
-                f"query, key, value: expected the dtype of the weights ({weights[0].dtype}), got {names}"
-            )
-        if not query.is_floating_point():
-            # torch turns a bool mask into the query's dtype first: a complex one it then
-            # refuses (AssertionError); an integer one cannot hold -inf (RuntimeError).
-            for name, mask in (("key_padding_mask", key_padding_mask), ("attn_mask", attn_mask)):
-                if mask is not None and mask.dtype == torch.bool and query.is_complex():
-                    raise AssertionError(f"only bool and floating types of {name} are supported")
-            raise RuntimeError(f"query: expected a floating-point tensor, got {query.dtype}")
-        if query.dim() == 3:
-            first, second = (1, 0) if self.batch_first else (0, 1)
-            target, batch, source = query.shape[first], query.shape[second], key.shape[first]
-        else:  # unbatched: torch adds a batch of one
-            target, batch, source = query.shape[0], 1, key.shape[0]
-            key_padding_mask = None if key_padding_mask is None else key_padding_mask[None]
-        if attn_mask is not None and not (causal_hint_used and key_padding_mask is None):
-            expected = (target, source) if attn_mask.dim() == 2 else (batch * self.num_heads, target, source)
-            if attn_mask.shape != expected:
-                raise RuntimeError(
-                    f"The shape of the {attn_mask.dim()}D attn_mask is {attn_mask.shape}, but should be {expected}."
-                )
-        if key_padding_mask is not None:
-            for dim, expected in ((0, batch), (1, source)):
-                if key_padding_mask.shape[dim] != expected:
-                    raise AssertionError(
-                        f"Expected key_padded_mask.shape[{dim}] to be {expected}, but got {key_padding_mask.shape[dim]}"
-                    )
 
     def _forward_nested(
         self,
@@ -241,15 +186,15 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
     def _projections(
         self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """In-projections of (N, L, E), (N, S, kdim), (N, S, vdim) inputs: three (N, *, E)."""
+        """In-projections of (L, N, E), (S, N, kdim), (S, N, vdim) inputs: three (*, N, E)."""
         if self._qkv_same_embed_dim and query is key and key is value:
-            return F.linear(query, self.in_proj_weight, self.in_proj_bias).chunk(3, dim=-1)
+            return _linear("in_proj_bias", query, self.in_proj_weight, self.in_proj_bias).chunk(3, dim=-1)
         if self._qkv_same_embed_dim:
             weights = self.in_proj_weight.chunk(3)
         else:
             weights = (self.q_proj_weight, self.k_proj_weight, self.v_proj_weight)
         biases = self.in_proj_bias.chunk(3) if self.in_proj_bias is not None else (None, None, None)
-        return tuple(F.linear(x, w, b) for x, w, b in zip((query, key, value), weights, biases))
+        return tuple(_linear("in_proj_bias", x, w, b) for x, w, b in zip((query, key, value), weights, biases))
 
     def _attend(
         self,
@@ -265,19 +210,15 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """forward() for dense inputs (see its docstring); key_lengths (N,) masks padded keys."""
         batched = query.dim() == 3
-        same_key_value = key is value
-        self_attention = query is key and same_key_value
+        # torch's layout, (L, N, E): the projections then take torch's F.linear path, with
+        # its rounding and its dtype rules (a half in_proj_bias on a float64 module, say).
         if not batched:
-            query, key, value = query[None], key[None], value[None]
+            query, key, value = _same_tensors(lambda x: x.unsqueeze(1), query, key, value)
             if key_padding_mask is not None:
                 key_padding_mask = key_padding_mask[None]
-        elif not self.batch_first:
-            query, key, value = (x.transpose(0, 1) for x in (query, key, value))
-        if self_attention:
-            key = value = query
-        elif same_key_value:
-            value = key
-        batch, target_length, _ = query.shape
+        elif self.batch_first:
+            query, key, value = _same_tensors(lambda x: x.transpose(0, 1), query, key, value)
+        target_length, batch, _ = query.shape
         heads, head_dim = self.num_heads, self.head_dim
 
         if is_causal and key_padding_mask is None and not need_weights:
@@ -286,42 +227,69 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
             is_causal = False
         q, k, v = self._projections(query, key, value)
         if self.bias_k is not None and self.bias_v is not None:
-            k = torch.cat([k, self.bias_k.expand(batch, 1, -1)], dim=1)
-            v = torch.cat([v, self.bias_v.expand(batch, 1, -1)], dim=1)
+            k = torch.cat([k, self.bias_k.expand(1, batch, -1)])
+            v = torch.cat([v, self.bias_v.expand(1, batch, -1)])
             attn_mask, key_padding_mask = _pad_keys(attn_mask), _pad_keys(key_padding_mask)
-        q = q.view(batch, target_length, heads, head_dim).transpose(1, 2)
-        k = k.view(batch, k.shape[1], heads, head_dim).transpose(1, 2)
-        v = v.view(batch, v.shape[1], heads, head_dim).transpose(1, 2)
+        q, k, v = (x.reshape(x.shape[0], batch, heads, head_dim).permute(1, 2, 0, 3) for x in (q, k, v))
         if self.add_zero_attn:
             zeros = k.new_zeros(batch, heads, 1, head_dim)
             k, v = torch.cat([k, zeros], dim=2), torch.cat([v, zeros], dim=2)
             attn_mask, key_padding_mask = _pad_keys(attn_mask), _pad_keys(key_padding_mask)
 
+        masks = [m for m in (attn_mask, key_padding_mask) if m is not None]
+        dtype = q.dtype
+        if masks and mask_dtype(masks, dtype) != dtype:
+            # A float32 mask with a 16-bit query (need_weights=False): torch's SDPA adds it in
+            # float32 (a -1e9 that float16 cannot hold, say), and so does fusedattn, by
+            # attending in float32 (its kernels read a mask in q's dtype).
+            dtype = mask_dtype(masks, dtype)
+            q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
         dropout_p = self.dropout if self.training else 0.0
         options = dict(
             causal=is_causal,
             causal_alignment="top_left",
-            attn_mask=_fusedattn_mask(attn_mask, key_padding_mask, batch, heads, q.dtype),
+            attn_mask=_fusedattn_mask(attn_mask, key_padding_mask, batch, heads, dtype),
             key_lengths=key_lengths,
             dropout_p=dropout_p,
             # The weights must show the kernel's dropout pattern, so the seed is drawn here.
             dropout_seed=int(torch.randint(0, 2**62, ()).item()) if need_weights and dropout_p > 0 else None,
         )
-        out = attention(q, k, v, **options)
-        out = F.linear(out.transpose(1, 2).reshape(batch, target_length, -1), self.out_proj.weight, self.out_proj.bias)
+        out = attention(q, k, v, **options).to(query.dtype)
+        out = out.permute(2, 0, 1, 3).reshape(target_length * batch, -1)  # torch's (L * N, E), then its out_proj
+        out = _linear("out_proj.bias", out, self.out_proj.weight, self.out_proj.bias).view(target_length, batch, -1)
         if not batched:
-            out = out[0]
-        elif not self.batch_first:
+            out = out.squeeze(1)
+        elif self.batch_first:
             out = out.transpose(0, 1)
         if not need_weights:
             return out, None
-        with torch.no_grad():
-            weights, keep = attention_probabilities(validate_attention(q, k, v, **options))
+        # On autograd's graph (when grad mode is on), as torch's weights are.
+        weights, keep = attention_probabilities(validate_attention(q, k, v, **options), differentiable=True)
         if keep is not None:
             weights = weights * keep * semantics.dropout_keep_scale(dropout_p)
         if average_attn_weights:
             weights = weights.mean(dim=1)
         return out, weights if batched else weights[0]
+
+
+def _same_tensors(change, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """change applied to each input, keeping which of them are one tensor (torch's packed
+    self-attention projection depends on it)."""
+    query_changed = change(query)
+    key_changed = query_changed if key is query else change(key)
+    return query_changed, key_changed, key_changed if value is key else change(value)
+
+
+def _linear(name: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """F.linear, whose dtype refusals (a bias of another dtype, on its addmm path) name the argument."""
+    try:
+        return F.linear(x, weight, bias)
+    except RuntimeError as error:
+        if bias is None or bias.dtype == weight.dtype:
+            raise
+        raise RuntimeTypeError(
+            f"{name}: expected dtype {weight.dtype} (that of the weight), got {bias.dtype}: {error}"
+        ) from error
 
 
 def swap_modules(model: torch.nn.Module) -> torch.nn.Module:

@@ -14,15 +14,19 @@ from dataclasses import replace
 import torch
 
 from .. import semantics
-from ..backends.reference import reference_attention
+from ..backends.reference import differentiable_reference, reference_attention
 from ..semantics import AttentionCall
 
 
-def attention_probabilities(call: AttentionCall) -> tuple[torch.Tensor, torch.Tensor | None]:
+def attention_probabilities(
+    call: AttentionCall, differentiable: bool = False
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Softmax probabilities of a dense call, and its dropout keep mask.
 
     Args:
         call: a validated dense call (q (B, Hq, Sq, D), k (B, Hkv, Sk, D)).
+        differentiable: put the probabilities on autograd's graph (from q, k and a float
+            mask) when grad mode is on, as torch's MultiheadAttention weights are.
 
     Returns:
         probabilities (B, Hq, Sq, Sk) in q's dtype, before dropout, 0 on fully masked rows;
@@ -33,7 +37,10 @@ def attention_probabilities(call: AttentionCall) -> tuple[torch.Tensor, torch.Te
     heads_kv, seqlen_k = call.k.shape[1], call.k.shape[2]
     identity = torch.eye(seqlen_k, dtype=call.dtype, device=call.device).expand(batch, heads_kv, seqlen_k, seqlen_k)
     without_dropout = replace(call, v=identity, dropout_p=0.0, dropout_seed=None, needs_grad=False)
-    probabilities, _, _ = reference_attention(without_dropout)
+    if differentiable and torch.is_grad_enabled():
+        probabilities = differentiable_reference(without_dropout)
+    else:
+        probabilities, _, _ = reference_attention(without_dropout)
     keep = None
     if call.dropout_p > 0.0:
         sequence = torch.arange(batch, device=call.device)

@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from ..quantization import quantize_kv
 from ..semantics import FEATURES, AttentionCall
 from ..testing import FEATURE_CASES, paged_case
 
@@ -44,7 +45,11 @@ _DTYPE_ALIASES = {
 FOCUS: tuple[str, ...] = tuple(name for name in FEATURES if name != "backward") + ("fully_masked", "non_contiguous")
 # Paged cases come only from their focus: drawn at random they would take a fifth of every
 # other feature's cases out of the backward check (paged calls are checked forward only).
-_DRAWN = tuple(name for name in FOCUS if not name.startswith("causal_") and name != "paged_kv") + ("causal",)
+# 8-bit K/V cases likewise (forward only).
+_FORWARD_ONLY = ("paged_kv", "quantized_kv")
+_DRAWN = tuple(name for name in FOCUS if not name.startswith("causal_") and name not in _FORWARD_ONLY) + ("causal",)
+# Features whose rules read positions: a sequence block needs one, or its starts change nothing.
+_POSITIONAL = ("causal", "window", "alibi", "dropout")
 _DRAW_PROBABILITY = 0.2
 _TABLE_PROBABILITY = 0.5
 _MASK_FEATURES = ("bool_mask", "additive_mask", "key_lengths")  # dense-only: attention_varlen has none
@@ -169,6 +174,9 @@ class Case:
     dropout_seed: int | None = None
     scale: float | None = None
     input_scale: float = 1.0
+    query_start: int = 0  # a block of a longer sequence (dense cases)
+    key_start: int = 0
+    kv_quantized: str | None = None  # "int8" or "float8_e4m3fn": K and V quantized per row
     fully_masked: str | None = None  # how the case makes some rows see no key
     non_contiguous: bool = False
     large: bool = False
@@ -204,6 +212,9 @@ class Case:
             k = torch.empty(self.batch, self.heads_kv, self.seqlen_k, self.head_dim, device=meta)
             v = torch.empty(self.batch, self.heads_kv, self.seqlen_k, self.head_dim_v, device=meta)
             varlen = {}
+        if self.kv_quantized is not None:
+            k, v = (t.to(getattr(torch, self.kv_quantized)) for t in (k, v))
+            grad = False  # checked forward only
         mask = None
         if self.mask is not None:
             mask = torch.empty(1, device=meta, dtype=torch.bool if self.mask == "bool" else torch.float32)
@@ -223,6 +234,8 @@ class Case:
             sinks=None if self.sinks is None else torch.empty(1, device=meta),
             softcap=self.softcap,
             dropout_p=self.dropout_p,
+            query_start=self.query_start,
+            key_start=self.key_start,
             needs_grad=grad,
             **varlen,
         )
@@ -259,6 +272,10 @@ class Case:
             parts.append(f"dropout{self.dropout_p:g}")
         if self.scale is not None:
             parts.append(f"scale{self.scale:.3g}")
+        if self.query_start or self.key_start:
+            parts.append(f"block@q{self.query_start},k{self.key_start}")
+        if self.kv_quantized is not None:
+            parts.append(f"kv-{self.kv_quantized}")
         if self.fully_masked is not None:
             parts.append(f"masked-rows:{self.fully_masked}")
         if self.non_contiguous:
@@ -328,6 +345,9 @@ def _table_entry(name: str) -> tuple[frozenset[str], str | None, dict[str, Any],
     if options.get("dropout_p"):
         on.add("dropout")
         fields["dropout_p"] = options["dropout_p"]
+    if "query_start" in options or "key_start" in options:
+        on.add("sequence_block")
+        fields.update(query_start=options.get("query_start", 0), key_start=options.get("key_start", 0))
     if "attn_mask" in options:
         feature, fully_masked = _TABLE_MASKS[options["attn_mask"]]
         on.add(feature)
@@ -358,7 +378,7 @@ def make_case(index: int, seed: int, profile: SizeProfile) -> Case:
     rng = random.Random(f"fusedattn-parity:{seed}:{profile.name}:{index}")
     focus = FOCUS[index % len(FOCUS)]
     on = {name: rng.random() < _DRAW_PROBABILITY for name in _DRAWN}
-    on["paged_kv"] = False
+    on.update(dict.fromkeys(_FORWARD_ONLY, False))
     alignment = rng.choice(("bottom_right", "top_left"))
     if focus.startswith("causal_"):
         on["causal"] = True
@@ -377,7 +397,7 @@ def make_case(index: int, seed: int, profile: SizeProfile) -> Case:
     if entries and rng.random() < _TABLE_PROBABILITY:
         entry_on, entry_alignment, table_fields, table_fully_masked = _table_entry(rng.choice(entries))
         for name in ("causal", "window", "alibi", "sinks", "softcap", "dropout", "bool_mask", "additive_mask",
-                     "key_lengths"):  # fmt: skip
+                     "key_lengths", "sequence_block"):  # fmt: skip
             on[name] = name in entry_on
         alignment = entry_alignment or "bottom_right"
         if entry_on & set(_MASK_FEATURES):
@@ -385,6 +405,11 @@ def make_case(index: int, seed: int, profile: SizeProfile) -> Case:
     if on["paged_kv"]:
         # A paged call is a varlen call over a cache, forward only: no masks, no dropout.
         on.update(varlen=True, dropout=False, non_contiguous=False)
+    if on["sequence_block"]:
+        # Dense calls only, and with a rule that reads positions (else the starts are dropped).
+        on.update(varlen=False, paged_kv=False)
+        if not any(on[name] for name in _POSITIONAL):
+            on["causal"] = True
     if on["varlen"]:
         for name in _MASK_FEATURES:
             on[name] = False
@@ -421,7 +446,8 @@ def make_case(index: int, seed: int, profile: SizeProfile) -> Case:
     fully_masked = table_fully_masked
     if on["fully_masked"] and fully_masked is None:
         if on["varlen"]:
-            fully_masked = rng.choice(("empty_key_sequence", "causal_short_keys"))
+            # An empty key sequence needs a second sequence that is not empty.
+            fully_masked = rng.choice(("empty_key_sequence", "causal_short_keys")) if batch > 1 else "causal_short_keys"
         else:
             fully_masked = rng.choice(("mask_row", "zero_key_length", "causal_short_keys"))
             if fully_masked == "mask_row" and not on["additive_mask"]:
@@ -475,6 +501,10 @@ def make_case(index: int, seed: int, profile: SizeProfile) -> Case:
         fields["dropout_p"] = rng.choice((0.1, 0.25, 0.5))
         fields["dropout_seed"] = rng.randrange(2**62)
     fields.update(table_fields)  # a table entry's values replace the drawn ones
+    if on["sequence_block"] and "query_start" not in table_fields:
+        fields.update(query_start=rng.randint(1, 300), key_start=rng.randint(0, 300))
+    if on["quantized_kv"]:
+        fields["kv_quantized"] = rng.choice(("int8", "float8_e4m3fn"))
     if on["paged_kv"]:
         fields.update(dropout_p=0.0, dropout_seed=None)  # a table entry may carry dropout
     if rng.random() < 0.2:
@@ -634,4 +664,10 @@ def make_inputs(
         options.update(dropout_p=case.dropout_p, dropout_seed=case.dropout_seed)
     if case.scale is not None:
         options["scale"] = case.scale
+    if case.query_start or case.key_start:
+        options.update(query_start=case.query_start, key_start=case.key_start)
+    if case.kv_quantized is not None:
+        # One scale per row (token and head), as fusedattn.quantize_kv makes a cache.
+        kv_dtype = getattr(torch, case.kv_quantized)
+        (k, options["k_descale"]), (v, options["v_descale"]) = quantize_kv(k, kv_dtype), quantize_kv(v, kv_dtype)
     return q, k, v, options

@@ -203,7 +203,8 @@ def _skip_reason(
     """Why backend is not checked on this case (dispatch's own refusal first), or None."""
     call = validated_call(q, k, v, options)
     # Paged calls are checked forward only (testing.check_backend).
-    reason = refusal(backend, dataclasses.replace(call, needs_grad=grad and not call.is_paged))
+    forward_only = call.is_paged or "quantized_kv" in call.features()  # checked forward only
+    reason = refusal(backend, dataclasses.replace(call, needs_grad=grad and not forward_only))
     if reason is not None:
         return reason
     for name, device_type, dtype, limitation in KNOWN_LIMITATIONS:

@@ -293,7 +293,7 @@ def kvcache_cases(draw: st.DrawFn, paged: bool = False) -> Case:
     expected_caches = _appended(before, values, rows, lengths, new_tokens, paged)
     arguments = fl.Arguments(values, ("q", "k_cache", "v_cache"))
     kv_faults = [
-        fl.int_tensor_faults("cache_seqlens", lambda a: (batch,), 0, capacity - new_tokens),
+        fl.int_tensor_faults("cache_seqlens", lambda a: (batch,), 0, capacity - new_tokens, scalar_valid=True),
         _leftpad_fault(lengths),
         fl.mismatched_dtype(("k_cache", "v_cache")), fl.resize("v_cache", 0, lambda n: [n + 1]),
         fl.option("rotary_cos", [torch.ones(1)]), *FLASH_FAULTS[:3],

@@ -122,9 +122,12 @@ def resize(name: str, dim: int, sizes: Callable[[int], list[int]], also: tuple[s
 
 
 # ---- integer tensors -------------------------------------------------------------------------
-def int_tensor_faults(name: str, shape: Callable[[Arguments], tuple[int, ...]], low: int, high: int) -> Fault:
+def int_tensor_faults(
+    name: str, shape: Callable[[Arguments], tuple[int, ...]], low: int, high: int, scalar_valid: bool = False
+) -> Fault:
     """Faults of an index tensor with values in [low, high]: dtype, shape, device, type,
-    values out of range (negative, past high, 2**31 - 1, int64 values past int32)."""
+    values out of range (negative, past high, 2**31 - 1, int64 values past int32).
+    scalar_valid: a 0-d tensor is a valid form (flash-attn's int cache_seqlens), not a fault."""
 
     def fault(draw: st.DrawFn, a: Arguments) -> tuple[str, str]:
         tensor = a.values.get(name)
@@ -138,7 +141,7 @@ def int_tensor_faults(name: str, shape: Callable[[Arguments], tuple[int, ...]], 
             a.values[name] = tensor.to(dtype)
             return name, f"dtype {dtype}"
         if kind == "shape":
-            new = draw(st.sampled_from(["longer", "2-D", "0-D"]))
+            new = draw(st.sampled_from(["longer", "2-D"] if scalar_valid else ["longer", "2-D", "0-D"]))
             if new == "longer":
                 a.values[name] = torch.cat([tensor, tensor[:1] if tensor.numel() else tensor.new_zeros(1)])
             elif new == "2-D":

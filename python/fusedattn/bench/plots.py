@@ -15,6 +15,7 @@ matplotlib is optional: without it no chart is written and the run goes on.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -121,6 +122,21 @@ def _bar_panels(
     return figure, [row[0] for row in axes]
 
 
+def _value_labels(axis: Any, positions: Iterable[float], values: Iterable[float]) -> None:
+    """'1.23x' beside each horizontal ratio bar, outside its end (right when >= 1)."""
+    for y, value in zip(positions, values):
+        axis.text(value * (1.04 if value >= 1 else 0.96), y, f"{value:.2f}x", va="center",
+                  ha="left" if value >= 1 else "right", fontsize=7)  # fmt: skip
+
+
+def _name_rows(axis: Any, labels: list[str], name: str) -> None:
+    """Case labels top to bottom, and the panel's name."""
+    axis.set_yticks(range(len(labels)))
+    axis.set_yticklabels(labels, fontsize=8)
+    axis.set_ylim(len(labels) - 0.5, -0.5)
+    axis.set_ylabel(name, fontsize=10, fontweight="bold")
+
+
 def _log_ratio_axis(axis: Any, values: list[float], reference: float = 1.0) -> None:
     """Log x axis around 1.0x with plain "0.5x, 1x, 2x" ticks."""
     low = min([*values, reference]) / 1.8  # room for the value written before a bar pointing left
@@ -173,13 +189,8 @@ def speedup_chart(report: dict[str, Any], path: Path) -> bool:
             # Bars start at 1.0x so a slower case points left and a faster one right.
             axis.barh(positions, [w - 1 for w in widths], left=1, height=height, color=bar_colors,
                       label=provider if len(shown) > 1 else None)  # fmt: skip
-            for y, value in zip(positions, widths):
-                axis.text(value * (1.04 if value >= 1 else 0.96), y, f"{value:.2f}x", va="center",
-                          ha="left" if value >= 1 else "right", fontsize=7)  # fmt: skip
-        axis.set_yticks(range(len(rows)))
-        axis.set_yticklabels([label for label, _ in rows], fontsize=8)
-        axis.set_ylim(len(rows) - 0.5, -0.5)
-        axis.set_ylabel(name, fontsize=10, fontweight="bold")
+            _value_labels(axis, positions, widths)
+        _name_rows(axis, [label for label, _ in rows], name)
         _log_ratio_axis(axis, everything)
     axes[-1].set_xlabel("speedup against torch SDPA (SDPA time / provider time; right of the line = faster)")
     if len(shown) > 1:
@@ -405,13 +416,8 @@ def compare_chart(
         ordered = sorted(((case, v) for q, case, v in rows if q == provider), key=lambda item: _case_order(item[0]))
         mine = [(case_label(case), v) for case, v in ordered]
         axis.barh(range(len(mine)), [v - 1 for _, v in mine], left=1, height=0.7, color=[color(v) for _, v in mine])
-        for y, (_, value) in enumerate(mine):
-            axis.text(value * (1.04 if value >= 1 else 0.96), y, f"{value:.2f}x", va="center",
-                      ha="left" if value >= 1 else "right", fontsize=7)  # fmt: skip
-        axis.set_yticks(range(len(mine)))
-        axis.set_yticklabels([label for label, _ in mine], fontsize=8)
-        axis.set_ylim(len(mine) - 0.5, -0.5)
-        axis.set_ylabel(provider, fontsize=10, fontweight="bold")
+        _value_labels(axis, range(len(mine)), [value for _, value in mine])
+        _name_rows(axis, [label for label, _ in mine], provider)
         _log_ratio_axis(axis, values)
         axis.axvline(1 / (1 + threshold), color=SLOWER, linestyle=":", linewidth=1)
     limit = f"; dotted: the gate's {threshold * 100:g}% limit"

@@ -34,6 +34,7 @@ def register_transformers(
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface
 
+    from ..integrations.transformers import window_of
     from . import ring_attention
 
     def attention_forward(
@@ -53,9 +54,7 @@ def register_transformers(
         if attention_mask is not None:
             raise NotImplementedError(f"attn_implementation={name!r}: padding masks are not supported")
         causal = bool(getattr(module, "is_causal", True) if is_causal is None else is_causal)
-        window = None
-        if sliding_window is not None:  # transformers' window w sees w - 1 keys back
-            window = (sliding_window - 1, None if causal else sliding_window - 1)
+        window = window_of(sliding_window, causal)
         options: dict[str, Any] = dict(causal=causal, window=window, scale=scaling, softcap=softcap)
         if dropout:
             options["dropout_p"] = dropout

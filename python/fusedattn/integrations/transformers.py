@@ -145,7 +145,7 @@ def fusedattn_mask(
 
 
 # ---- attention function ----------------------------------------------------------------
-def _window(sliding_window: int | None, causal: bool) -> tuple[int | None, int | None] | None:
+def window_of(sliding_window: int | None, causal: bool) -> tuple[int | None, int | None] | None:
     """transformers' sliding_window w: a query sees the w keys up to itself (w - 1 back);
     non-causal modules get w - 1 on both sides, as transformers' FlashAttention path does."""
     if sliding_window is None:
@@ -198,12 +198,12 @@ def fusedattn_attention_forward(
             int(kwargs["max_length_q"]),
             int(kwargs["max_length_k"]),
             causal=causal,
-            window=_window(sliding_window, causal),
+            window=window_of(sliding_window, causal),
             **options,
         )
         return out[None].contiguous(), None
     if attention_mask is None or attention_mask.dim() in (1, 2):
-        options.update(causal=causal, window=_window(sliding_window, causal))
+        options.update(causal=causal, window=window_of(sliding_window, causal))
         if attention_mask is not None and attention_mask.dim() == 1:
             options["key_lengths"] = attention_mask
         elif attention_mask is not None:

@@ -250,7 +250,10 @@ def scaled_dot_product_attention(
     if isinstance(planned, torch.Tensor):  # empty problems, head dims past the kernels'
         return planned
     (q, k, v), options, out_shape = planned
-    return attention(q, k, v, **options).reshape(out_shape).to(query.dtype)
+    out = attention(q, k, v, **options)
+    if out.shape != out_shape:  # inputs of another rank than 4, or broadcast batch dims
+        out = out.reshape(out_shape)
+    return out if out.dtype == query.dtype else out.to(query.dtype)
 
 
 def explain(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kwargs) -> Explanation:

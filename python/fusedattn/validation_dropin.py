@@ -171,10 +171,46 @@ def _broadcast(shapes: list[tuple[str, tuple[int, ...]]]) -> tuple[int, ...]:
 def _as_4d(tensor: torch.Tensor, prefix: tuple[int, ...], heads: int) -> torch.Tensor:
     """tensor (..., X, Y) broadcast to prefix + (heads, X, Y), viewed as (prod(prefix), heads, X, Y)."""
     tail = tuple(tensor.shape[-2:])
+    if tensor.dim() == 4 and len(prefix) == 1 and tensor.shape[0] == prefix[0] and tensor.shape[1] == heads:
+        return tensor  # already (B, H, X, Y): the common call pays for no view
     if tensor.dim() > 2 and tensor.shape[-3] == heads and all(size == 1 for size in tensor.shape[:-3]):
         # Nothing to broadcast but the leading dims: a view, never a copy.
         return tensor.reshape(1, heads, *tail).expand(math.prod(prefix), heads, *tail)
     return tensor.expand(*prefix, heads, *tail).reshape(math.prod(prefix), heads, *tail)
+
+
+def _plain_call(
+    query: object,
+    key: object,
+    value: object,
+    attn_mask: object,
+    dropout_p: object,
+    is_causal: object,
+    scale: object,
+    enable_gqa: object,
+) -> SdpaPlan | None:
+    """The plan of the most common call, which torch accepts, without the checks below
+    (they cost as much as a small attention call): plain 4-D tensors (B, H, L, E) of one
+    floating dtype and device with the same B and H, non-empty, no mask, no dropout, no
+    scale, no GQA flag. None for anything else (the full path decides)."""
+    if attn_mask is not None or enable_gqa is not False or scale is not None or type(is_causal) is not bool:
+        return None
+    if not (type(dropout_p) is float and dropout_p == 0.0):
+        return None
+    tensors = (query, key, value)
+    if any(type(t) is not torch.Tensor or t.dim() != 4 for t in tensors):
+        return None
+    if not (query.dtype == key.dtype == value.dtype and query.dtype in FLOAT_DTYPES):
+        return None
+    if not (query.device == key.device == value.device):
+        return None
+    batch, heads, length_q, features = query.shape
+    if key.shape[:2] != (batch, heads) or value.shape[:3] != key.shape[:3] or key.shape[3] != features:
+        return None
+    if length_q == 0 or 0 in value.shape or features == 0 or max(features, value.shape[3]) > MAX_HEAD_DIM:
+        return None
+    options = dict(causal=is_causal, causal_alignment="top_left", scale=None, attn_mask=None, dropout_p=0.0)
+    return tensors, options, (batch, heads, length_q, value.shape[3])
 
 
 def sdpa_call(
@@ -195,6 +231,9 @@ def sdpa_call(
     Raises what torch raises for arguments torch refuses (the class, or one derived from
     it and from fusedattn's TypeError / ValueError), with a message naming the argument.
     """
+    plain = _plain_call(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+    if plain is not None:
+        return plain
     query, key, value = (_tensor(name, t) for name, t in zip(NAMES, (query, key, value)))
     if attn_mask is not None and not isinstance(attn_mask, torch.Tensor):
         raise TypeError(f"attn_mask: expected a torch.Tensor or None, got {_describe(attn_mask)}")

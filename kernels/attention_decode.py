@@ -172,7 +172,8 @@ def attention_decode_split_kernel(
         )  # fmt: skip
 
     empty = row_sum == 0.0
-    out = accumulator / tl.where(empty, 1.0, row_sum)[:, None]
+    # A slice with no key is 0, not 0 * a NaN value its tiles met (its lse -inf drops it).
+    out = tl.where(empty[:, None], 0.0, accumulator / tl.where(empty, 1.0, row_sum)[:, None])
     if HAS_DROPOUT:
         out = out * dropout_keep_scale
     lse = tl.where(empty, float("-inf"), (row_max + tl.math.log2(tl.where(empty, 1.0, row_sum))) * LN2)

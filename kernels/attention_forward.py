@@ -252,7 +252,8 @@ def attention_forward_kernel(
     if HAS_SINKS:
         accumulator, row_max, row_sum = fold_sink(accumulator, row_max, row_sum, Sinks, head, LOG2E)
     empty = row_sum == 0.0
-    out = accumulator / tl.where(empty, 1.0, row_sum)[:, None]
+    # A row with no key is 0, not 0 * a NaN value its block's tiles met.
+    out = tl.where(empty[:, None], 0.0, accumulator / tl.where(empty, 1.0, row_sum)[:, None])
     if HAS_DROPOUT:
         out = out * dropout_keep_scale
     lse = tl.where(empty, float("-inf"), (row_max + tl.math.log2(tl.where(empty, 1.0, row_sum))) * LN2)

@@ -110,4 +110,6 @@ def fold_sink(accumulator, row_max, row_sum, Sinks, head, LOG2E_SCALE: tl.conste
     combined = tl.maximum(row_max, sink)
     shift = tl.where(combined == float("-inf"), 0.0, combined)
     rescale = tl.math.exp2(row_max - shift)
-    return accumulator * rescale[:, None], shift, row_sum * rescale + tl.math.exp2(sink - shift)
+    # A row that saw no key is 0, not 0 * a NaN value its block's tiles met.
+    accumulator = tl.where((row_max == float("-inf"))[:, None], 0.0, accumulator * rescale[:, None])
+    return accumulator, shift, row_sum * rescale + tl.math.exp2(sink - shift)

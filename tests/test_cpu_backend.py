@@ -280,3 +280,17 @@ def test_large_head_dims(dims, dtype):
     q, k, v = make_qkv(batch=1, heads_q=4, heads_kv=1, seqlen_q=9, seqlen_k=21, dim=dim, dim_v=dim_v, dtype=dtype)
     assert_backend_matches("cpu", q, k, v, causal=True, sinks=torch.randn(4))
     assert_backend_matches("cpu", q[:, :, :1], k, v, window=(8, None))  # decode
+
+
+@pytest.mark.parametrize(("seqlen_q", "seqlen_k"), [(4, 3), (2, 300)])
+def test_row_without_keys_is_zero_with_sinks_and_a_nan_value(seqlen_q: int, seqlen_k: int) -> None:
+    # Row 0 sees no key (bottom-right causal with Sq > Sk, or key length 0) while its block
+    # computes tiles holding a NaN value: its output is 0 and its lse the sink, with or
+    # without sinks (docs/semantics.md, "Fully masked rows").
+    q, k, v = make_qkv(batch=1, heads_q=1, heads_kv=1, seqlen_q=seqlen_q, seqlen_k=seqlen_k, dim=16)
+    v[0, 0, seqlen_k - 1, 0] = float("nan")
+    options = {"causal": True} if seqlen_q > seqlen_k else {"key_lengths": torch.tensor([0], dtype=torch.int32)}
+    for sinks in (None, torch.tensor([0.5])):
+        out, lse = fusedattn.attention(q, k, v, sinks=sinks, return_lse=True, backend="cpu", **options)
+        assert torch.equal(out[0, 0, 0], torch.zeros(16))
+        assert float(lse[0, 0, 0]) == (float("-inf") if sinks is None else 0.5)

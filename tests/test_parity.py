@@ -423,3 +423,14 @@ def test_grid_draws_options_from_the_shared_feature_case_table():
     windows = {c.window for c in cases}
     assert {tuple(o["window"]) for o in FEATURE_CASES.values() if "window" in o} <= windows
     assert {o["softcap"] for o in FEATURE_CASES.values() if "softcap" in o} <= {c.softcap for c in cases}
+
+
+def test_every_layout_focus_keeps_its_layout():
+    # A dense-only option (a sequence block) drawn at random never takes a varlen or paged
+    # case's focus away.
+    from fusedattn.parity.cases import FOCUS, make_case
+
+    for index in range(len(FOCUS) * 60):
+        focus = FOCUS[index % len(FOCUS)]
+        if focus in ("varlen", "paged_kv"):
+            assert focus in make_case(index, 0, SMALL).features(False), index

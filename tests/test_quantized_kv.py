@@ -174,3 +174,15 @@ def test_refusals_name_the_argument() -> None:
     out = fusedattn.attention(q, key_cache, key_cache, k_descale=k_descale)
     out.sum().backward()
     assert q.grad is not None and bool(torch.isfinite(q.grad).all())
+
+
+def test_tiny_rows_and_flash_attn_compat() -> None:
+    # A row of values below float32's smallest normal gets a positive scale (never x / 0).
+    values, descale = fusedattn.quantize_kv(torch.tensor([[1e-44, 0.0, 0.0, 0.0], [1.0, 2.0, 0.0, 0.0]]))
+    assert bool(torch.isfinite(values.float()).all()) and bool((descale > 0).all())
+    # flash-attn's API takes q, k, v of one dtype: 8-bit k / v are refused, not read unscaled.
+    from fusedattn import compat
+
+    q = torch.randn(1, 5, 2, 16)
+    with pytest.raises(TypeError, match="k: expected the dtype of q"):
+        compat.flash_attn_func(q, q.to(torch.int8), q.to(torch.int8))

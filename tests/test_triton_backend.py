@@ -704,3 +704,17 @@ def test_paged_kernels_clamp_unchecked_block_numbers():
     out, lse = forward(unchecked)
     expected_out, expected_lse = forward(expected)
     assert torch.equal(out, expected_out) and torch.equal(lse, expected_lse)
+
+
+@pytest.mark.parametrize(("seqlen_q", "seqlen_k"), [(4, 3), (2, 300)])
+def test_row_without_keys_is_zero_with_sinks_and_a_nan_value(seqlen_q, seqlen_k):
+    # Row 0 sees no key while its block's tiles hold a NaN value: output 0, lse the sink
+    # (the forward kernel and the decode kernels).
+    q, k, v = _inputs(1, 1, 1, seqlen_q, seqlen_k, 16)
+    v[0, 0, seqlen_k - 1, 0] = float("nan")
+    options = {"causal": True} if seqlen_q > seqlen_k else {"key_lengths": torch.tensor([0], dtype=torch.int32)}
+    options = {name: value.to(DEVICE) if isinstance(value, torch.Tensor) else value for name, value in options.items()}
+    for sinks in (None, torch.tensor([0.5], device=DEVICE)):
+        out, lse = fusedattn.attention(q, k, v, sinks=sinks, return_lse=True, backend="triton", **options)
+        assert torch.equal(out[0, 0, 0].cpu(), torch.zeros(16))
+        assert float(lse[0, 0, 0]) == (float("-inf") if sinks is None else 0.5)

@@ -88,6 +88,14 @@ def _options(
     return options
 
 
+def _same_dtype(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    """flash-attn takes q, k, v of one dtype: an 8-bit k or v (which fusedattn.attention reads
+    with k_descale / v_descale) is refused here, not read with a scale of 1."""
+    for name, tensor in (("k", k), ("v", v)):
+        if isinstance(tensor, torch.Tensor) and isinstance(q, torch.Tensor) and tensor.dtype != q.dtype:
+            raise TypeError(f"{name}: expected the dtype of q ({q.dtype}), got {tensor.dtype}")
+
+
 def _drawn_seed(dropout_p: float) -> int | None:
     # The probabilities returned with return_attn_probs must show the kernel's dropout
     # pattern, so the seed is drawn here (from torch's generator, as fusedattn would).
@@ -120,6 +128,7 @@ def _dense(
     learnable_sink: torch.Tensor | None = None,
 ) -> FlashOutput:
     """The dense functions on q (B, Sq, Hq, D), k (B, Sk, Hkv, D), v (B, Sk, Hkv, Dv)."""
+    _same_dtype(q, k, v)
     # (B, S, H, D) -> fusedattn's (B, H, S, D): a view, never a copy.
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))
     options = _options(dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, learnable_sink)
@@ -320,6 +329,7 @@ def flash_attn_varlen_func(
     """
     del deterministic
     invalid = None
+    _same_dtype(q, k, v)
     options = _options(dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, learnable_sink)
     max_seqlen_q = integer_argument("max_seqlen_q", max_seqlen_q)
     max_seqlen_k = integer_argument("max_seqlen_k", max_seqlen_k)

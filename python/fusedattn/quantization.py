@@ -41,7 +41,9 @@ def quantize_kv(x: torch.Tensor, dtype: torch.dtype = torch.float8_e4m3fn) -> tu
     largest = x.detach().abs().amax(dim=-1).float()
     if not bool(torch.isfinite(largest).all()):
         raise ValueError("x: expected finite values (a row holds inf or NaN, which no scale represents)")
+    # At least float32's smallest normal: a row of tiny values must not get a scale of 0 (x / 0).
     descale = torch.where(largest > 0, largest / LARGEST_QUANTIZED_VALUE[dtype], torch.ones_like(largest))
+    descale = descale.clamp(min=torch.finfo(torch.float32).tiny)
     scaled = x.detach().float() / descale[..., None]
     if dtype == torch.int8:
         values = scaled.round().clamp(-127, 127).to(torch.int8)

@@ -99,8 +99,19 @@ def _local_check(q: object, k: object, v: object, placement: object, world: int,
     if call.alibi_slopes is not None and torch.is_grad_enabled() and options["alibi_slopes"].requires_grad:
         raise NotImplementedError("alibi_slopes: ring_attention does not differentiate the slopes")
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
-    # The backend must serve the blocks (a forced backend may refuse the dtype, say).
-    select_backend(replace(call, needs_grad=needs_grad), backend)
+    # The backend must serve the blocks (a forced backend may refuse the dtype, say), and
+    # blocks placed in the sequence when a rule reads positions: asked here, on every rank
+    # alike, so that no rank meets a refusal in the middle of the ring (a hang).
+    block = replace(call, needs_grad=needs_grad)
+    if (
+        call.causal
+        or call.alibi_slopes is not None
+        or call.dropout_p > 0
+        or call.window_left is not None
+        or (call.window_right is not None)
+    ):
+        block = replace(block, query_start=1, key_start=0)
+    select_backend(block, backend)
     if not HAS_OFFSETS and (call.alibi_slopes is not None or call.dropout_p > 0 or call.window_left is not None
                             or call.window_right is not None):  # fmt: skip
         raise NotImplementedError(

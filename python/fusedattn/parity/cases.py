@@ -402,6 +402,8 @@ def make_case(index: int, seed: int, profile: SizeProfile) -> Case:
         alignment = entry_alignment or "bottom_right"
         if entry_on & set(_MASK_FEATURES):
             on["varlen"] = False
+    if focus in ("varlen", "paged_kv"):
+        on["sequence_block"] = False  # dense calls only: it would take the focus away
     if on["paged_kv"]:
         # A paged call is a varlen call over a cache, forward only: no masks, no dropout.
         on.update(varlen=True, dropout=False, non_contiguous=False)

@@ -110,6 +110,7 @@ def fold_sink(accumulator, row_max, row_sum, Sinks, head, LOG2E_SCALE: tl.conste
     combined = tl.maximum(row_max, sink)
     shift = tl.where(combined == float("-inf"), 0.0, combined)
     rescale = tl.math.exp2(row_max - shift)
-    # A row that saw no key is 0, not 0 * a NaN value its block's tiles met.
-    accumulator = tl.where((row_max == float("-inf"))[:, None], 0.0, accumulator * rescale[:, None])
+    # A row that saw no key (sum 0; a NaN row's sum is NaN) is 0, not 0 * a NaN value its
+    # block's tiles met.
+    accumulator = tl.where((row_sum == 0.0)[:, None], 0.0, accumulator * rescale[:, None])
     return accumulator, shift, row_sum * rescale + tl.math.exp2(sink - shift)

@@ -295,6 +295,18 @@ def test_emulated_nan_query_row_stays_nan(emulated):
     assert torch.equal(grad_q.isnan().any(-1), nan_row)
 
 
+@pytest.mark.parametrize("sinks", [None, 0.5])
+def test_emulated_row_without_keys_is_zero_beside_a_nan_value(emulated, sinks):
+    # Row 0 sees no key (bottom-right causal, Sq > Sk) while its block's tiles hold a NaN
+    # value: its output is 0 and its lse the sink (or -inf); a NaN query row stays NaN.
+    q, k, v = _inputs(1, 1, 1, 4, 3, 16, dtype=torch.float32, device="cpu")
+    v[0, 0, 2, 0] = float("nan")
+    sink = None if sinks is None else torch.tensor([sinks])
+    out, lse = fusedattn.attention(q, k, v, causal=True, sinks=sink, return_lse=True, backend=emulated)
+    assert torch.equal(out[0, 0, 0], torch.zeros(16))
+    assert float(lse[0, 0, 0]) == (float("-inf") if sinks is None else sinks)
+
+
 def test_emulated_dropout_near_one_stays_in_fp16_range(emulated):
     # p = 0.99999: a kept probability times 1 / (1 - p) = 1e5 passes fp16's range, while
     # out and dv (1e5 * 0.01) do not; scaling before the fp16 store used to give inf.

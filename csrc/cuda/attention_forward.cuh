@@ -201,9 +201,9 @@ __global__ void __launch_bounds__(kThreads) attention_forward_kernel(const Atten
       }
     }
     const bool empty = sum == 0.0f;
-    // A row that saw no key is 0 even when a value it did not see is NaN or Inf (the
-    // accumulator holds 0 * V for the tiles its block computed).
-    const bool saw_no_key = row_max[r] == -INFINITY;
+    // A row that saw no key (sum 0 before the sink; a NaN row's sum is NaN) is 0 even when a
+    // value it did not see is NaN or Inf (the accumulator holds 0 * V for its block's tiles).
+    const bool saw_no_key = row_sum[r] == 0.0f;
     const float inverse = empty ? 0.0f : (dropout ? p.dropout_keep_scale : 1.0f) * rescale / sum;
     Element* out_row = out + (int64_t{view.q_row_base} + row) * p.out_strides.row;
     for (int column = lane; column < p.head_dim_v; column += 32)

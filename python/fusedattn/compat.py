@@ -91,8 +91,10 @@ def _options(
 def _same_dtype(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
     """flash-attn takes q, k, v of one dtype: an 8-bit k or v (which fusedattn.attention reads
     with k_descale / v_descale) is refused here, not read with a scale of 1."""
+    if not isinstance(q, torch.Tensor) or not q.is_floating_point():
+        return  # a q of no floating dtype is refused by name in validation
     for name, tensor in (("k", k), ("v", v)):
-        if isinstance(tensor, torch.Tensor) and isinstance(q, torch.Tensor) and tensor.dtype != q.dtype:
+        if isinstance(tensor, torch.Tensor) and tensor.dtype != q.dtype:
             raise TypeError(f"{name}: expected the dtype of q ({q.dtype}), got {tensor.dtype}")
 
 

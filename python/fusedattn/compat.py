@@ -31,7 +31,14 @@ from . import semantics
 from .api import attention, attention_paged, attention_varlen
 from .dispatch import select_backend
 from .nn.weights import attention_probabilities
-from .validation import integer_argument, integer_pair, number_argument, poison_if_invalid, validate_attention
+from .validation import (
+    integer_argument,
+    integer_pair,
+    number_argument,
+    poison_if_invalid,
+    require_dtype_of_q,
+    validate_attention,
+)
 from .validation_kvcache import check_kv_cache_tensors, kv_cache_indices, paged_sequence_lengths
 
 __all__ = [
@@ -88,14 +95,10 @@ def _options(
     return options
 
 
-def _same_dtype(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-    """flash-attn takes q, k, v of one dtype: an 8-bit k or v (which fusedattn.attention reads
-    with k_descale / v_descale) is refused here, not read with a scale of 1."""
-    if not isinstance(q, torch.Tensor) or not q.is_floating_point():
-        return  # a q of no floating dtype is refused by name in validation
-    for name, tensor in (("k", k), ("v", v)):
-        if isinstance(tensor, torch.Tensor) and tensor.dtype != q.dtype:
-            raise TypeError(f"{name}: expected the dtype of q ({q.dtype}), got {tensor.dtype}")
+def _one_dtype(q: object, k: object, v: object) -> None:
+    # A q of no floating dtype is refused by name in validation (before k, v are compared).
+    if isinstance(q, torch.Tensor) and q.is_floating_point():
+        require_dtype_of_q(q, (("k", k), ("v", v)))
 
 
 def _drawn_seed(dropout_p: float) -> int | None:
@@ -130,7 +133,7 @@ def _dense(
     learnable_sink: torch.Tensor | None = None,
 ) -> FlashOutput:
     """The dense functions on q (B, Sq, Hq, D), k (B, Sk, Hkv, D), v (B, Sk, Hkv, Dv)."""
-    _same_dtype(q, k, v)
+    _one_dtype(q, k, v)
     # (B, S, H, D) -> fusedattn's (B, H, S, D): a view, never a copy.
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))
     options = _options(dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, learnable_sink)
@@ -331,7 +334,7 @@ def flash_attn_varlen_func(
     """
     del deterministic
     invalid = None
-    _same_dtype(q, k, v)
+    _one_dtype(q, k, v)
     options = _options(dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, learnable_sink)
     max_seqlen_q = integer_argument("max_seqlen_q", max_seqlen_q)
     max_seqlen_k = integer_argument("max_seqlen_k", max_seqlen_k)

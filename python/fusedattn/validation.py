@@ -207,6 +207,14 @@ def _window(window: object) -> tuple[int | None, int | None]:
     return sides[0], sides[1]
 
 
+def require_dtype_of_q(q: torch.Tensor, named: tuple[tuple[str, object], ...]) -> None:
+    """flash-attn's rule (fusedattn.compat): every named tensor in q's dtype. The core API
+    also reads 8-bit K/V (with k_descale / v_descale), which flash-attn's functions refuse."""
+    for name, tensor in named:
+        if isinstance(tensor, torch.Tensor) and tensor.dtype != q.dtype:
+            raise TypeError(f"{name}: expected the dtype of q ({q.dtype}), got {tensor.dtype}")
+
+
 def _sequence_start(name: str, value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name}: expected an int, got {_describe(value)}")

@@ -28,6 +28,7 @@ from .validation import (
     _same_count,
     _used_blocks,
     integer_argument,
+    require_dtype_of_q,
 )
 
 
@@ -49,8 +50,7 @@ def check_kv_cache_tensors(q: object, k_cache: object, v_cache: object, k: objec
         tensor = _require_tensor(name, tensor)
         if tensor.dim() != 4:
             raise ValueError(f"{name}: expected a 4-D tensor {layout}, got shape {tuple(tensor.shape)}")
-        if tensor.dtype != q.dtype and name != "q":
-            raise TypeError(f"{name}: expected the dtype of q ({q.dtype}), got {tensor.dtype}")
+        require_dtype_of_q(q, ((name, tensor),))
         if tensor.device != q.device:
             raise ValueError(f"{name}: expected the device of q ({q.device}), got {tensor.device}")
     if tuple(v_cache.shape[:3]) != tuple(k_cache.shape[:3]):

@@ -5,9 +5,11 @@ Three groups:
     dispatcher treats it where it cannot run (CPU tensors, no GPU, no CUDA build);
   * the kernels on the CPU, everywhere: csrc/cuda/emulation builds the real kernels and
     operator bodies against a host emulation of CUDA (fibers for CUDA threads, scheduled
-    in random order between barriers; wmma emulated with its alignment rules checked) and
-    registers them as a test backend "cuda_emulated": fp16/bf16 run the tensor-core path,
-    fp32 the FMA path. The launchers and the real hardware are all it leaves out;
+    in random order between barriers; mma.sync, ldmatrix, cp.async and wmma emulated by
+    their documented layouts and rules) and registers them as a test backend
+    "cuda_emulated": the fp16/bf16 forward runs the mma kernel (more of it in
+    tests/test_cuda_emulated_forward.py), the backward its tensor-core path, fp32 the FMA
+    path. The launchers and the real hardware are all it leaves out;
   * marked gpu: the compiled kernels on a GPU for every claimed feature, forward and
     backward, skipped unless the backend is available (fusedattn._C built with CUDA).
 Both kernel groups go through fusedattn.testing.assert_backend_matches. At the end, the
@@ -18,19 +20,16 @@ or heads.
 
 from __future__ import annotations
 
-import dataclasses
-import functools
 import math
 import random
-import shutil
-from pathlib import Path
 
+import cuda_emulation
 import fusedattn
 import pytest
 import torch
 from fusedattn import dispatch, semantics
 from fusedattn.backends import cuda as cuda_backend
-from fusedattn.backends.base import Backend, CallProfile
+from fusedattn.backends.base import CallProfile
 from fusedattn.ops import NATIVE_OPTIONS
 from fusedattn.testing import FEATURE_CASES, assert_backend_matches, feature_case, undeclared_features
 from fusedattn.validation import validate_attention
@@ -154,37 +153,11 @@ HEAD_DIMS = [(1, 1), (16, 16), (40, 40), (64, 64), (80, 80), (96, 96), (128, 128
 
 
 # ---- the kernels on the CPU, through the host emulation -----------------------------------
-EMULATION_SOURCE = Path(__file__).resolve().parents[1] / "csrc" / "cuda" / "emulation" / "emulated_ops.cpp"
-
-
 @pytest.fixture(scope="module")
 def emulated():
     """Build csrc/cuda/emulation (once; cached under build/) and register "cuda_emulated"."""
-    if shutil.which("c++") is None and shutil.which("g++") is None:
-        pytest.skip("no C++ compiler to build the CUDA emulation")
-    from torch.utils import cpp_extension
-
-    build_dir = EMULATION_SOURCE.parents[3] / "build" / "cuda-emulation"
-    build_dir.mkdir(parents=True, exist_ok=True)
-    cpp_extension.load(
-        name="fusedattn_cuda_emulation",
-        sources=[str(EMULATION_SOURCE)],
-        extra_cflags=["-std=c++17", "-O1", "-Wno-unknown-pragmas"],
-        build_directory=str(build_dir),
-        is_python_module=False,
-    )
-    operators = torch.ops.fusedattn_cuda_emulation
-    backend = Backend(
-        name="cuda_emulated",
-        description="csrc/cuda kernels run by the CPU emulation (tests only)",
-        capabilities=dataclasses.replace(cuda_backend.BACKEND.capabilities, devices=frozenset({"cpu"})),
-        forward=functools.partial(cuda_backend.forward, operators=operators),
-        backward=functools.partial(cuda_backend.backward, operators=operators),
-    )
-    registry = dispatch.registry()
-    registry[backend.name] = backend
-    yield backend.name
-    registry.pop(backend.name, None)
+    with cuda_emulation.registered_backend() as name:
+        yield name
 
 
 def test_emulated_schemas_take_the_native_options_in_order(emulated):
@@ -272,6 +245,20 @@ def test_strided_inputs_match_reference(dtype):
 def test_larger_problem_matches_reference(dtype):
     q, k, v = _inputs(2, 8, 2, 1000, 1500, 128, dtype=dtype, device="cuda")
     assert_backend_matches("cuda", q, k, v, causal=True)
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("options", [{}, {"window": (3000, 0), "sinks": True}], ids=["plain", "window-sinks"])
+def test_split_kv_decode_matches_reference(dtype, options):
+    # Sq 1 with 32 query heads: too few blocks for the GPU, so the launcher splits the keys
+    # (attention_params.h, forward_split_count) and combines the parts by their lse.
+    q, k, v = _inputs(2, 32, 8, 1, 5000, 128, dtype=dtype, device="cuda")
+    key_lengths = torch.tensor([5000, 1234], dtype=torch.int32, device="cuda")
+    kwargs = dict(options)
+    if kwargs.pop("sinks", False):
+        kwargs["sinks"] = torch.rand(32, device="cuda")
+    assert_backend_matches("cuda", q, k, v, key_lengths=key_lengths, **kwargs)
 
 
 @needs_gpu
@@ -538,7 +525,8 @@ def test_emulated_native_ops_check_shapes(emulated):
 # onto grid.x. Emulating 10^5 blocks takes minutes, so the emulation runs a sample of block
 # indices (sample_blocks) on both sides of 65535, and the test checks that exactly the tiles
 # those indices decode to were computed, and computed right. Tiles of ForwardConfig<float, 32>
-# (64 query rows) and BackwardConfig<float, 32> (64 keys): the buckets of head dim 1.
+# (64 query rows), BackwardConfig<float, 32> (64 keys) and the GQA group sum (kGroupSumKeys,
+# 64 keys): the buckets of head dim 1.
 _FORWARD_TILE_ROWS = 64
 _BACKWARD_TILE_KEYS = 64
 
@@ -597,36 +585,41 @@ def test_emulated_grids_past_65535_decode_every_block(emulated, batch, heads_q, 
         torch.testing.assert_close(lse[b, h, rows].double(), expected_lse[rows], rtol=1e-5, atol=1e-5)
     assert bool((out[~computed] == _SENTINEL).all()) and bool((lse[~computed] == _SENTINEL).all())
 
-    # Backward: one block per (key tile, kv head, sequence), over its whole GQA group.
+    # Backward: one block per (key tile, query head, sequence) writing that head's dK, dV
+    # partials, then one group-sum block per (key tile, kv head, sequence) adding them. The
+    # same sampled indices run in both grids; partials of unsampled heads read as 0.
     tiles = -(-seqlen_k // _BACKWARD_TILE_KEYS)
-    samples = _sampled_blocks(tiles * heads_kv * batch)
+    samples = _sampled_blocks(tiles * heads_q * batch)
     grad_out = torch.randn(batch, heads_q, seqlen_q, 1)
     out_in, lse_in = torch.zeros(batch, heads_q, seqlen_q, 1), torch.zeros(batch, heads_q, seqlen_q)
+    computed_heads = {_decode(block, tiles, heads_q) for block in samples}  # (tile, query head, b)
+    summed = [_decode(block, tiles, heads_kv) for block in samples if block < tiles * heads_kv * batch]
     expected = {}  # (b, h): probabilities, dS of the whole sequence
-    for block in samples:
-        _tile, kv_head, b = _decode(block, tiles, heads_kv)
-        for h in range(kv_head * group, (kv_head + 1) * group):
+    for _tile, h, b in computed_heads | {(t, kv * group + m, b) for t, kv, b in summed for m in range(group)}:
+        if (b, h) not in expected:
             probabilities, out_bh, lse_bh = reference(b, h)
             out_in[b, h], lse_in[b, h] = out_bh.float(), lse_bh.float()
-            grad_probabilities = grad_out[b, h].double() @ v[b, kv_head].double().T
+            grad_probabilities = grad_out[b, h].double() @ v[b, h // group].double().T
             delta = (grad_out[b, h].double() * out_in[b, h].double()).sum(-1, keepdim=True)
             expected[b, h] = probabilities, probabilities * (grad_probabilities - delta) * scale
     dq, dk, dv = (torch.full_like(t, _SENTINEL) for t in (q, k, v))
     _run_sampled(samples, "cuda_attention_backward", grad_out, q, k, v, out_in, lse_in, dq, dk, dv, scale=scale)
-    computed = torch.zeros(batch, heads_kv, seqlen_k, dtype=torch.bool)
     expected_dq = torch.zeros(batch, heads_q, seqlen_q, 1, dtype=torch.float64)
-    for block in samples:
-        tile, kv_head, b = _decode(block, tiles, heads_kv)
+    for tile, h, b in computed_heads:
+        keys = slice(tile * _BACKWARD_TILE_KEYS, (tile + 1) * _BACKWARD_TILE_KEYS)
+        expected_dq[b, h] += expected[b, h][1][:, keys] @ k[b, h // group, keys].double()
+    torch.testing.assert_close(dq.double(), expected_dq, rtol=1e-4, atol=1e-5)
+    computed = torch.zeros(batch, heads_kv, seqlen_k, dtype=torch.bool)
+    for tile, kv_head, b in summed:
         keys = slice(tile * _BACKWARD_TILE_KEYS, (tile + 1) * _BACKWARD_TILE_KEYS)
         computed[b, kv_head, keys] = True
         expected_dk = torch.zeros(seqlen_k, 1, dtype=torch.float64)
         expected_dv = torch.zeros(seqlen_k, 1, dtype=torch.float64)
         for h in range(kv_head * group, (kv_head + 1) * group):
-            probabilities, grad_scores = expected[b, h]
-            expected_dv += probabilities.T @ grad_out[b, h].double()
-            expected_dk += grad_scores.T @ q[b, h].double()
-            expected_dq[b, h] += grad_scores[:, keys] @ k[b, kv_head, keys].double()
+            if (tile, h, b) in computed_heads:
+                probabilities, grad_scores = expected[b, h]
+                expected_dv += probabilities.T @ grad_out[b, h].double()
+                expected_dk += grad_scores.T @ q[b, h].double()
         torch.testing.assert_close(dk[b, kv_head, keys].double(), expected_dk[keys], rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(dv[b, kv_head, keys].double(), expected_dv[keys], rtol=1e-4, atol=1e-5)
     assert bool((dk[~computed] == _SENTINEL).all()) and bool((dv[~computed] == _SENTINEL).all())
-    torch.testing.assert_close(dq.double(), expected_dq, rtol=1e-4, atol=1e-5)

@@ -1,7 +1,6 @@
-// Flash attention backward: one block per (key tile, kv head, sequence), flattened onto
+// Flash attention backward: one block per (key tile, query head, sequence), flattened onto
 // grid.x (grid_block). The block keeps its K and V tiles and the dK, dV accumulators in
-// shared memory and walks every query head of its GQA group and every query tile that can
-// see its keys:
+// shared memory and walks every query tile that can see its keys:
 //
 //   S = Q K^T, dP = dO V^T                     (warp tiles)
 //   P = exp(score(S) - lse), dropout on P and dP, dS = P (dP - delta) [softcap'] scale
@@ -9,8 +8,11 @@
 //   dV += P_dropped^T dO, dK += dS^T Q          (warp tiles, shared accumulators)
 //   dQ += dS K                                  (warp tiles, atomicAdd into float32 dq_accum)
 //
-// delta = rowsum(dO * out) and the dq_accum buffer come from the caller. Summing dK/dV
-// over the group inside one block keeps those two outputs free of atomics.
+// delta = rowsum(dO * out) and the dq_accum buffer come from the caller. Without GQA the
+// block writes dK, dV. With GQA (group > 1) the query heads of a group run in parallel
+// blocks and write their float dK, dV to per-query-head buffers (dk_partial, dv_partial);
+// attention_backward_group_sum_kernel then adds the group's heads in a fixed order (no
+// atomics, the same result on every run) and writes dK, dV.
 #pragma once
 
 #include "attention_common.cuh"
@@ -77,15 +79,16 @@ __global__ void __launch_bounds__(kThreads) attention_backward_kernel(const Atte
   const int warp = threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
   float* warp_scratch = scratch + warp * kTile * kTile;
-  const GridBlock block = grid_block(tile_count(p.seqlen_k, kBlockN), p.heads_kv);
+  const GridBlock block = grid_block(tile_count(p.seqlen_k, kBlockN), p.heads_q);
   const int key_block = block.tile;
-  const int kv_head = block.head;
+  const int head = block.head;
   const int batch = block.batch;
   const SequenceView view = sequence_view(p, batch);
   const int key_start = key_block * kBlockN;
   if (key_start >= view.seqlen_k) return;
   const int valid_keys = min(kBlockN, view.seqlen_k - key_start);
   const int group = p.heads_q / p.heads_kv;
+  const int kv_head = head / group;
   const bool dropout = p.dropout_threshold != 0;
   const int qk_tiles = tiles_of(p.head_dim);
   const int value_tiles = tiles_of(p.head_dim_v);
@@ -109,8 +112,7 @@ __global__ void __launch_bounds__(kThreads) attention_backward_kernel(const Atte
       last_key >= key_start ? static_cast<int>(clamp_int64(int64_t{last_key} - view.lowest + 1, 0, view.seqlen_q)) : 0;
   row_begin = row_begin / kBlockM * kBlockM;
 
-  for (int member = 0; member < group; ++member) {
-    const int head = kv_head * group + member;
+  {
     const ScoreRule<Element> rule(p, view, batch, head);
     const Element* q = static_cast<const Element*>(p.q) + batch * p.q_strides.batch + head * p.q_strides.head;
     const Element* grad_out = static_cast<const Element*>(bp.grad_out) + batch * bp.grad_out_strides.batch +
@@ -231,12 +233,27 @@ __global__ void __launch_bounds__(kThreads) attention_backward_kernel(const Atte
   }
   __syncthreads();
 
-  // Every key row of this tile gets its dK and dV, zero when no query saw it.
+  // Every key row of this tile gets its dK and dV, zero when no query saw it: in dk, dv
+  // without GQA, in this query head's partials with it.
+  const float value_scale = dropout ? p.dropout_keep_scale : 1.0f;  // P was stored unscaled
+  if (group > 1) {
+    float* dk_partial = bp.dk_partial + batch * bp.partial_strides.batch + head * bp.partial_strides.head +
+                        k_row * bp.partial_strides.row;
+    float* dv_partial = bp.dv_partial + batch * bp.partial_strides.batch + head * bp.partial_strides.head +
+                        k_row * bp.partial_strides.row;
+    const int columns = max(p.head_dim, p.head_dim_v);  // the partials' width
+    for (int index = threadIdx.x; index < valid_keys * columns; index += blockDim.x) {
+      const int r = index / columns;
+      const int column = index % columns;
+      dk_partial[r * bp.partial_strides.row + column] = grad_key[r * kGradientPitch + column];
+      dv_partial[r * bp.partial_strides.row + column] = grad_value[r * kGradientPitch + column] * value_scale;
+    }
+    return;
+  }
   Element* dk = static_cast<Element*>(bp.dk) + batch * bp.dk_strides.batch + kv_head * bp.dk_strides.head +
                 k_row * bp.dk_strides.row;
   Element* dv = static_cast<Element*>(bp.dv) + batch * bp.dv_strides.batch + kv_head * bp.dv_strides.head +
                 k_row * bp.dv_strides.row;
-  const float value_scale = dropout ? p.dropout_keep_scale : 1.0f;  // P was stored unscaled
   for (int index = threadIdx.x; index < valid_keys * kHeadDim; index += blockDim.x) {
     const int r = index / kHeadDim;
     const int column = index % kHeadDim;
@@ -247,10 +264,53 @@ __global__ void __launch_bounds__(kThreads) attention_backward_kernel(const Atte
   }
 }
 
+// GQA: dK, dV of a KV head = the sum of its query heads' partials, added in head order.
+// One block per (key tile, kv head, sequence) of kGroupSumKeys keys; the same clamped
+// sequence bounds as the backward kernel, so it reads only rows that kernel wrote.
+constexpr int kGroupSumKeys = 64;
+
+template <typename Element>
+__global__ void __launch_bounds__(kThreads) attention_backward_group_sum_kernel(const AttentionBackwardParams bp) {
+  const AttentionParams& p = bp.forward;
+  const GridBlock block = grid_block(tile_count(p.seqlen_k, kGroupSumKeys), p.heads_kv);
+  const int kv_head = block.head;
+  const int batch = block.batch;
+  const SequenceView view = sequence_view(p, batch);
+  const int key_start = block.tile * kGroupSumKeys;
+  if (key_start >= view.seqlen_k) return;
+  const int valid_keys = min(kGroupSumKeys, view.seqlen_k - key_start);
+  const int group = p.heads_q / p.heads_kv;
+  const int64_t k_row = int64_t{view.k_row_base} + key_start;
+  const int columns = p.head_dim > p.head_dim_v ? p.head_dim : p.head_dim_v;
+  const float* dk_partial = bp.dk_partial + batch * bp.partial_strides.batch + k_row * bp.partial_strides.row;
+  const float* dv_partial = bp.dv_partial + batch * bp.partial_strides.batch + k_row * bp.partial_strides.row;
+  Element* dk = static_cast<Element*>(bp.dk) + batch * bp.dk_strides.batch + kv_head * bp.dk_strides.head +
+                k_row * bp.dk_strides.row;
+  Element* dv = static_cast<Element*>(bp.dv) + batch * bp.dv_strides.batch + kv_head * bp.dv_strides.head +
+                k_row * bp.dv_strides.row;
+  for (int index = threadIdx.x; index < valid_keys * columns; index += blockDim.x) {
+    const int r = index / columns;
+    const int column = index % columns;
+    float key_sum = 0.0f;
+    float value_sum = 0.0f;
+    for (int member = 0; member < group; ++member) {
+      const int64_t at = int64_t{kv_head * group + member} * bp.partial_strides.head + r * bp.partial_strides.row +
+                         column;
+      key_sum += dk_partial[at];
+      value_sum += dv_partial[at];
+    }
+    if (column < p.head_dim) dk[r * bp.dk_strides.row + column] = from_float<Element>(key_sum);
+    if (column < p.head_dim_v) dv[r * bp.dv_strides.row + column] = from_float<Element>(value_sum);
+  }
+}
+
 // Blocks of the backward grid, as flat_grid_blocks (the launcher and the CPU emulation).
 template <typename Element, int kHeadDim>
 int64_t backward_grid_blocks(const AttentionParams& p) {
-  return flat_grid_blocks(tile_count(p.seqlen_k, BackwardConfig<Element, kHeadDim>::kBlockN), p.heads_kv, p.batch);
+  return flat_grid_blocks(tile_count(p.seqlen_k, BackwardConfig<Element, kHeadDim>::kBlockN), p.heads_q, p.batch);
+}
+inline int64_t group_sum_grid_blocks(const AttentionParams& p) {
+  return flat_grid_blocks(tile_count(p.seqlen_k, kGroupSumKeys), p.heads_kv, p.batch);
 }
 
 #if defined(__CUDACC__)  // launchers: nvcc only (the CPU emulation launches kernels itself)
@@ -259,13 +319,18 @@ const char* launch_attention_backward(const AttentionBackwardParams& bp, cudaStr
   using Config = BackwardConfig<Element, kHeadDim>;
   const int64_t blocks = backward_grid_blocks<Element, kHeadDim>(bp.forward);
   if (blocks == 0) return nullptr;
-  if (blocks < 0) return "fusedattn cuda: more than 2^31 - 1 key tiles x kv heads x sequences";
+  if (blocks < 0) return "fusedattn cuda: more than 2^31 - 1 key tiles x query heads x sequences";
   auto kernel = attention_backward_kernel<Element, kHeadDim>;
   cudaError_t error =
       cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Config::kSharedBytes);
   if (error != cudaSuccess) return cudaGetErrorString(error);
   const dim3 grid(static_cast<unsigned>(blocks));
   kernel<<<grid, kThreads, Config::kSharedBytes, stream>>>(bp);
+  error = cudaGetLastError();
+  if (error != cudaSuccess || bp.forward.heads_q == bp.forward.heads_kv)
+    return error == cudaSuccess ? nullptr : cudaGetErrorString(error);
+  attention_backward_group_sum_kernel<Element>
+      <<<dim3(static_cast<unsigned>(group_sum_grid_blocks(bp.forward))), kThreads, 0, stream>>>(bp);
   error = cudaGetLastError();
   return error == cudaSuccess ? nullptr : cudaGetErrorString(error);
 }

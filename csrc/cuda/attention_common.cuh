@@ -2,6 +2,9 @@
 // tile configurations, tile loads, the score rule of docs/semantics.md, the dropout hash,
 // and the 16x16 warp tile products (tensor cores for fp16/bf16 on sm_80+, FMA otherwise).
 //
+// The fp16/bf16 forward (attention_forward_mma.cuh) keeps its tiles in registers and uses
+// only the element, grid, sequence, score-rule and dropout pieces of this file. For the fp32
+// forward and the backward:
 // Design: every tile lives in shared memory. Matrix products are split into 16x16 output
 // tiles handed to warps round-robin; each tile is computed by one warp (WMMA fragments or
 // FMA) and written back to shared memory as float. All elementwise work (masking, softmax,
@@ -260,7 +263,8 @@ struct ScoreRule {
     float s = dot * scale;
     float t = 0.0f;
     if (softcap > 0.0f) {
-      t = tanhf(s / softcap);
+      // __fdividef (2 ulp): IEEE division calls a slow-path subroutine whose call spills.
+      t = tanhf(__fdividef(s, softcap));
       s = softcap * t;
     }
     if (alibi_slope != 0.0f) s -= alibi_slope * fabsf(static_cast<float>(int64_t{row} - key + query_offset));
@@ -272,6 +276,8 @@ struct ScoreRule {
 };
 
 // ---- tile loads ------------------------------------------------------------------------------
+// For blocks of kThreads threads (the fp32 forward and the backward): a stride known at
+// compile time keeps these loops free of the call-based loop exits that made ptxas spill.
 // Copy `rows` x `columns` (columns a multiple of 16) from global rows `source` (row stride
 // in elements) into a shared tile with pitch `pitch`; rows >= valid_rows and columns >=
 // valid_columns are zero-filled, so padded products are exact.
@@ -283,7 +289,7 @@ __device__ __forceinline__ void load_tile(Element* tile, int pitch, const Elemen
     // 16-byte chunks; valid_columns is a multiple of the chunk, so chunks are all in or all out.
     constexpr int kChunk = 16 / static_cast<int>(sizeof(Element));
     const int chunks_per_row = columns / kChunk;
-    for (int index = threadIdx.x; index < rows * chunks_per_row; index += blockDim.x) {
+    for (int index = threadIdx.x; index < rows * chunks_per_row; index += kThreads) {
       const int row = index / chunks_per_row;
       const int column = (index % chunks_per_row) * kChunk;
       uint4 value = make_uint4(0u, 0u, 0u, 0u);
@@ -293,7 +299,7 @@ __device__ __forceinline__ void load_tile(Element* tile, int pitch, const Elemen
     }
     return;
   }
-  for (int index = threadIdx.x; index < rows * columns; index += blockDim.x) {
+  for (int index = threadIdx.x; index < rows * columns; index += kThreads) {
     const int row = index / columns;
     const int column = index % columns;
     Element value = from_float<Element>(0.0f);
@@ -304,7 +310,7 @@ __device__ __forceinline__ void load_tile(Element* tile, int pitch, const Elemen
 
 template <typename T>
 __device__ __forceinline__ void fill_shared(T* data, int count, T value) {
-  for (int index = threadIdx.x; index < count; index += blockDim.x) data[index] = value;
+  for (int index = threadIdx.x; index < count; index += kThreads) data[index] = value;
 }
 
 // ---- 16x16 warp tile products -----------------------------------------------------------------

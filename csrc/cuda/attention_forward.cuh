@@ -119,8 +119,11 @@ __global__ void __launch_bounds__(kThreads) attention_forward_kernel(const Atten
     }
     __syncthreads();
 
-    // Online softmax, one warp per row.
-    for (int r = warp; r < kBlockM; r += kWarps) {
+    // Online softmax, one warp per row. A trip count known at compile time keeps the warp
+    // shuffles in code the compiler sees as convergent (else it calls a shuffle subroutine,
+    // and the call spills).
+    for (int step = 0; step < kBlockM / kWarps; ++step) {
+      const int r = warp + step * kWarps;
       const int row = first_row + r;
       float logits[kColumnsPerLane];
       float tile_max = -INFINITY;
@@ -204,7 +207,8 @@ __global__ void __launch_bounds__(kThreads) attention_forward_kernel(const Atten
     // A row that saw no key (sum 0 before the sink; a NaN row's sum is NaN) is 0 even when a
     // value it did not see is NaN or Inf (the accumulator holds 0 * V for its block's tiles).
     const bool saw_no_key = row_sum[r] == 0.0f;
-    const float inverse = empty ? 0.0f : (dropout ? p.dropout_keep_scale : 1.0f) * rescale / sum;
+    // __fdividef (sum >= 1 here): IEEE division calls a slow-path subroutine whose call spills.
+    const float inverse = empty ? 0.0f : __fdividef((dropout ? p.dropout_keep_scale : 1.0f) * rescale, sum);
     Element* out_row = out + (int64_t{view.q_row_base} + row) * p.out_strides.row;
     for (int column = lane; column < p.head_dim_v; column += 32)
       out_row[column] = from_float<Element>(saw_no_key ? 0.0f : output[r * kOutputPitch + column] * inverse);

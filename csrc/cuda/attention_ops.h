@@ -243,7 +243,8 @@ struct PreparedCall {
 
 // The operator bodies, for a Device policy: Device::check(q) rejects other devices,
 // Device::guard(q) makes q's device current for the scope, Device::stream() is the
-// stream to launch on (bindings.cpp: CUDA; the CPU emulation of the tests: none).
+// stream to launch on, Device::multiprocessors(q) the SM count the split-KV choice fills
+// (bindings.cpp: CUDA; the CPU emulation of the tests: none, and a fixed count).
 template <typename Device>
 void attention_forward_op(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in, at::Tensor& out,
                           at::Tensor& lse FUSEDATTN_OPTION_PARAMETERS) {
@@ -260,6 +261,17 @@ void attention_forward_op(const at::Tensor& q_in, const at::Tensor& k_in, const 
   p.out_strides = detail::row_strides(out, call.varlen);
   p.lse = lse.data_ptr<float>();
   p.lse_strides = detail::lse_strides(lse, call.varlen);
+  // Split-KV (attention_params.h, forward_split_count): float partials for the combine.
+  at::Tensor split_out, split_stats;
+  p.num_splits = forward_split_count(p, Device::multiprocessors(call.q));
+  if (p.num_splits > 1) {
+    p.split_rows = int64_t{p.heads_q} * (call.varlen ? p.total_q : int64_t{p.batch} * p.seqlen_q);
+    const auto float_options = call.q.options().dtype(at::kFloat);
+    split_out = at::empty({p.num_splits, p.split_rows, p.head_dim_v}, float_options);
+    split_stats = at::empty({p.num_splits, p.split_rows, 2}, float_options);
+    p.split_out = split_out.data_ptr<float>();
+    p.split_stats = split_stats.data_ptr<float>();
+  }
   const char* error = attention_forward(p, Device::stream());
   TORCH_CHECK(error == nullptr, "fusedattn cuda forward: ", error);
 }
@@ -315,6 +327,19 @@ void attention_backward_op(const at::Tensor& grad_out_in, const at::Tensor& q_in
   bp.dk_strides = row_strides(dk, varlen);
   bp.dv = dv.data_ptr();
   bp.dv_strides = row_strides(dv, varlen);
+  // GQA: float dK, dV per query head, summed over each group by the kernels
+  // (attention_backward.cuh). Sized by the tensors, like dq_accum.
+  at::Tensor dk_partial, dv_partial;
+  if (bp.forward.heads_q != bp.forward.heads_kv) {
+    const int64_t columns = std::max(q.size(-1), call.v.size(-1));
+    std::vector<int64_t> shape = varlen ? std::vector<int64_t>{call.k.size(0), q.size(1), columns}
+                                        : std::vector<int64_t>{q.size(0), q.size(1), call.k.size(2), columns};
+    dk_partial = at::empty(shape, q.options().dtype(at::kFloat));
+    dv_partial = at::empty(shape, q.options().dtype(at::kFloat));
+    bp.dk_partial = dk_partial.data_ptr<float>();
+    bp.dv_partial = dv_partial.data_ptr<float>();
+    bp.partial_strides = row_strides(dk_partial, varlen);
+  }
   const char* error = attention_backward(bp, Device::stream());
   TORCH_CHECK(error == nullptr, "fusedattn cuda backward: ", error);
   dq.copy_(dq_accum);

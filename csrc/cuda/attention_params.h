@@ -78,7 +78,43 @@ struct AttentionParams {
   // True when every row start of q/k/v/out/grad_out is 16-byte aligned and the head dims
   // are multiples of 16 bytes: tiles are then copied with 16-byte vector loads.
   bool vector_loads = false;
+
+  // Split-KV (fp16/bf16 forward only): num_splits > 1 cuts each block's key tiles into that
+  // many parts, run by separate blocks, which write unnormalized float partials here; a
+  // combine kernel then merges them by their maxima (the lse combine) and writes out and lse.
+  int num_splits = 1;
+  float* split_out = nullptr;    // (num_splits, split_rows, head_dim_v)
+  float* split_stats = nullptr;  // (num_splits, split_rows, 2): row max, row sum
+  int64_t split_rows = 0;        // Hq * B * Sq dense, Hq * Tq packed (split_row_index)
 };
+
+// Tile sizes of the fp16/bf16 forward (attention_forward_mma.cuh asserts they match), for the
+// split-KV choice, which the op layer makes without CUDA headers.
+constexpr int kMmaForwardBlockM = 128;
+constexpr int mma_forward_block_n(int largest_head_dim) {
+  return largest_head_dim <= 128 ? 64 : (largest_head_dim <= 224 ? 32 : 16);
+}
+
+// Split-KV is chosen when the grid would leave most of the GPU idle and every split still
+// gets several key tiles: blocks = query tiles x heads x sequences below 80% of the SMs, then
+// splits = the fewest that fill the SMs once, at most one per 2 key tiles and at most
+// kMaxForwardSplits (the combine reads every split of a row). Decode (Sq 1, long keys) is the
+// case it is for; prefill grids fill the GPU already and stay unsplit.
+constexpr int kMaxForwardSplits = 16;
+constexpr int kMinKeyTilesPerSplit = 2;
+inline int forward_split_count(const AttentionParams& p, int multiprocessors) {
+  if (p.element_type == ElementType::Float32 || multiprocessors <= 0) return 1;
+  if (p.seqlen_q <= 0 || p.seqlen_k <= 0 || p.batch <= 0) return 1;
+  const int64_t query_tiles = (int64_t{p.seqlen_q} + kMmaForwardBlockM - 1) / kMmaForwardBlockM;
+  const int64_t blocks = query_tiles * p.heads_q * p.batch;
+  if (blocks * 5 >= int64_t{multiprocessors} * 4) return 1;
+  const int block_n = mma_forward_block_n(p.head_dim > p.head_dim_v ? p.head_dim : p.head_dim_v);
+  const int64_t key_tiles = (int64_t{p.seqlen_k} + block_n - 1) / block_n;
+  int64_t splits = (multiprocessors + blocks - 1) / blocks;
+  if (splits > key_tiles / kMinKeyTilesPerSplit) splits = key_tiles / kMinKeyTilesPerSplit;
+  if (splits > kMaxForwardSplits) splits = kMaxForwardSplits;
+  return splits < 2 ? 1 : static_cast<int>(splits);
+}
 
 struct AttentionBackwardParams {
   AttentionParams forward;  // q, k, v, out, lse and every option
@@ -93,6 +129,12 @@ struct AttentionBackwardParams {
   RowStrides dk_strides;
   void* dv = nullptr;  // like v
   RowStrides dv_strides;
+  // GQA only (Hq > Hkv): float32 dK and dV per query head, (B, Hq, Sk, max(D, Dv)) or
+  // (Tk, Hq, max(D, Dv)), written by the backward kernel, summed over each group by
+  // attention_backward_group_sum_kernel.
+  float* dk_partial = nullptr;
+  float* dv_partial = nullptr;
+  RowStrides partial_strides;
 };
 
 // Launch on `stream` (a cudaStream_t). Return nullptr on success, else a static message.

@@ -4,6 +4,7 @@
 // Compiled only when the CUDA backend is built (CMakeLists.txt, CUDA block).
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
+#include <cuda_runtime_api.h>
 #include <torch/library.h>
 
 #include "attention_ops.h"
@@ -14,6 +15,12 @@ struct CudaDevice {
   static void check(const at::Tensor& q) { TORCH_CHECK(q.is_cuda(), "fusedattn cuda: q must be a CUDA tensor"); }
   static c10::cuda::CUDAGuard guard(const at::Tensor& q) { return c10::cuda::CUDAGuard(q.device()); }
   static void* stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
+  // The SM count the split-KV choice fills; 0 (no split) if the runtime cannot say.
+  static int multiprocessors(const at::Tensor& q) {
+    int count = 0;
+    if (cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, q.get_device()) != cudaSuccess) return 0;
+    return count;
+  }
 };
 
 }  // namespace fusedattn::cuda

@@ -1,11 +1,14 @@
 """The CUDA backend: hand-written C++/CUDA flash kernels in csrc/cuda (fusedattn._C).
 
-The fallback GPU path for when Triton is missing or cannot compile for the GPU. Forward
-and backward kernels stream key/value tiles through shared memory with an online softmax;
-fp16 and bf16 products run on tensor cores (WMMA, sm_80+), fp32 on FMA units (exact
-fp32, no TF32). Every feature of semantics.py is served, including dropout (the same
-counter-based hash, recomputed in the kernels) and boolean/additive masks read through
-their broadcast strides.
+The fallback GPU path for when Triton is missing or cannot compile for the GPU. The
+fp16/bf16 forward has FlashAttention 2's structure (csrc/cuda/attention_forward_mma.cuh):
+mma.sync with S and O in registers, ldmatrix, cp.async double-buffered K/V tiles, and a
+split over keys with an lse combine for decode-sized grids (chosen by the launcher,
+attention_params.h forward_split_count). The backward streams tiles through shared memory
+(WMMA for fp16/bf16), one block per key tile and query head (GQA groups summed after);
+fp32 runs on FMA units both ways (exact fp32, no TF32). Every feature
+of semantics.py is served, including dropout (the same counter-based hash, recomputed in
+the kernels) and boolean/additive masks read through their broadcast strides.
 
 No batch size or head count is refused: the launchers flatten (tile, head, sequence) onto
 grid.x (up to 2**31 - 1 blocks; grid.y and grid.z would stop at 65535). Metadata values

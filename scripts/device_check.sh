@@ -77,6 +77,9 @@ RESERVE_S=180 run_step tests_gpu 60 "$OUT_DIR/tests.log" \
 # Issue 7: a tiny Llama with attn_implementation="fusedattn" under torch.compile(fullgraph=True) on cuda.
 RESERVE_S=170 run_step tests_compile_llama 45 "$OUT_DIR/tests.log" \
   $PYTHON -m pytest -q -p no:cacheprovider tests/test_compile_llama.py
+# Issue 17: ring attention over NCCL (one GPU: the single-rank path) against one process.
+RESERVE_S=160 run_step tests_distributed_nccl 45 "$OUT_DIR/tests.log" \
+  $PYTHON -m pytest -q -p no:cacheprovider tests/test_distributed.py -k test_nccl_on_gpus
 
 # ---- 3. parity harness on cuda, one backend at a time, merged into one JSON ----
 # The GPU backends first (the reference last: it is the oracle itself), in case time runs out.

@@ -22,8 +22,8 @@ import torch.distributed as dist
 TIMEOUT = datetime.timedelta(seconds=60)
 BATCH, HEADS_Q, HEADS_KV, HEAD_DIM = 2, 4, 2, 16
 PLACEMENTS = ("contiguous", "zigzag")
-# (ring dtype, backend): float64 on the reference (its autograd backward), float32 on the
-# default CPU dispatch (the fused kernels' FlashAttention backward).
+# (ring dtype, backend): float64 on the reference, float32 on the default CPU dispatch; both
+# backwards are FlashAttention's from the merged out and lse they are handed.
 PRECISIONS = {"float64": (torch.float64, "reference"), "float32": (torch.float32, "auto")}
 
 
@@ -70,6 +70,10 @@ ERROR_CASES = (
     "sinks_differ", "unknown_option", "unshard_shapes_differ", "shard_uneven_refused", "varlen_dropout_refused",
     "varlen_cu_seqlens_differ", "usable_after_errors",
 )  # fmt: skip
+# Cases run again with the K/V shard travelling in 3 pieces and the queries computed in 2
+# parts (what long shards get by default): uneven pieces that straddle zigzag's chunks.
+PIECES_CASES = ("causal", "window_causal_skips_ranks", "key_lengths", "everything")
+PIECES = (3, 2)
 VARLEN_CASES = ("causal", "plain", "causal_window_alibi_sinks_softcap", "gqa_return_lse")
 OTHER_CASES = ("shard_unshard_roundtrip", "single_rank_group", "subgroups")
 
@@ -77,6 +81,8 @@ OTHER_CASES = ("shard_unshard_roundtrip", "single_rank_group", "subgroups")
 def case_names(world: int) -> list[str]:
     names = [f"{case}-{placement}-{precision}" for case in NUMERIC_CASES for placement in PLACEMENTS
              for precision in PRECISIONS]  # fmt: skip
+    names += [f"{case}-{placement}-{precision}-pieces" for case in PIECES_CASES for placement in PLACEMENTS
+              for precision in PRECISIONS]  # fmt: skip
     names += [f"varlen_{case}-{precision}" for case in VARLEN_CASES for precision in PRECISIONS]
     names += [f"error-{case}" for case in ERROR_CASES] + list(OTHER_CASES)
     if world == 2:
@@ -102,8 +108,16 @@ def _compare(name: str, actual: torch.Tensor, oracle: torch.Tensor, tolerance: f
 
 
 def _numeric_case(
-    case: str, placement: str, precision: str, rank: int, world: int, group=None, device: str = "cpu"
+    case: str,
+    placement: str,
+    precision: str,
+    rank: int,
+    world: int,
+    group=None,
+    device: str = "cpu",
+    pieces: tuple[int, int] | None = None,
 ) -> str:
+    """pieces=(kv_pieces, row_pieces) forces how the ring cuts the shards (default: its choice)."""
     import fusedattn
     import fusedattn.distributed as fd
 
@@ -136,9 +150,11 @@ def _numeric_case(
     mine = [shard(t).to(device, dtype).requires_grad_(True) for t in (q, k, v)]
     my_sinks = None if sinks is None else sinks.to(device, dtype).requires_grad_(True)
     torch.manual_seed(99 + 1000 * rank if drawn else 99)  # only rank 0's drawn seed may count
-    result = fd.ring_attention(
-        *mine, group=group, placement=placement, sinks=my_sinks, return_lse=return_lse, backend=backend, **cast
-    )
+    ring_options = dict(cast, sinks=my_sinks, return_lse=return_lse, backend=backend)
+    if pieces is None:
+        result = fd.ring_attention(*mine, group=group, placement=placement, **ring_options)
+    else:
+        result = fd._ring_attention(*mine, group, placement, ring_options, True, *pieces)
     ring_out, ring_lse = result if return_lse else (result, None)
     ring_out.backward(shard(do).to(device, dtype))
     tolerance = 1e-11 if dtype == torch.float64 else 3e-5 if device == "cpu" else 2e-4
@@ -330,8 +346,8 @@ def _run_case(name: str, rank: int, world: int) -> str:
     if name.startswith("varlen_"):
         case, precision = name[len("varlen_") :].split("-")
         return _varlen_case(case, precision, rank, world)
-    case, placement, precision = name.split("-")
-    return _numeric_case(case, placement, precision, rank, world)
+    case, placement, precision, *variant = name.split("-")
+    return _numeric_case(case, placement, precision, rank, world, pieces=PIECES if variant == ["pieces"] else None)
 
 
 def worker(rank: int, world: int, directory: str) -> None:

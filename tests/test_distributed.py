@@ -132,3 +132,42 @@ def test_window_skips_ranks_entirely_outside_it():
     # Non-causal window (2, 2): the next shard too, never farther ones.
     plan = _plan(4, "contiguous", 8, left=2, right=2)
     assert all(bool(blocks) == (abs(rank - source) <= 1) for (rank, source), blocks in plan.items())
+
+
+@pytest.mark.parametrize("placement", ["contiguous", "zigzag"])
+@pytest.mark.parametrize(("kv_pieces", "row_pieces"), [(1, 1), (3, 2), (16, 4)])
+def test_pieces_cover_every_query_key_pair_once(placement, kv_pieces, row_pieces):
+    """Over every piece's ring, each rank's blocks meet every global key exactly once per
+    query row (K/V pieces are rebased to their own local indices)."""
+    from fusedattn.distributed._placement import shard_indices
+    from fusedattn.distributed._ring import Ring, piece_bounds
+
+    world, shard = 3, 12
+    options = _options_without_rules()
+    for rank in range(world):
+        seen = torch.zeros(world * shard, world * shard, dtype=torch.int64)
+        ring = Ring(None, rank, world, placement, kv_pieces=kv_pieces, row_pieces=row_pieces)
+        for piece in piece_bounds(shard, kv_pieces):
+            for step in range(world):
+                for block in ring.blocks(options, step, shard, piece):
+                    assert (
+                        0
+                        <= block.k_run.local_start
+                        <= block.k_run.local_start + block.k_run.length
+                        <= piece[1] - piece[0]
+                    )
+                    seen[block.q_run.start : block.q_run.end, block.k_run.start : block.k_run.end] += 1
+        mine = shard_indices(placement, rank, world, world * shard, torch.device("cpu"))
+        assert torch.equal(seen[mine], torch.ones_like(seen[mine])), (rank, placement)
+        others = torch.ones(world * shard, dtype=torch.bool)
+        others[mine] = False
+        assert int(seen[others].sum()) == 0
+
+
+def _options_without_rules():
+    from fusedattn.distributed._blocks import RingOptions
+
+    return RingOptions(
+        scale=1.0, causal=False, window_left=None, window_right=None, softcap=None, dropout_p=0.0,
+        dropout_seed=None, alibi_slopes=None, key_lengths=None, backend="auto",
+    )  # fmt: skip

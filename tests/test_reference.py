@@ -15,8 +15,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 from fusedattn import semantics
-from fusedattn.testing import FEATURE_CASES, SHAPE_FEATURES, feature_case
-from fusedattn.validation import validate_attention
+from fusedattn.backends import reference
+from fusedattn.testing import FEATURE_CASES, SHAPE_FEATURES, feature_case, paged_case
+from fusedattn.validation import validate_attention, validate_paged, validate_varlen
 
 F64 = torch.float64
 
@@ -264,6 +265,107 @@ def test_gradcheck_varlen():
     assert torch.autograd.gradcheck(
         lambda q, k, v: fusedattn.attention_varlen(q, k, v, cu_q, cu_k, 3, 4, causal=True, window=(1, 0)), inputs
     )
+
+
+# ---- the backend's backward: FlashAttention's, from the out and lse it is handed ---------
+def _differentiated_options(call) -> tuple[str, ...]:
+    """The differentiable options this call carries (a floating mask, ALiBi slopes, sinks)."""
+    present = [name for name in semantics.DIFFERENTIABLE_OPTIONS if getattr(call, name) is not None]
+    return tuple(name for name in present if name != "attn_mask" or call.attn_mask.dtype != torch.bool)
+
+
+def _assert_backward_matches_autograd(call, grad_out) -> None:
+    """reference.backward given the call's own out and lse == autograd through its forward."""
+    names = _differentiated_options(call)
+    out, lse, expected = reference.reference_attention(call, F64, grad_out, names)
+    poison = float("nan")
+    actual = reference.backward(call, grad_out, out, lse, names)
+    assert len(actual) == 3 + len(names)
+    for name, got, want in zip(("q", "k", "v", *names), actual, expected):
+        assert got.shape == want.shape, name
+        torch.testing.assert_close(got, want.to(got.dtype), rtol=1e-9, atol=1e-11, msg=lambda m, n=name: f"{n}: {m}")
+    # It reads the out it is handed: D from a NaN out makes the gradients NaN.
+    if out.numel():
+        poisoned = reference.backward(call, grad_out, torch.full_like(out, poison), lse, names)
+        assert torch.isnan(poisoned[0]).any() or not call.q.numel()
+
+
+@pytest.mark.parametrize("name", list(REFERENCE_CASES))
+def test_backward_given_out_and_lse_matches_autograd(name):
+    torch.manual_seed(3)
+    B, Hq, Hkv, Sq, Sk, D, Dv = 2, 4, 2, 6, 7, 5, 3
+    q, k, v = _rand(B, Hq, Sq, D), _rand(B, Hkv, Sk, D), _rand(B, Hkv, Sk, Dv)
+    api, _ = _materialize(name, q, k)
+    call = validate_attention(q, k, v, **api)
+    _assert_backward_matches_autograd(call, _rand(B, Hq, Sq, Dv))
+
+
+@pytest.mark.parametrize("options", [
+    {"causal": True, "window": (2, None), "dropout_p": 0.3, "dropout_seed": 9, "softcap": 2.0},
+    {"alibi_slopes": "per_sequence", "sinks": True, "causal": True, "causal_alignment": "top_left"},
+], ids=["causal_window_dropout_softcap", "alibi_sinks"])  # fmt: skip
+def test_backward_given_out_and_lse_matches_autograd_varlen(options):
+    torch.manual_seed(4)
+    cu_q = torch.tensor([0, 3, 3, 7], dtype=torch.int32)
+    cu_k = torch.tensor([0, 4, 6, 11], dtype=torch.int32)
+    options = dict(options)
+    if options.get("alibi_slopes") == "per_sequence":
+        options["alibi_slopes"] = torch.rand(3, 4, dtype=F64)
+    if options.pop("sinks", False):
+        options["sinks"] = _rand(4)
+    q, k, v = _rand(7, 4, 5), _rand(11, 2, 5), _rand(11, 2, 3)
+    call = validate_varlen(q, k, v, cu_q, cu_k, 4, 5, **options)
+    _assert_backward_matches_autograd(call, _rand(7, 4, 3))
+
+
+def test_backward_given_out_and_lse_matches_autograd_paged():
+    torch.manual_seed(5)
+    (q, key_cache, value_cache), paged = paged_case((2, 3), (5, 9), block_size=4, head_dim=5, dtype=F64)
+    call = validate_paged(q, key_cache, value_cache, **paged, causal=True, sinks=_rand(4), alibi_slopes=torch.rand(4))
+    _assert_backward_matches_autograd(call, _rand(5, 4, 5))
+
+
+def test_backward_given_out_and_lse_matches_autograd_quantized_kv():
+    # 8-bit K/V: dq (the gradient a quantized cache lets through) from the dequantized keys.
+    torch.manual_seed(7)
+    q = _rand(2, 4, 5, 8)
+    (k, k_descale), (v, v_descale) = (fusedattn.quantize_kv(_rand(2, 2, 6, 8), torch.int8) for _ in range(2))
+    call = validate_attention(q, k, v, k_descale=k_descale, v_descale=v_descale, causal=True, softcap=2.0)
+    grad_out = _rand(2, 4, 5, 8)
+    out, lse, (dq, _, _) = reference.reference_attention(call, F64, grad_out)
+    got_dq = reference.backward(call, grad_out, out, lse)[0]
+    torch.testing.assert_close(got_dq, dq, rtol=1e-9, atol=1e-11)
+
+
+def test_backward_of_blocks_given_the_merged_out_and_lse_sums_to_the_whole():
+    """Key blocks of one sequence, each handed the whole call's out and lse, give the whole
+    call's dq (summed) and dk, dv (their columns): what ring attention's backward relies on."""
+    torch.manual_seed(6)
+    B, Hq, Hkv, S, D, Dv = 2, 4, 2, 12, 5, 3
+    q, k, v = _rand(B, Hq, S, D), _rand(B, Hkv, S, D), _rand(B, Hkv, S, Dv)
+    rules = {"causal": True, "window": (7, None), "softcap": 2.5, "alibi_slopes": torch.rand(Hq, dtype=F64),
+             "dropout_p": 0.25, "dropout_seed": 11}  # fmt: skip
+    sinks = _rand(Hq)
+    whole = validate_attention(q, k, v, sinks=sinks, causal_alignment="top_left", **rules)
+    grad_out = _rand(B, Hq, S, Dv)
+    out, lse, (dq, dk, dv, dsinks) = reference.reference_attention(whole, F64, grad_out, ("sinks",))
+    block_dq = torch.zeros_like(dq)
+    for rows in ((0, 5), (5, 12)):
+        for keys in ((0, 4), (4, 9), (9, 12)):
+            block = validate_attention(
+                q[:, :, rows[0] : rows[1]], k[:, :, keys[0] : keys[1]], v[:, :, keys[0] : keys[1]],
+                causal_alignment="top_left", query_start=rows[0], key_start=keys[0], **rules,
+            )  # fmt: skip
+            rows_out, rows_lse, rows_grad = (t[:, :, rows[0] : rows[1]] for t in (out, lse, grad_out))
+            got_dq, got_dk, got_dv = reference.backward(block, rows_grad, rows_out, rows_lse)
+            block_dq[:, :, rows[0] : rows[1]] += got_dq
+            dk[:, :, keys[0] : keys[1]] -= got_dk
+            dv[:, :, keys[0] : keys[1]] -= got_dv
+    torch.testing.assert_close(block_dq, dq, rtol=1e-9, atol=1e-11)
+    # Each key column received every row block's part: nothing is left.
+    torch.testing.assert_close(dk, torch.zeros_like(dk), rtol=0, atol=1e-11)
+    torch.testing.assert_close(dv, torch.zeros_like(dv), rtol=0, atol=1e-11)
+    assert dsinks.abs().sum() > 0
 
 
 def test_fully_masked_rows_give_zero_output_and_gradients():

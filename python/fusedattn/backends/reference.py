@@ -2,11 +2,16 @@
 
 It runs on any device and dtype, materializes the (Sq x Sk) score matrix, and is the
 oracle for every test and for the parity harness (which calls :func:`reference_attention`
-in float64). Its backward differentiates the same formula with autograd, so it shares
-no code path with the hand-written backward passes of the fast kernels.
+in float64). reference_attention's gradients differentiate that formula with autograd, so
+they share no code path with the hand-written backward passes of the fast kernels. The
+backend's backward honours the out and lse it is handed, as every backend's does
+(FlashAttention's: P from the given lse, D from the given out), by autograd through the
+same score formula; a ring of blocks merged by their lse (fusedattn.distributed) relies on it.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
@@ -15,37 +20,44 @@ from ..semantics import AttentionCall
 from .base import Backend, Capabilities
 
 
-def _attend_dense(
-    call: AttentionCall,
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    *,
-    attn_mask: torch.Tensor | None,
-    key_lengths: torch.Tensor | None,
-    alibi_slopes: torch.Tensor | None,
-    sinks: torch.Tensor | None,
-    sequence_index: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """q (B, Hq, Sq, D), k (B, Hkv, Sk, D), v (B, Hkv, Sk, Dv), all in the compute dtype.
+@dataclass(frozen=True)
+class _Problem:
+    """One dense attention problem: the whole call (dense), or one varlen or paged
+    sequence as a batch of one. q (B, Hq, Sq, D), k (B, Hkv, Sk, D), v (B, Hkv, Sk, Dv) in
+    the compute dtype; tokens is the sequence's range of packed rows (None when dense)."""
 
-    Returns out (B, Hq, Sq, Dv) and lse (B, Hq, Sq) in the compute dtype.
-    sequence_index (B,) is the batch (or varlen sequence) index the dropout hash uses.
-    """
-    batch, heads_q, seqlen_q, _ = q.shape
-    seqlen_k = k.shape[2]
-    if seqlen_k == 0 or q.numel() == 0:
-        # No rows, or every row fully masked: output 0, lse -inf, or the sink's logit
-        # (docs/semantics.md, "Empty"). The sink is added, not filled, to keep its gradient.
-        out = q.new_zeros(batch, heads_q, seqlen_q, v.shape[-1])
-        if sinks is not None:
-            return out, q.new_zeros(batch, heads_q, seqlen_q) + sinks.to(q.dtype)[:, None]
-        return out, q.new_full((batch, heads_q, seqlen_q), float("-inf"))
-    group = heads_q // k.shape[1]
-    if group > 1:
-        # The oracle may expand K/V; the fast backends never do.
-        k = k.repeat_interleave(group, dim=1)
-        v = v.repeat_interleave(group, dim=1)
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    attn_mask: torch.Tensor | None
+    key_lengths: torch.Tensor | None
+    alibi_slopes: torch.Tensor | None
+    sequence_index: torch.Tensor  # (B,): the batch or varlen sequence index the dropout hash uses
+    tokens: tuple[int, int] | None
+
+    def rows(self, per_row: torch.Tensor, heads_first: bool = False) -> torch.Tensor:
+        """This problem's rows of a call-shaped tensor, as (B, Hq, Sq, ...): out or grad_out
+        ((T, Hq, Dv) varlen), or lse with heads_first ((Hq, T) varlen)."""
+        if self.tokens is None:
+            return per_row
+        start, end = self.tokens
+        if heads_first:
+            return per_row[:, start:end][None]
+        return per_row[start:end].transpose(0, 1)[None]
+
+
+def _expand_groups(x: torch.Tensor, heads_q: int) -> torch.Tensor:
+    """K or V (B, Hkv, Sk, ·) repeated to Hq heads: the oracle may expand, the fast backends never do."""
+    group = heads_q // x.shape[1]
+    return x.repeat_interleave(group, dim=1) if group > 1 else x
+
+
+def _scores(call: AttentionCall, problem: _Problem) -> torch.Tensor:
+    """(B, Hq, Sq, Sk) scores after scale, softcap, ALiBi and an additive mask, −inf where
+    the key is invisible (docs/semantics.md steps 1-5)."""
+    q, k = problem.q, _expand_groups(problem.k, problem.q.shape[1])
+    seqlen_q, seqlen_k = q.shape[2], k.shape[2]
+    attn_mask = problem.attn_mask
     allowed = None
     if attn_mask is not None and attn_mask.dtype == torch.bool:
         allowed = attn_mask
@@ -62,8 +74,8 @@ def _attend_dense(
     )
     if visible is not None:
         allowed = visible if allowed is None else allowed & visible
-    if key_lengths is not None:
-        in_length = torch.arange(seqlen_k, device=q.device)[None, :] < key_lengths[:, None].to(q.device)
+    if problem.key_lengths is not None:
+        in_length = torch.arange(seqlen_k, device=q.device)[None, :] < problem.key_lengths[:, None].to(q.device)
         in_length = in_length[:, None, None, :]
         allowed = in_length if allowed is None else allowed & in_length
 
@@ -73,14 +85,47 @@ def _attend_dense(
         # 0, not at a hidden NaN score (0 * (1 - tanh(NaN)^2) would be NaN).
         scores = torch.where(allowed, scores, torch.zeros((), dtype=scores.dtype, device=scores.device))
     scores = semantics.apply_softcap(scores, call.softcap)
-    if alibi_slopes is not None:
-        slopes = alibi_slopes.to(scores.dtype)
+    if problem.alibi_slopes is not None:
+        slopes = problem.alibi_slopes.to(scores.dtype)
         bias = semantics.alibi_bias(slopes, seqlen_q, seqlen_k, call.causal_alignment, call.query_start, call.key_start)
         scores = scores + bias
     if attn_mask is not None and attn_mask.dtype != torch.bool:
         scores = scores + attn_mask.to(scores.dtype)
     if allowed is not None:
         scores = scores.masked_fill(~allowed, float("-inf"))
+    return scores
+
+
+def _dropped(call: AttentionCall, problem: _Problem, probabilities: torch.Tensor) -> torch.Tensor:
+    """probabilities (B, Hq, Sq, Sk) after dropout (step 7): kept ones scaled, others 0."""
+    if call.dropout_p <= 0.0:
+        return probabilities
+    _, heads, rows, keys = probabilities.shape
+    keep = semantics.dropout_keep_mask(
+        int(call.dropout_seed),
+        call.dropout_p,
+        problem.sequence_index,
+        heads,
+        rows,
+        keys,
+        call.query_start,
+        call.key_start,
+    )
+    return probabilities * keep.to(probabilities.dtype) * semantics.dropout_keep_scale(call.dropout_p)
+
+
+def _attend_dense(call: AttentionCall, problem: _Problem, sinks: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+    """out (B, Hq, Sq, Dv) and lse (B, Hq, Sq) of one problem, in the compute dtype."""
+    q, k, v = problem.q, problem.k, problem.v
+    batch, heads_q, seqlen_q, _ = q.shape
+    if k.shape[2] == 0 or q.numel() == 0:
+        # No rows, or every row fully masked: output 0, lse -inf, or the sink's logit
+        # (docs/semantics.md, "Empty"). The sink is added, not filled, to keep its gradient.
+        out = q.new_zeros(batch, heads_q, seqlen_q, v.shape[-1])
+        if sinks is not None:
+            return out, q.new_zeros(batch, heads_q, seqlen_q) + sinks.to(q.dtype)[:, None]
+        return out, q.new_full((batch, heads_q, seqlen_q), float("-inf"))
+    scores = _scores(call, problem)
 
     # Softmax that gives 0 (not NaN) on fully masked rows. Subtracting the row max is
     # exact for any constant, so the max is detached. A sink is one more logit per head in
@@ -97,22 +142,42 @@ def _attend_dense(
         denominator = denominator + torch.exp(sink - row_max)
     probabilities = exp_scores / torch.where(denominator == 0, torch.ones_like(denominator), denominator)
     lse = (row_max + torch.log(denominator)).squeeze(-1)
-
-    if call.dropout_p > 0.0:
-        keep = semantics.dropout_keep_mask(
-            int(call.dropout_seed),
-            call.dropout_p,
-            sequence_index,
-            heads_q,
-            seqlen_q,
-            seqlen_k,
-            call.query_start,
-            call.key_start,
-        )
-        probabilities = probabilities * keep.to(probabilities.dtype) * semantics.dropout_keep_scale(call.dropout_p)
-    out = torch.matmul(probabilities, v)
+    out = torch.matmul(_dropped(call, problem, probabilities), _expand_groups(v, heads_q))
     # A fully masked row is 0 even when an invisible value is NaN or Inf (0 * NaN is NaN).
     return torch.where(no_keys, torch.zeros_like(out), out), lse
+
+
+def _flash_objective(
+    call: AttentionCall,
+    problem: _Problem,
+    sinks: torch.Tensor | None,
+    grad_out: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+) -> torch.Tensor:
+    """A scalar whose gradient is FlashAttention's backward given out and lse (B, Hq, Sq, ·).
+
+    With P = exp(s - lse) from the given lse (not renormalized) and D_i = rowsum(dO_i * O_i)
+    from the given O, the objective sum_i [dO_i . (P_drop V)_i - D_i (sum_j P_ij + exp(sink - lse_i))]
+    has d/dv = P_drop^T dO, d/ds = P * (dP - D) with dP = dO V^T under dropout's mask,
+    and d/dsink = -sum_i exp(sink - lse_i) D_i (docs/semantics.md, Gradients); autograd
+    carries d/ds through the score formula (softcap, ALiBi, masks, scale) to q, k and the options.
+    """
+    delta = (grad_out * out).sum(-1)
+    # A fully masked row has lse -inf and every score -inf: its P is exp(-inf) = 0, not NaN.
+    anchor = torch.where(torch.isneginf(lse), torch.zeros_like(lse), lse)
+    normalizer_terms = torch.zeros_like(delta)
+    if sinks is not None:
+        normalizer_terms = normalizer_terms + torch.exp(sinks.to(lse.dtype)[:, None] - anchor)
+    value_term = delta.new_zeros(())
+    if problem.k.shape[2] > 0 and problem.q.numel() > 0:
+        probabilities = torch.exp(_scores(call, problem) - anchor[..., None])
+        normalizer_terms = normalizer_terms + probabilities.sum(-1)
+        weighted_values = torch.matmul(
+            _dropped(call, problem, probabilities), _expand_groups(problem.v, problem.q.shape[1])
+        )
+        value_term = (grad_out * weighted_values).sum()
+    return value_term - (delta * normalizer_terms).sum()
 
 
 def _sequence_keys(call: AttentionCall, k: torch.Tensor, v: torch.Tensor, index: int) -> tuple[torch.Tensor, ...]:
@@ -127,7 +192,9 @@ def _sequence_keys(call: AttentionCall, k: torch.Tensor, v: torch.Tensor, index:
     return k[blocks, rows], v[blocks, rows]
 
 
-def _compute(call: AttentionCall, compute_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+def _problems(call: AttentionCall, compute_dtype: torch.dtype) -> list[_Problem]:
+    """The call as dense problems in compute_dtype: itself, or one per varlen sequence
+    (each with its own Sq and Sk for the causal alignment, and its index for dropout)."""
     q, k, v = (t.to(compute_dtype) for t in (call.q, call.k, call.v))
     # 8-bit K / V: the values times their scales (docs/semantics.md, "Quantized K and V").
     if call.k_descale is not None:
@@ -135,44 +202,59 @@ def _compute(call: AttentionCall, compute_dtype: torch.dtype) -> tuple[torch.Ten
     if call.v_descale is not None:
         v = v * call.v_descale.to(compute_dtype)[..., None]
     if not call.is_varlen:
-        return _attend_dense(
-            call,
-            q,
-            k,
-            v,
-            attn_mask=call.attn_mask,
-            key_lengths=call.key_lengths,
-            alibi_slopes=call.alibi_slopes,
-            sinks=call.sinks,
-            sequence_index=torch.arange(q.shape[0], device=q.device),
-        )
-    # Varlen: each packed sequence is a batch of one, with its own Sq and Sk for the
-    # causal alignment, and its sequence number in the dropout hash.
+        index = torch.arange(q.shape[0], device=q.device)
+        return [_Problem(q, k, v, call.attn_mask, call.key_lengths, call.alibi_slopes, index, None)]
     offsets_q = call.cu_seqlens_q.tolist()
-    outs, lses = [], []
+    problems = []
     for index in range(len(offsets_q) - 1):
-        q_i = q[offsets_q[index] : offsets_q[index + 1]].transpose(0, 1)[None]
+        tokens = (offsets_q[index], offsets_q[index + 1])
+        q_i = q[tokens[0] : tokens[1]].transpose(0, 1)[None]
         k_i, v_i = _sequence_keys(call, k, v, index)
-        k_i, v_i = k_i.transpose(0, 1)[None], v_i.transpose(0, 1)[None]
         slopes = call.alibi_slopes
         if slopes is not None and slopes.dim() == 2:
             slopes = slopes[index]
-        out_i, lse_i = _attend_dense(
-            call,
-            q_i,
-            k_i,
-            v_i,
-            attn_mask=None,
-            key_lengths=None,
-            alibi_slopes=slopes,
-            sinks=call.sinks,
-            sequence_index=torch.tensor([index], device=q.device),
+        sequence = torch.tensor([index], device=q.device)
+        problems.append(
+            _Problem(q_i, k_i.transpose(0, 1)[None], v_i.transpose(0, 1)[None], None, None, slopes, sequence, tokens)
         )
+    return problems
+
+
+def _compute(call: AttentionCall, compute_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    problems = _problems(call, compute_dtype)
+    if not call.is_varlen:
+        return _attend_dense(call, problems[0], call.sinks)
+    outs, lses = [], []
+    for problem in problems:
+        out_i, lse_i = _attend_dense(call, problem, call.sinks)
         outs.append(out_i[0].transpose(0, 1))
         lses.append(lse_i[0])
-    out = torch.cat(outs, dim=0) if outs else q.new_zeros(0, q.shape[1], v.shape[-1])
-    lse = torch.cat(lses, dim=1) if lses else q.new_zeros(q.shape[1], 0)
+    q = call.q
+    out = torch.cat(outs, dim=0) if outs else q.new_zeros(0, q.shape[1], call.v.shape[-1], dtype=compute_dtype)
+    lse = torch.cat(lses, dim=1) if lses else q.new_zeros(q.shape[1], 0, dtype=compute_dtype)
     return out, lse
+
+
+def _flash_gradients(
+    call: AttentionCall,
+    compute_dtype: torch.dtype,
+    grad_out: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    names: tuple[str, ...],
+) -> tuple[torch.Tensor, ...]:
+    """Gradients of the tensors named (q, k, v, options) given out and lse, in compute_dtype."""
+    with torch.enable_grad():
+        inputs = [getattr(call, name).detach().to(compute_dtype).requires_grad_(True) for name in names]
+        call = call.with_tensors(**dict(zip(names, inputs)))
+        grad_out, out, lse = (t.detach().to(compute_dtype) for t in (grad_out, out, lse))
+        objective = lse.new_zeros(())
+        for problem in _problems(call, compute_dtype):
+            rows = (problem.rows(grad_out), problem.rows(out), problem.rows(lse, heads_first=True))
+            objective = objective + _flash_objective(call, problem, call.sinks, *rows)
+        grads = torch.autograd.grad(objective, inputs, allow_unused=True) if objective.requires_grad else ()
+    grads = grads or (None,) * len(inputs)
+    return tuple(torch.zeros_like(x) if g is None else g.detach() for g, x in zip(grads, inputs))
 
 
 def default_compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -229,9 +311,15 @@ def backward(
     lse: torch.Tensor,
     option_gradients: tuple[str, ...] = (),
 ) -> tuple[torch.Tensor, ...]:
-    """(dq, dk, dv, *gradients of option_gradients), each in its input's dtype."""
-    _, _, grads = reference_attention(call, grad_out=grad_out, option_gradients=option_gradients)
+    """(dq, dk, dv, *gradients of option_gradients), each in its input's dtype.
+
+    FlashAttention's backward given out (*q.shape[:-1], Dv) and lse (B, Hq, Sq) or (Hq, Tq):
+    P_ij = exp(s_ij - lse_i), D_i = rowsum(dO_i * O_i), dS = P * (dP - D), computed in the
+    reference's compute dtype (float64 for float64 inputs). out and lse need not be this
+    call's own: a block of a longer sequence is handed the merged ones of its rows.
+    """
     names = ("q", "k", "v", *option_gradients)
+    grads = _flash_gradients(call, default_compute_dtype(call.dtype), grad_out, out, lse, names)
     return tuple(grad.to(getattr(call, name).dtype) for name, grad in zip(names, grads))
 
 

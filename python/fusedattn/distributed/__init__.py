@@ -23,7 +23,7 @@ from ..validation import validate_attention
 from ._blocks import HAS_OFFSETS, RingOptions
 from ._checks import collective_check, dtype_code
 from ._placement import PLACEMENTS, check_placement, group_rank_and_size, shard_sequence, unshard_sequence
-from ._ring import Ring, RingAttentionFunction
+from ._ring import Ring, RingAttentionFunction, default_pieces
 from ._transformers import register_transformers
 from ._varlen import varlen_attention_allgather
 
@@ -197,8 +197,11 @@ def _ring_attention(
     placement: str,
     options: dict[str, Any],
     overlap: bool,
+    kv_pieces: int | None = None,
+    row_pieces: int | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """ring_attention; overlap=False waits for each transfer before computing (benchmarks)."""
+    """ring_attention; overlap=False waits for each transfer before computing, kv_pieces and
+    row_pieces override the ring's choice (benchmarks and tests)."""
     rank, world = group_rank_and_size(group)
     facts, checked = collective_check(
         "ring_attention", lambda: _local_check(q, k, v, placement, world, options), group, rank, world
@@ -207,7 +210,8 @@ def _ring_attention(
     if ring_options.dropout_p > 0 and options.get("dropout_seed") is None:
         # One mask for the whole sequence: every rank uses the seed rank 0 drew.
         ring_options = replace(ring_options, dropout_seed=int(facts[0][0]))
-    ring = Ring(group, rank, world, placement, overlap=overlap)
+    pieces = default_pieces(q.shape[2]) if kv_pieces is None else (kv_pieces, row_pieces or 1)
+    ring = Ring(group, rank, world, placement, overlap=overlap, kv_pieces=pieces[0], row_pieces=pieces[1])
     sinks_input = options.get("sinks") if sinks is not None else None
     out, lse = RingAttentionFunction.apply(q, k, v, sinks_input, ring, ring_options, needs_grad)
     return (out, lse) if return_lse else out

@@ -16,7 +16,6 @@ from typing import Any
 
 import torch
 
-from ..backends import reference as reference_backend
 from ..dispatch import select_backend
 from ..ops import forward_body
 from ..semantics import AttentionCall
@@ -142,36 +141,7 @@ def block_backward(
     """(dq, dk, dv) of one block, given the merged (whole-sequence) out and lse of its rows.
 
     That is FlashAttention's ring backward: P = exp(S - lse), dS = P * (dP - rowsum(dO * out)),
-    which the fused backends compute from the out and lse they are handed.
+    which every backend's backward computes from the out and lse it is handed.
     """
-    chosen = select_backend(call, backend)
-    if chosen.name != reference_backend.BACKEND.name:
-        grads = chosen.backward(call, grad_out, out.to(call.dtype), lse)
-        return grads[0], grads[1], grads[2]
-    return _reference_block_backward(call, grad_out, out, lse)
-
-
-def _reference_block_backward(
-    call: AttentionCall, grad_out: torch.Tensor, out: torch.Tensor, lse: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The reference's block gradient by autograd through its own (out_b, lse_b).
-
-    The merged output is O = sum_b exp(lse_b - lse) O_b, so dL/dO_b = w dO and
-    dL/dlse_b = w * rowsum(dO * (O_b - O)), with w = exp(lse_b - lse): the chain rule
-    through the merge, fed to autograd on the reference's formula (no other attention math).
-    """
-    compute = reference_backend.default_compute_dtype(call.dtype)
-    with torch.enable_grad():
-        inputs = [t.detach().to(compute).requires_grad_(True) for t in (call.q, call.k, call.v)]
-        block_out, block_lse = reference_backend._compute(
-            call.with_tensors(q=inputs[0], k=inputs[1], v=inputs[2]), compute
-        )
-        merged_lse = lse.to(compute)
-        finite = torch.isfinite(merged_lse)
-        weight = torch.where(finite, torch.exp(block_lse.detach() - torch.where(finite, merged_lse, 0.0)), 0.0)
-        grad_out = grad_out.to(compute)
-        grad_block_out = grad_out * weight[..., None]
-        grad_block_lse = weight * (grad_out * (block_out.detach() - out.to(compute))).sum(-1)
-        grad_block_lse = torch.where(torch.isfinite(block_lse.detach()), grad_block_lse, 0.0)
-        grads = torch.autograd.grad((block_out, block_lse), inputs, (grad_block_out, grad_block_lse), allow_unused=True)
-    return tuple(torch.zeros_like(x) if g is None else g for g, x in zip(grads, inputs))  # type: ignore[return-value]
+    grads = select_backend(call, backend).backward(call, grad_out, out.to(call.dtype), lse)
+    return grads[0], grads[1], grads[2]

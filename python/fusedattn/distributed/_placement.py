@@ -53,6 +53,24 @@ def segments(placement: str, rank: int, world: int, shard_length: int) -> tuple[
     return (Segment(rank * chunk, 0, chunk), Segment((2 * world - 1 - rank) * chunk, chunk, chunk))
 
 
+def piece_bounds(shard_length: int, pieces: int) -> list[tuple[int, int]]:
+    """pieces (start, end) local ranges that cut a shard into nearly equal consecutive parts."""
+    pieces = max(1, min(pieces, shard_length)) if shard_length else 1
+    return [(shard_length * i // pieces, shard_length * (i + 1) // pieces) for i in range(pieces)]
+
+
+def restrict(runs: tuple[Segment, ...], start: int, end: int, rebase: bool) -> tuple[Segment, ...]:
+    """The parts of runs at local indices [start, end); rebase=True counts their local
+    indices from start (for a tensor that holds only that range)."""
+    parts = []
+    for run in runs:
+        first, last = max(run.local_start, start), min(run.local_start + run.length, end)
+        if first < last:
+            offset = first - run.local_start
+            parts.append(Segment(run.start + offset, first - start if rebase else first, last - first))
+    return tuple(parts)
+
+
 def shard_indices(placement: str, rank: int, world: int, total: int, device: torch.device) -> torch.Tensor:
     """(S / N,) int64 global positions of rank's shard, in local order."""
     runs = segments(placement, rank, world, total // world)

@@ -9,6 +9,10 @@ Hkv heads (grouped-query attention never expands them on the wire).
 The backward repeats the ring: each block's gradient is FlashAttention's, given the
 merged out and lse of its rows; dq stays home, dK/dV accumulate in buffers that travel
 with their shard and reach their owner after one more hop.
+
+A long shard's K/V travel in pieces, each piece its own ring, and the queries are
+computed in parts (default_pieces): what is alive at once is then about one process's
+attention memory over 1/N of the sequence (docs/distributed.md, "Memory").
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ import torch.distributed as dist
 
 from .. import semantics
 from ._blocks import Block, RingOptions, block_backward, block_call, block_forward, plan_blocks
-from ._placement import segments
+from ._placement import piece_bounds, restrict, segments
 
 
 @dataclass(frozen=True)
@@ -33,34 +37,65 @@ class Ring:
     world: int
     placement: str
     overlap: bool = True  # False waits for every transfer before computing (benchmarks)
+    # The K/V shard travels in kv_pieces consecutive pieces, one ring each, and the queries
+    # are computed in row_pieces parts: what is alive at once shrinks with them (transfer
+    # buffers and block temporaries), at the cost of more, smaller hops and calls.
+    kv_pieces: int = 1
+    row_pieces: int = 1
 
     def peer(self, step: int) -> int:
         """Global rank of the group member step places after this one."""
         member = (self.rank + step) % self.world
         return dist.get_global_rank(self.group if self.group is not None else dist.group.WORLD, member)
 
-    def pass_on(self, tensors: tuple[torch.Tensor, ...]) -> tuple[tuple[torch.Tensor, ...], list]:
+    def pass_on(self, tensors: tuple[torch.Tensor, ...]) -> Transfer:
         """Send tensors to the next rank and receive the same shapes from the previous one.
 
-        Returns (received buffers, requests); the buffers are valid after wait(requests).
+        The received buffers are valid after the transfer's wait_received(). With
+        overlap=False both directions are waited for before this returns.
         """
-        received = tuple(torch.empty_like(t) for t in tensors)
+        received = tuple(torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in tensors)
+        # A piece of a shard is a strided view: its contiguous copy is what is sent, and the
+        # transfer keeps that copy alive until the send is done.
+        outgoing = tuple(t.contiguous() for t in tensors)
         following, preceding = self.peer(1), self.peer(-1)
-        operations = [dist.P2POp(dist.isend, t.contiguous(), following, self.group) for t in tensors]
+        operations = [dist.P2POp(dist.isend, t, following, self.group) for t in outgoing]
         operations += [dist.P2POp(dist.irecv, r, preceding, self.group) for r in received]
         requests = dist.batch_isend_irecv(operations)
+        transfer = Transfer(received, outgoing, requests[: len(tensors)], requests[len(tensors) :])
         if not self.overlap:
-            wait(requests)
-            return received, []  # a gloo request must not be waited for twice: it can hang
-        return received, requests
+            transfer.wait_sent()
+            transfer.wait_received()
+        return transfer
 
     def source(self, step: int) -> int:
         return (self.rank - step) % self.world
 
-    def blocks(self, options: RingOptions, step: int, shard_length: int) -> list[Block]:
-        q_runs = segments(self.placement, self.rank, self.world, shard_length)
-        k_runs = segments(self.placement, self.source(step), self.world, shard_length)
+    def blocks(self, options: RingOptions, step: int, shard_length: int, piece: tuple[int, int]) -> list[Block]:
+        """The blocks of a step: this rank's query runs (cut into row_pieces) against the
+        key runs of piece (local range of the source's shard; key local indices count from
+        the piece's start, as the travelling K/V hold only the piece)."""
+        q_runs = tuple(
+            run
+            for rows in piece_bounds(shard_length, self.row_pieces)
+            for run in restrict(segments(self.placement, self.rank, self.world, shard_length), *rows, rebase=False)
+        )
+        k_runs = restrict(segments(self.placement, self.source(step), self.world, shard_length), *piece, rebase=True)
         return plan_blocks(options, q_runs, k_runs)
+
+
+# Pieces are no shorter than these (blocks of 128 keys x 512 queries still run at full
+# speed on the CPU kernels) and no more numerous: 16 K/V pieces and 4 row parts bring the
+# ring's own buffers down to about 1.2x of 1/N of one process (docs/distributed.md, "Memory").
+_MIN_PIECE_KEYS, _MAX_KV_PIECES = 128, 16
+_MIN_PIECE_ROWS, _MAX_ROW_PIECES = 512, 4
+
+
+def default_pieces(shard_length: int) -> tuple[int, int]:
+    """(kv_pieces, row_pieces) for a shard of this many positions (1, 1 for short shards)."""
+    kv_pieces = max(1, min(_MAX_KV_PIECES, shard_length // _MIN_PIECE_KEYS))
+    row_pieces = max(1, min(_MAX_ROW_PIECES, shard_length // _MIN_PIECE_ROWS))
+    return kv_pieces, row_pieces
 
 
 # Seconds this process has spent blocked on ring transfers: the communication that compute
@@ -80,6 +115,31 @@ def wait(requests: list) -> None:
 def blocked_seconds() -> float:
     """Total time spent waiting for ring transfers in this process (exposed communication)."""
     return _BLOCKED[0]
+
+
+class Transfer:
+    """One hop in flight: buffers arriving from the previous rank and sends to the next.
+
+    The two directions are waited for separately (a finished send frees its tensor before
+    the receive is needed), each at most once: a gloo request must not be waited for
+    twice, it can hang.
+    """
+
+    def __init__(
+        self, received: tuple[torch.Tensor, ...], sent: tuple[torch.Tensor, ...], sends: list, receives: list
+    ) -> None:
+        self._received, self._sent = received, sent
+        self._sends, self._receives = sends, receives
+
+    def wait_sent(self) -> None:
+        """Waits for the sends; the sent tensors are released (kept alive until then)."""
+        wait(self._sends)
+        self._sends, self._sent = [], ()
+
+    def wait_received(self) -> tuple[torch.Tensor, ...]:
+        wait(self._receives)
+        self._receives = []
+        return self._received
 
 
 def merge_into(out: torch.Tensor, lse: torch.Tensor, block_out: torch.Tensor, block_lse: torch.Tensor) -> None:
@@ -120,20 +180,106 @@ def ring_forward(
     out = q.new_zeros(batch, heads, length, v.shape[-1], dtype=accumulate)
     lse = q.new_full((batch, heads, length), float("-inf"), dtype=accumulate)
     shard_length = q.shape[2]
-    keys = (k, v)
-    for step in range(ring.world):
-        arriving = None
-        if step < ring.world - 1:
-            arriving = ring.pass_on(keys)
-        for block in ring.blocks(options, step, shard_length):
-            call = block_call(options, block, q, keys[0], keys[1], needs_grad)
-            block_out, block_lse = block_forward(call, options.backend)
-            rows = slice(block.q_run.local_start, block.q_run.local_start + block.q_run.length)
-            merge_into(out[:, :, rows], lse[:, :, rows], block_out, block_lse)
-        if arriving is not None:
-            wait(arriving[1])
-            keys = arriving[0]
+    for piece in piece_bounds(shard_length, ring.kv_pieces):
+        keys = _piece_of(piece, k, v)
+        for step in range(ring.world):
+            arriving = ring.pass_on(keys) if step < ring.world - 1 else None
+            for block in ring.blocks(options, step, shard_length, piece):
+                call = block_call(options, block, q, keys[0], keys[1], needs_grad)
+                block_out, block_lse = block_forward(call, options.backend)
+                rows = slice(block.q_run.local_start, block.q_run.local_start + block.q_run.length)
+                merge_into(out[:, :, rows], lse[:, :, rows], block_out, block_lse)
+                del call, block_out, block_lse  # not kept past the merge
+            if arriving is not None:
+                arriving.wait_sent()
+                keys = arriving.wait_received()
     return out, lse
+
+
+def _piece_of(piece: tuple[int, int], *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The local positions [start, end) of each (B, H, S_local, ·) tensor (views)."""
+    start, end = piece
+    return tuple(t if (start, end) == (0, t.shape[2]) else t.narrow(2, start, end - start) for t in tensors)
+
+
+def _step_key_gradients(
+    ring: Ring,
+    options: RingOptions,
+    step: int,
+    piece: tuple[int, int],
+    q: torch.Tensor,
+    keys: tuple[torch.Tensor, torch.Tensor],
+    grad_out: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    grad_q: torch.Tensor,
+) -> list[tuple[slice, torch.Tensor, torch.Tensor]]:
+    """Computes one ring step's blocks: adds their dq into grad_q (in place) and returns
+    [(key columns, dk, dv)], one entry per key run (its blocks' parts summed in place)."""
+    by_columns: dict[tuple[int, int], tuple[slice, torch.Tensor, torch.Tensor]] = {}
+    for block in ring.blocks(options, step, q.shape[2], piece):
+        call = block_call(options, block, q, keys[0], keys[1], needs_grad=True)
+        rows = slice(block.q_run.local_start, block.q_run.local_start + block.q_run.length)
+        dq, dk, dv = block_backward(call, options.backend, grad_out[:, :, rows], out[:, :, rows], lse[:, :, rows])
+        grad_q[:, :, rows] += dq
+        del call, dq  # not kept past the sum: a step holds one dk/dv per key run
+        key = (block.k_run.local_start, block.k_run.length)
+        if key in by_columns:
+            by_columns[key][1].add_(dk)
+            by_columns[key][2].add_(dv)
+        else:
+            # Summed in the accumulator dtype (a copy only for 16-bit inputs).
+            by_columns[key] = (slice(key[0], key[0] + key[1]), dk.to(grad_q.dtype), dv.to(grad_q.dtype))
+        del dk, dv
+    return list(by_columns.values())
+
+
+def _piece_backward(
+    ring: Ring,
+    options: RingOptions,
+    piece: tuple[int, int],
+    q: torch.Tensor,
+    keys: tuple[torch.Tensor, torch.Tensor],
+    grad_out: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    grad_q: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ring of one K/V piece: adds its dq parts into grad_q and returns the piece's
+    (dk, dv) summed over every rank's queries, in the accumulator dtype."""
+    accumulate = grad_q.dtype
+    travelling: Transfer | None = None  # the dK/dV partial sums arriving from the previous rank
+    for step in range(ring.world):
+        if travelling is not None:
+            # The partial sums sent at the end of the previous step leave before this step
+            # computes (the next rank posted its receive with them): one dK/dV less alive.
+            travelling.wait_sent()
+        arriving = ring.pass_on(keys) if step < ring.world - 1 else None
+        step_grads = _step_key_gradients(ring, options, step, piece, q, keys, grad_out, out, lse, grad_q)
+        if arriving is not None:
+            arriving.wait_sent()
+            keys = arriving.wait_received()  # the shard just used is dropped here
+        if travelling is None:
+            grad_k = torch.zeros(keys[0].shape, dtype=accumulate, device=q.device)
+            grad_v = torch.zeros(keys[1].shape, dtype=accumulate, device=q.device)
+        else:
+            # Add into the partial sums that arrived from the ranks this piece already
+            # visited (no fresh buffers: they travel on once this step's part is in).
+            grad_k, grad_v = travelling.wait_received()
+        while step_grads:  # popped, so no loop variable keeps the last part alive
+            columns, dk, dv = step_grads.pop()
+            grad_k[:, :, columns] += dk
+            grad_v[:, :, columns] += dv
+            del dk, dv
+        if ring.world > 1:
+            travelling = ring.pass_on((grad_k, grad_v))
+            del grad_k, grad_v  # the transfer holds them until sent
+    del keys
+    if travelling is not None:
+        # The last hop brought this rank's own dK/dV, summed over every rank's queries.
+        travelling.wait_sent()
+        grad_k, grad_v = travelling.wait_received()
+    return grad_k, grad_v
 
 
 def ring_backward(
@@ -146,46 +292,28 @@ def ring_backward(
     out: torch.Tensor,
     lse: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dq, dk, dv) of this rank's shards; out and lse are the merged ones (sinks included)."""
+    """(dq, dk, dv) of this rank's shards; out and lse are the merged ones (sinks included).
+
+    What is alive at once is kept small (docs/distributed.md, "Memory"): each block's dq is
+    added at once, a step's dk/dv parts are summed per key run, a K/V piece is dropped as
+    soon as its blocks are done and the next one is in, and the dK/dV partial sums sent on
+    are waited for before the next step's blocks (during compute only the arriving ones
+    are in flight).
+    """
     accumulate = _accumulator_dtype(q.dtype)
     grad_q = torch.zeros(q.shape, dtype=accumulate, device=q.device)
-    shard_length = q.shape[2]
-    keys = (k, v)
-    travelling = None  # (buffers, requests): the dK/dV partial sums arriving from the previous rank
-    for step in range(ring.world):
-        arriving = None
-        if step < ring.world - 1:
-            arriving = ring.pass_on(keys)
-        block_grads = []  # (key columns, dk, dv) of this step's blocks
-        for block in ring.blocks(options, step, shard_length):
-            call = block_call(options, block, q, keys[0], keys[1], needs_grad=True)
-            rows = slice(block.q_run.local_start, block.q_run.local_start + block.q_run.length)
-            columns = slice(block.k_run.local_start, block.k_run.local_start + block.k_run.length)
-            dq, dk, dv = block_backward(call, options.backend, grad_out[:, :, rows], out[:, :, rows], lse[:, :, rows])
-            grad_q[:, :, rows] += dq
-            block_grads.append((columns, dk, dv))
-        if travelling is None:
-            grad_k = torch.zeros(k.shape, dtype=accumulate, device=k.device)
-            grad_v = torch.zeros(v.shape, dtype=accumulate, device=v.device)
-        else:
-            # Add into the partial sums that arrived from the ranks this shard already
-            # visited (no fresh buffers: they travel on once this step's part is in).
-            wait(travelling[1])
-            grad_k, grad_v = travelling[0]
-        for columns, dk, dv in block_grads:
-            grad_k[:, :, columns] += dk
-            grad_v[:, :, columns] += dv
-        del block_grads
-        if ring.world > 1:
-            travelling = ring.pass_on((grad_k, grad_v))
-        if arriving is not None:
-            wait(arriving[1])
-            keys = arriving[0]
-    if ring.world > 1:
-        # The last hop brought this rank's own dK/dV, summed over every rank's queries.
-        wait(travelling[1])
-        grad_k, grad_v = travelling[0]
-    return grad_q.to(q.dtype), grad_k.to(k.dtype), grad_v.to(v.dtype)
+    pieces = piece_bounds(q.shape[2], ring.kv_pieces)
+    if len(pieces) == 1:
+        grad_k, grad_v = _piece_backward(ring, options, pieces[0], q, (k, v), grad_out, out, lse, grad_q)
+        return grad_q.to(q.dtype), grad_k.to(k.dtype), grad_v.to(v.dtype)
+    # Each piece's dK/dV comes home at the end of its ring, into the result (input dtype).
+    grad_k, grad_v = torch.empty_like(k), torch.empty_like(v)
+    for piece in pieces:
+        piece_k, piece_v = _piece_backward(ring, options, piece, q, _piece_of(piece, k, v), grad_out, out, lse, grad_q)
+        grad_k[:, :, piece[0] : piece[1]] = piece_k
+        grad_v[:, :, piece[0] : piece[1]] = piece_v
+        del piece_k, piece_v
+    return grad_q.to(q.dtype), grad_k, grad_v
 
 
 class RingAttentionFunction(torch.autograd.Function):

@@ -21,6 +21,8 @@ from .attention_tile import attend_tile
 from .utils import (
     LN2,
     Problem,
+    descale_arguments,
+    descale_pointers,
     dropout_row_hash,
     feature_arguments,
     flat_grid,
@@ -52,6 +54,8 @@ def attention_decode_split_kernel(
     Alibi,
     BlockTable,
     CacheLengths,
+    KDescale,
+    VDescale,
     stride_qb,
     stride_qh,
     stride_qs,
@@ -71,6 +75,14 @@ def attention_decode_split_kernel(
     stride_kblock,
     stride_vblock,
     last_block,
+    stride_kdb,
+    stride_kdh,
+    stride_kds,
+    stride_kdblock,
+    stride_vdb,
+    stride_vdh,
+    stride_vds,
+    stride_vdblock,
     extent_q,
     extent_k,
     heads_q,
@@ -104,6 +116,8 @@ def attention_decode_split_kernel(
     HAS_DROPOUT: tl.constexpr,
     IS_PAGED: tl.constexpr,
     PAGE_SIZE: tl.constexpr,
+    HAS_K_DESCALE: tl.constexpr,
+    HAS_V_DESCALE: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -114,6 +128,10 @@ def attention_decode_split_kernel(
         IS_PAGED, CacheLengths, query_start - key_start,
     )  # fmt: skip
     paging = (BlockTable + batch.to(tl.int64) * stride_table, stride_kblock, stride_vblock, last_block)
+    descales = descale_pointers(
+        KDescale, VDescale, batch, kv_head, k_start, stride_kdb, stride_kdh, stride_kds, stride_kdblock, stride_vdb,
+        stride_vdh, stride_vds, stride_vdblock,
+    )  # fmt: skip
     # Row r of this program is query row r % Sq of query head kv_head * group + r // Sq
     # (a varlen sequence may have no rows: nothing is valid then).
     slots = tl.arange(0, BLOCK_M)
@@ -165,10 +183,10 @@ def attention_decode_split_kernel(
     )  # fmt: skip
     for start_n in range(lo, hi, BLOCK_N):
         accumulator, row_max, row_sum = attend_tile(
-            q, accumulator, row_max, row_sum, start_n, k_base, v_base, stride_ks, stride_vs, paging, rows, heads,
+            q, accumulator, row_max, row_sum, start_n, k_base, v_base, stride_ks, stride_vs, paging, descales, rows, heads,
             row_valid, row_hash, batch, len_k, key_limit, position_offset, rule, (dropout_threshold, key_start), offs_d, offs_dv,
             d_valid, dv_valid, CAUSAL, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, MASK_KIND, HAS_ALIBI, HAS_SOFTCAP,
-            HAS_DROPOUT, INPUT_PRECISION, True, False, IS_PAGED, PAGE_SIZE, BLOCK_N,
+            HAS_DROPOUT, INPUT_PRECISION, True, False, IS_PAGED, PAGE_SIZE, HAS_K_DESCALE, HAS_V_DESCALE, BLOCK_N,
         )  # fmt: skip
 
     empty = row_sum == 0.0
@@ -313,6 +331,7 @@ def run_decode(call: AttentionCall, problem: Problem, out: torch.Tensor, lse: to
         num_stages=config["num_stages"],
         **features,
         **paging_arguments(call),
+        **descale_arguments(call),
     )
     launch(
         attention_decode_combine_kernel,

@@ -29,6 +29,8 @@ from .utils import (
     LOG2E,
     Problem,
     concrete_hint,
+    descale_arguments,
+    descale_pointers,
     device_guard,
     dropout_row_hash,
     feature_arguments,
@@ -101,6 +103,8 @@ def attention_forward_kernel(
     Sinks,
     BlockTable,
     CacheLengths,
+    KDescale,
+    VDescale,
     stride_qb,
     stride_qh,
     stride_qs,
@@ -126,6 +130,14 @@ def attention_forward_kernel(
     stride_kblock,
     stride_vblock,
     last_block,
+    stride_kdb,
+    stride_kdh,
+    stride_kds,
+    stride_kdblock,
+    stride_vdb,
+    stride_vdh,
+    stride_vds,
+    stride_vdblock,
     extent_q,
     extent_k,
     heads_q,
@@ -158,6 +170,8 @@ def attention_forward_kernel(
     HAS_SINKS: tl.constexpr,
     IS_PAGED: tl.constexpr,
     PAGE_SIZE: tl.constexpr,
+    HAS_K_DESCALE: tl.constexpr,
+    HAS_V_DESCALE: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     USE_TMA: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -174,6 +188,10 @@ def attention_forward_kernel(
         IS_PAGED, CacheLengths, query_start - key_start,
     )  # fmt: skip
     paging = (BlockTable + batch.to(tl.int64) * stride_table, stride_kblock, stride_vblock, last_block)
+    descales = descale_pointers(
+        KDescale, VDescale, batch, kv_head, k_start, stride_kdb, stride_kdh, stride_kds, stride_kdblock, stride_vdb,
+        stride_vdh, stride_vds, stride_vdblock,
+    )  # fmt: skip
     first_row = block_m * BLOCK_M
     if first_row >= len_q:
         return
@@ -243,10 +261,10 @@ def attention_forward_kernel(
             segment_lo, segment_hi = visible_hi, hi
         for start_n in range(segment_lo, segment_hi, BLOCK_N):
             accumulator, row_max, row_sum = attend_tile(
-                q, accumulator, row_max, row_sum, start_n, k_source, v_source, stride_ks, stride_vs, paging, rows,
+                q, accumulator, row_max, row_sum, start_n, k_source, v_source, stride_ks, stride_vs, paging, descales, rows,
                 heads, row_valid, row_hash, batch, len_k, key_limit, position_offset, rule, (dropout_threshold, key_start), offs_d,
                 offs_dv, d_valid, dv_valid, CAUSAL, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, MASK_KIND, HAS_ALIBI,
-                HAS_SOFTCAP, HAS_DROPOUT, INPUT_PRECISION, segment != 1, USE_TMA, IS_PAGED, PAGE_SIZE, BLOCK_N,
+                HAS_SOFTCAP, HAS_DROPOUT, INPUT_PRECISION, segment != 1, USE_TMA, IS_PAGED, PAGE_SIZE, HAS_K_DESCALE, HAS_V_DESCALE, BLOCK_N,
             )  # fmt: skip
 
     if HAS_SINKS:
@@ -283,6 +301,8 @@ _TUNE_KEY = [
     "HAS_SINKS",
     "IS_PAGED",
     "PAGE_SIZE",
+    "HAS_K_DESCALE",
+    "HAS_V_DESCALE",
     "USE_TMA",
 ]
 
@@ -320,6 +340,7 @@ def _run_forward_kernel(call: AttentionCall, problem: Problem, q, k, v, out, lse
         BLOCK_DV=block_dv,
         **feature_arguments(call),
         **paging_arguments(call),
+        **descale_arguments(call),
     )
     # Exact fp32 dots run on FMAs, which gain nothing from TMA copies, and their TMA
     # variants spill (40-1430 bytes with Triton 3.6 for sm_90): they load K/V the plain way.

@@ -238,7 +238,7 @@ def sequence_bounds(
     extent_q / extent_k are Sq / Sk for dense calls and the packed token counts Tq / Tk for
     varlen calls, whose sequences come from cu_seqlens. A paged call (IS_PAGED, varlen
     queries) has CacheLengths[batch] keys, clamped into extent_k (the block table's room),
-    and k_start 0 (paged_rows finds the rows). key_limit is the number of keys not cut by
+    and k_start 0 (paged_position finds the rows). key_limit is the number of keys not cut by
     key_lengths; position_offset is the key position of query row 0 (Sk - Sq bottom-right,
     0 top-left), plus block_shift = query_start - key_start for a block of a longer sequence.
     """
@@ -266,16 +266,54 @@ def sequence_bounds(
 
 
 @triton.jit
-def paged_rows(keys, key_valid, paging, stride_ks, stride_vs, PAGE_SIZE: tl.constexpr):
-    """Element offsets of the K and V rows of keys in a paged cache: row keys % PAGE_SIZE of
-    block table[keys // PAGE_SIZE]. paging is (the sequence's block table row, K and V block
+def paged_position(keys, key_valid, paging, PAGE_SIZE: tl.constexpr):
+    """(block, row) of keys in a paged cache, int64: row keys % PAGE_SIZE of block
+    table[keys // PAGE_SIZE]. paging is (the sequence's block table row, K and V block
     strides, last block number); block numbers are clamped into the cache (a table the host
     did not check never reads outside it)."""
-    table, stride_kblock, stride_vblock, last_block = paging
+    table, _stride_kblock, _stride_vblock, last_block = paging
     block = tl.load(table + keys // PAGE_SIZE, mask=key_valid, other=0)
     block = tl.minimum(tl.maximum(block, 0), last_block).to(tl.int64)
-    row = (keys % PAGE_SIZE).to(tl.int64)
-    return block * stride_kblock + row * stride_ks, block * stride_vblock + row * stride_vs
+    return block, (keys % PAGE_SIZE).to(tl.int64)
+
+
+@triton.jit
+def descale_pointers(
+    KDescale,
+    VDescale,
+    batch,
+    kv_head,
+    k_start,
+    stride_kdb,
+    stride_kdh,
+    stride_kds,
+    stride_kdblock,
+    stride_vdb,
+    stride_vdh,
+    stride_vds,
+    stride_vdblock,
+):
+    """attend_tile's descales for one sequence and KV head: (K scales, V scales) at its
+    first key, then their sequence and block strides (descale_arguments gives them)."""
+    batch64 = batch.to(tl.int64)
+    head64 = kv_head.to(tl.int64)
+    start64 = k_start.to(tl.int64)
+    key_base = KDescale + batch64 * stride_kdb + head64 * stride_kdh + start64 * stride_kds
+    value_base = VDescale + batch64 * stride_vdb + head64 * stride_vdh + start64 * stride_vds
+    return key_base, value_base, stride_kds, stride_vds, stride_kdblock, stride_vdblock
+
+
+@triton.jit
+def key_scales(Descale, keys, key_valid, block, row, stride_scale, stride_scale_block, IS_PAGED: tl.constexpr):
+    """The float32 scales of an 8-bit K or V for keys (BLOCK_N,), read through the scale
+    tensor's strides (zero along broadcast dimensions: an expanded view is never copied).
+    Descale points at the head's (and sequence's) first scale; a paged cache addresses
+    (block, row) as paged_position gives them."""
+    if IS_PAGED:
+        offsets = block * stride_scale_block + row * stride_scale
+    else:
+        offsets = keys.to(tl.int64) * stride_scale
+    return tl.load(Descale + offsets, mask=key_valid, other=0.0).to(tl.float32)
 
 
 @triton.jit
@@ -427,6 +465,30 @@ def paging_arguments(call: AttentionCall) -> dict[str, Any]:
         IS_PAGED=True,
         PAGE_SIZE=call.block_size,
     )
+
+
+def descale_arguments(call: AttentionCall) -> dict[str, Any]:
+    """Kernel arguments of an 8-bit K/V's scales for the forward and decode kernels: the
+    (batch, head, sequence) strides as key_strides gives them for K / V (the scales are K / V
+    without the head dim) and the block stride of a paged cache. The scales are the
+    validated float32 views expanded to K's / V's shape (zero strides where broadcast);
+    absent scales (None: 1) give q as a never-read placeholder and HAS_*_DESCALE=False."""
+    arguments: dict[str, Any] = {}
+    for prefix, name, flag, scales in (
+        ("kd", "KDescale", "HAS_K_DESCALE", call.k_descale),
+        ("vd", "VDescale", "HAS_V_DESCALE", call.v_descale),
+    ):
+        present = scales is not None
+        strides = key_strides(scales, call) if present else (0, 0, 0)
+        arguments.update({
+            name: scales if present else call.q,
+            f"stride_{prefix}b": strides[0],
+            f"stride_{prefix}h": strides[1],
+            f"stride_{prefix}s": strides[2],
+            f"stride_{prefix}block": scales.stride(0) if present and call.is_paged else 0,
+            flag: present,
+        })  # fmt: skip
+    return arguments
 
 
 def lse_strides(lse: torch.Tensor, varlen: bool) -> tuple[int, int, int]:

@@ -53,8 +53,17 @@ from fusedattn.validation import validate_attention, validate_paged, validate_va
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from launch_specialization import _backend, jit_specialization, specialize  # noqa: E402
+
 SHARED_MEMORY_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}
-ALL_CASES = ("plain", "causal", "everything", "additive_mask", "varlen", "decode", "paged", "paged_decode")
+ALL_CASES = (
+    "plain", "causal", "everything", "additive_mask", "varlen", "decode", "paged", "paged_decode", "sinks",
+    "sinks_decode", "int8_kv", "fp8_kv", "int8_kv_decode", "fp8_kv_decode", "fp8_kv_paged_decode",
+)  # fmt: skip
+# Calls that have no backward: paged caches and 8-bit K/V are inference only.
+INFERENCE_CASES = ("decode", "sinks_decode", "paged", "paged_decode", "int8_kv", "fp8_kv", "int8_kv_decode",
+                   "fp8_kv_decode", "fp8_kv_paged_decode")  # fmt: skip
 # Instructions worth knowing a kernel uses (searched in its PTX).
 PTX_FEATURES = {
     "cp.async": re.compile(r"cp\.async\.c[ag]\."),  # pipelined global -> shared copies (Ampere+)
@@ -62,114 +71,6 @@ PTX_FEATURES = {
     "wgmma": re.compile(r"wgmma\.mma_async"),  # Hopper warp-group MMA
     "mma": re.compile(r"\bmma\.sync"),  # Ampere MMA
 }
-
-
-# ---- specialization ------------------------------------------------------------------------
-def _backend(capability: int):
-    from triton.compiler.compiler import make_backend
-
-    return make_backend(GPUTarget("cuda", capability, 32))
-
-
-def _parse_attr(backend, desc: str) -> list:
-    # Triton 3.3+ (3.6 and 3.9 alike): ASTSource attrs map a parameter's path (index,) to
-    # backend.parse_attr(desc), desc "D" for "divisible by 16", i.e. [["tt.divisibility", 16]].
-    if hasattr(backend, "parse_attr"):
-        return backend.parse_attr(desc)
-    return [["tt.divisibility", 16]] if "D" in desc else []
-
-
-def _specialize_value(backend, value, is_const: bool, specialize: bool, align: bool) -> tuple[str, object]:
-    """(type, desc) the JIT's binder computes for a runtime argument; desc is "D"
-    (divisible by 16), "" or None (not specialized), or the value of a constexpr."""
-    try:
-        from triton._C.libtriton import native_specialize_impl
-    except ImportError:  # not in this Triton: the same rules by hand
-        native_specialize_impl = None
-    if isinstance(value, torch.Tensor):
-        if native_specialize_impl is not None:
-            kind = native_specialize_impl(type(backend), value, is_const, False, False)[0]
-        else:
-            kind = ("*k" if is_const else "*") + _TYPE_NAMES[value.dtype]
-        if not specialize:
-            return kind, None
-        # CUDA allocations are aligned far beyond 16 bytes: the offset into the storage decides.
-        aligned = (value.storage_offset() * value.element_size()) % 16 == 0
-        return kind, "D" if align and aligned else ""
-    if native_specialize_impl is not None:
-        return native_specialize_impl(type(backend), value, is_const, specialize, align)
-    if value is None:
-        return "constexpr", None
-    if isinstance(value, bool):
-        return "u1", None
-    if isinstance(value, int):
-        if specialize and value == 1:
-            return "constexpr", 1
-        desc = ("D" if align and value % 16 == 0 else "") if specialize else None
-        if -(2**31) <= value < 2**31:
-            return "i32", desc
-        return ("u64" if value >= 2**63 else "i64"), desc
-    if isinstance(value, float):
-        return "fp32", None
-    raise TypeError(f"unsupported argument {type(value).__name__}")
-
-
-_TYPE_NAMES = {
-    torch.float16: "fp16",
-    torch.bfloat16: "bf16",
-    torch.float32: "fp32",
-    torch.float64: "fp64",
-    torch.int8: "i8",
-    torch.int16: "i16",
-    torch.int32: "i32",
-    torch.int64: "i64",
-    torch.bool: "u1",
-    torch.uint8: "u8",
-}
-
-
-def specialize(fn, arguments: dict, backend, enabled: bool = True) -> tuple[dict, dict, dict]:
-    """(signature, constants, attrs) for ASTSource(fn, ...), as a real launch with these
-    arguments gets them (enabled=False: no divisibility hints, only the constexpr 1s)."""
-    signature, constants, attrs = {}, {}, {}
-    for index, param in enumerate(fn.params):
-        name, value = param.name, arguments[param.name]
-        if param.is_constexpr:
-            signature[name], constants[name] = "constexpr", value
-            continue
-        do_specialize = not param.do_not_specialize
-        kind, desc = _specialize_value(
-            backend, value, param.is_const, do_specialize, enabled and not param.do_not_specialize_on_alignment
-        )
-        annotation = getattr(param, "annotation_type", "")
-        if annotation and kind != "constexpr":
-            # The JIT does not specialize non-constexpr floats and bools with an annotation.
-            if annotation == "u1" or annotation[:2] in ("fp", "bf") or not do_specialize:
-                desc = None
-            kind = annotation
-        signature[name] = kind
-        if kind == "constexpr":
-            constants[name] = desc
-        elif isinstance(desc, str) and desc:
-            attrs[(index,)] = _parse_attr(backend, desc)
-    return signature, constants, attrs
-
-
-def jit_specialization(fn, arguments: dict, options: dict, backend):
-    """(signature, constants, attrs) from the installed Triton's own JIT binder (private
-    API: None where it is missing or differs)."""
-    try:
-        from triton.runtime.jit import create_function_from_signature
-
-        binder = create_function_from_signature(fn.signature, fn.params, backend)
-        call = {param.name: arguments[param.name] for param in fn.params}
-        bound, specialization, _ = binder(**call, **options)
-        _, signature, constexprs, attrs = fn._pack_args(backend, dict(options), bound, specialization, {})
-    except Exception:  # noqa: BLE001 - any change of the private API
-        return None
-    constants = {fn.params[path[0]].name: value for path, value in constexprs.items()}
-    attrs = {path: value for path, value in attrs.items() if value}
-    return signature, constants, attrs
 
 
 # ---- recording the launches ----------------------------------------------------------------
@@ -230,6 +131,27 @@ def _calls(dtype: torch.dtype, head_dim: int, head_dim_v: int):
     decode_q = torch.zeros(2, 8, head_dim, dtype=dtype)
     cu_decode = torch.tensor([0, 1, 2], dtype=torch.int32)
     yield "paged_decode", validate_paged(decode_q, key_cache, value_cache, table, lengths, cu_decode, 1, causal=True)
+    # Sinks: folded at the end of the forward kernel, in the decode combine kernel, and their gradient.
+    sinks = torch.zeros(8)
+    q, k, v = tensors(1024, 1024)
+    yield "sinks", validate_attention(q, k, v, causal=True, sinks=sinks)
+    q, k, v = tensors(1, 4096)
+    yield "sinks_decode", validate_attention(q, k, v, causal=True, sinks=sinks)
+    # 8-bit K/V with one float32 scale per token and KV head (as fusedattn.quantize_kv makes them).
+    for kv_name, kv_dtype in (("int8", torch.int8), ("fp8", torch.float8_e4m3fn)):
+        for suffix, seqlen_q in (("", 1024), ("_decode", 1)):
+            q, k, v = tensors(seqlen_q, 4096)
+            scales = torch.ones(2, 2, 4096)
+            yield (
+                f"{kv_name}_kv{suffix}",
+                validate_attention(q, k.to(kv_dtype), v.to(kv_dtype), causal=True, k_descale=scales, v_descale=scales),
+            )
+    paged_scales = torch.ones(520, 16, 2)
+    yield (
+        "fp8_kv_paged_decode",
+        validate_paged(decode_q, key_cache.to(torch.float8_e4m3fn), value_cache.to(torch.float8_e4m3fn), table,
+                       lengths, cu_decode, 1, causal=True, k_descale=paged_scales, v_descale=paged_scales),
+    )  # fmt: skip
 
 
 @contextlib.contextmanager
@@ -275,7 +197,7 @@ def record(dtype: torch.dtype, head_dim: int, head_dim_v: int, cases=ALL_CASES) 
                 continue
             start = len(recorder.launches)
             out, lse = attention_forward.forward(call.with_tensors(needs_grad=False))
-            if name not in ("decode", "paged", "paged_decode"):  # paged calls are inference only
+            if name not in INFERENCE_CASES:
                 for deterministic in ("0", "1"):  # atomic dQ, then the separate dQ kernel
                     os.environ["FUSEDATTN_DETERMINISTIC"] = deterministic
                     with torch.no_grad():
@@ -320,7 +242,7 @@ def _variants(case: str, kernel, arguments: dict, capability: int, dtype: torch.
     """Arguments plus launch options of every compile a launch can lead to on the GPU: each
     forward autotune config with and without TMA (Hopper and newer), else the recorded one."""
     base = _base(kernel)
-    if base is not attention_forward.attention_forward_kernel or case == "decode":
+    if base is not attention_forward.attention_forward_kernel or case.endswith("decode"):
         return [arguments]
     # The launcher took the CPU path: compile the GPU autotune configs instead.
     heavy = arguments["MASK_KIND"] != 0 or bool(arguments["HAS_DROPOUT"]) or bool(arguments["HAS_SOFTCAP"])
@@ -426,13 +348,14 @@ def plan(
 # ---- slices --------------------------------------------------------------------------------
 # Representative and fast (CI, about a minute on two cores): every bf16 d128 forward
 # config with and without TMA, the heavy-feature configs (the most registers), a narrow,
-# a ragged and the widest head dim, decode at three head dims, one backward kernel, and
-# one unspecialized control (the kernel the check used to build).
+# a ragged and the widest head dim, decode at three head dims, one backward kernel, one
+# config each of sinks, an fp8 K/V forward and an int8 K/V decode, and one unspecialized
+# control (the kernel the check used to build).
 CI_SLICE = dict(
     targets="90",
     dtypes="bfloat16,float16",
     head_dims="128,64,72:40,256",
-    cases="plain,causal,everything,decode,paged,paged_decode",
+    cases="plain,causal,everything,decode,paged,paged_decode,sinks,sinks_decode,fp8_kv,int8_kv_decode",
 )
 
 
@@ -440,12 +363,15 @@ def _ci_select(task: dict) -> bool:
     case, dtype, d, family, config = task["case"], task["dtype"], task["head_dim"], task["family"], task["config"]
     if family == "decode":
         wanted = (("bfloat16", 128), ("float16", 64), ("bfloat16", 256))
-        if case == "paged_decode":
+        if case == "sinks_decode":  # the sink joins in the combine kernel
+            return task["name"].endswith("combine_kernel") and (dtype, d) == ("bfloat16", 128)
+        if case in ("paged_decode", "int8_kv_decode"):
             return task["name"].endswith("split_kernel") and (dtype, d) == ("bfloat16", 128)
         return task["name"].endswith("split_kernel") and (dtype, d) in wanted
     if family == "forward":
         if (dtype, d) == ("bfloat16", 128):
-            return case in ("plain", "everything") or (case == "paged" and config["BLOCK_M"] == 128)
+            one_config = config["BLOCK_M"] == 128 and config["num_stages"] == 3
+            return case in ("plain", "everything") or (case in ("paged", "sinks", "fp8_kv") and one_config)
         if (dtype, d, case) == ("float16", 64, "causal"):
             return True
         return (dtype, d, case) == ("float16", 72, "causal") and (config["BLOCK_M"], config["BLOCK_N"]) == (128, 64)

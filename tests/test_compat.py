@@ -335,3 +335,67 @@ def test_learnable_sink_is_fusedattn_sinks():
     torch.testing.assert_close(varlen, out.reshape(10, 4, 16))
     cached = compat.flash_attn_with_kvcache(q, k.clone(), v.clone(), causal=True, learnable_sink=sinks)
     torch.testing.assert_close(cached, out)
+
+
+@pytest.mark.parametrize("kv_dtype", [torch.float8_e4m3fn, torch.int8], ids=["float8_e4m3fn", "int8"])
+def test_flash_attn_3_descales_scale_8bit_keys_and_values(kv_dtype):
+    # flash-attn 3's k_descale / v_descale: float32 (batch, num_heads_k); the key is
+    # k.float() * k_descale[b, h]. The expectation dequantizes in float64 and follows
+    # FlashAttention's semantics (_flash_reference), independently of fusedattn.
+    generator = torch.Generator().manual_seed(5)
+    q = torch.randn(2, 3, 4, 16, generator=generator)
+    k_values, v_values = ((torch.randn(2, 9, 2, 16, generator=generator) * 20).clamp(-100, 100).to(kv_dtype)
+                          for _ in range(2))  # fmt: skip
+    k_descale = torch.rand(2, 2, generator=generator) * 0.05 + 0.01
+    v_descale = torch.rand(2, 2, generator=generator) * 0.05 + 0.01
+
+    def dequantized(values, scales):
+        return values.double() * scales.double()[:, None, :, None]
+
+    out = compat.flash_attn_func(q, k_values, v_values, causal=True, k_descale=k_descale, v_descale=v_descale)
+    expected = _flash_reference(q, dequantized(k_values, k_descale), dequantized(v_values, v_descale), causal=True)[0]
+    torch.testing.assert_close(out.double(), expected, rtol=0, atol=2e-5)
+    # Packed sequences: (N, Hkv) scales, one per sequence, applied to each of its tokens.
+    cu = torch.tensor([0, 9, 18], dtype=torch.int32)
+    packed = compat.flash_attn_varlen_func(
+        torch.cat([q[0], q[1]]), torch.cat([k_values[0], k_values[1]]), torch.cat([v_values[0], v_values[1]]),
+        torch.tensor([0, 3, 6], dtype=torch.int32), cu, 3, 9, window_size=(4, 0), k_descale=k_descale,
+        v_descale=v_descale,
+    )  # fmt: skip
+    for index in range(2):
+        one = _flash_reference(q[index : index + 1], dequantized(k_values, k_descale)[index : index + 1],
+                               dequantized(v_values, v_descale)[index : index + 1], window_size=(4, 0))[0]  # fmt: skip
+        torch.testing.assert_close(packed[3 * index : 3 * index + 3].double(), one[0], rtol=0, atol=2e-5)
+    # Only k_descale: a missing scale is 1, as in flash-attn 3.
+    out = compat.flash_attn_func(q, k_values, v_values, k_descale=k_descale)
+    expected = _flash_reference(q, dequantized(k_values, k_descale), v_values.double())[0]
+    torch.testing.assert_close(out.double(), expected, rtol=0, atol=2e-4)
+
+
+def test_flash_attn_3_descale_refusals_and_ignored_scales():
+    q = torch.randn(2, 3, 4, 16)
+    k, v = torch.randn(2, 9, 2, 16), torch.randn(2, 9, 2, 16)
+    scales = torch.ones(2, 2)
+    # Inputs in q's dtype: flash-attn 3 reads its scales only for float8 inputs; so here.
+    torch.testing.assert_close(compat.flash_attn_func(q, k, v, q_descale=scales * 3, k_descale=scales * 2),
+                               compat.flash_attn_func(q, k, v))  # fmt: skip
+    k8, v8 = k.to(torch.float8_e4m3fn), v.to(torch.float8_e4m3fn)
+    with pytest.raises(TypeError, match="q: float8_e4m3fn queries .* are not supported"):
+        compat.flash_attn_func(q.to(torch.float8_e4m3fn), k8, v8, q_descale=scales, k_descale=scales)
+    with pytest.raises(TypeError, match="k: expected the dtype of q"):  # no scale: flash-attn's dtype rule
+        compat.flash_attn_func(q, k8, v8)
+    with pytest.raises(ValueError, match=r"k_descale: expected shape \(batch, num_heads_k\) = \(2, 2\)"):
+        compat.flash_attn_func(q, k8, v8, k_descale=torch.ones(2, 2, 9))
+    with pytest.raises(TypeError, match="v_descale: expected dtype torch.float32"):
+        compat.flash_attn_func(q, k8, v8, v_descale=scales.double())
+    with pytest.raises(ValueError, match="q_descale: expected None with q of dtype torch.float32"):
+        compat.flash_attn_func(q, k8, v8, q_descale=scales, k_descale=scales)
+    with pytest.raises(NotImplementedError, match="per cache row"):
+        cu = torch.tensor([0, 1, 2], dtype=torch.int32)
+        compat.flash_attn_varlen_func(q[:, 0], k8[:1].view(1, 9, 2, 16), v8[:1].view(1, 9, 2, 16), cu, cu, 1, 1,
+                                      block_table=torch.zeros(2, 1, dtype=torch.int32), k_descale=scales)  # fmt: skip
+    with pytest.raises(NotImplementedError, match="flash_attn_with_kvcache does not read 8-bit caches"):
+        compat.flash_attn_with_kvcache(q, k8, v8, k_descale=scales, v_descale=scales)
+    # Caches in q's dtype ignore the scales there too.
+    torch.testing.assert_close(compat.flash_attn_with_kvcache(q, k, v, k_descale=scales * 2),
+                               compat.flash_attn_with_kvcache(q, k, v))  # fmt: skip

@@ -2,7 +2,8 @@
 
 The function is attention over the dequantized keys and values (k.float() * k_descale[..., None]):
 the reference dequantizes and computes in float64; the CPU kernels read the 8-bit values where
-they lie and apply the scales per key. Every check compares against float64.
+they lie and apply the scales per key (the Triton kernels' tests, which need the interpreter's
+fixture, are in tests/test_triton_backend.py). Every check compares against float64.
 """
 
 from __future__ import annotations

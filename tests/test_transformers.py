@@ -329,3 +329,80 @@ def test_bidirectional_encoder_matches_eager(padding_side, calls):
         got = fused(input_ids=ids, attention_mask=mask).last_hidden_state
     torch.testing.assert_close(got[mask.bool()], expected[mask.bool()], atol=1e-4, rtol=1e-4)
     assert len(calls) == 2 and all(call["causal"] is False for call in calls)  # the module's is_causal
+
+
+@pytest.mark.parametrize("kv_dtype", [torch.float8_e4m3fn, torch.int8], ids=["float8_e4m3fn", "int8"])
+def test_8bit_kv_cache_generates_like_the_bf16_cache(kv_dtype, calls):
+    # A tiny bf16 Llama (random weights, seeded) decodes with QuantizedKVCache: the kernels
+    # get the 8-bit cache and its scales, never a dequantized copy. Teacher forcing (both
+    # caches decode the bf16 run's own tokens) compares each step's argmax without the
+    # cascade one flip starts in free running; the threshold is explained in
+    # benchmarks/results/cpu-2026-12-06-issue18/transformers_8bit_generation.md.
+    from fusedattn import quantize_kv
+    from fusedattn.integrations.transformers_cache import QuantizedKVCache
+    from transformers import DynamicCache
+
+    config = transformers.LlamaConfig(**{**COMMON, "vocab_size": 128, "hidden_size": 64, "initializer_range": 0.1,
+                                         "max_position_embeddings": 128})  # fmt: skip
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="fusedattn", dtype=torch.float32)
+    model = model.to(torch.bfloat16).eval()
+    prompts = torch.randint(3, 128, (2, 12), generator=torch.Generator().manual_seed(1))
+    steps = 24
+    bf16_cache = DynamicCache(config=config)
+    baseline = model.generate(prompts, attention_mask=torch.ones_like(prompts), past_key_values=bf16_cache,
+                              max_new_tokens=steps, min_new_tokens=steps, do_sample=False, pad_token_id=0)  # fmt: skip
+    tokens = baseline[:, prompts.shape[1] :]
+    cache = QuantizedKVCache(config, kv_dtype)
+    calls.clear()
+    choices = []
+    with torch.no_grad():
+        logits = model(input_ids=prompts, past_key_values=cache, use_cache=True).logits[:, -1]
+        choices.append(logits.argmax(-1))
+        for step in range(steps - 1):
+            logits = model(input_ids=tokens[:, step : step + 1], past_key_values=cache, use_cache=True).logits[:, -1]
+            choices.append(logits.argmax(-1))
+    agreement = float((torch.stack(choices, 1) == tokens).float().mean())
+    assert agreement >= 0.9, agreement
+    assert all(call["k_descale"].shape == call["v_descale"].shape for call in calls) and len(calls) == 2 * steps
+    # The cache holds 8 bits; layer 0's keys (which depend on the tokens only) are exactly
+    # quantize_kv of the bf16 cache's keys for the same tokens.
+    layer = cache.layers[0]
+    length = prompts.shape[1] + steps - 1
+    assert layer.keys.dtype == kv_dtype and cache.get_seq_length() == length
+    expected_values, expected_scales = quantize_kv(bf16_cache.layers[0].keys[:, :, :length], kv_dtype)
+    assert torch.equal(layer.keys[:, :, :length].float(), expected_values.float())
+    assert torch.equal(layer.key_scales[:, :, :length], expected_scales)
+    with pytest.raises(ValueError, match="k: an 8-bit key .* without its scales"):
+        fused_hf.fusedattn_attention_forward(model.model.layers[0].self_attn, torch.randn(1, 4, 1, 16),
+                                             torch.zeros(1, 2, 3, 16, dtype=kv_dtype),
+                                             torch.zeros(1, 2, 3, 16, dtype=kv_dtype), None)  # fmt: skip
+
+
+def test_8bit_kv_cache_batch_operations_move_the_scales_with_the_rows():
+    # Beam search reorders the cache, generate repeats or selects batch rows, assisted
+    # decoding crops it: each row's scales must follow it (a scale left behind dequantizes
+    # another sequence's row).
+    from fusedattn import quantize_kv
+    from fusedattn.integrations.transformers_cache import QuantizedKVLayer
+
+    def dequantized(cached):
+        return cached.float() * getattr(cached, fused_hf.DESCALE_ATTRIBUTE)[..., None]
+
+    states = torch.randn(3, 2, 5, 16) * torch.tensor([1.0, 10.0, 100.0])[:, None, None, None]
+    new_token = torch.randn(6, 2, 1, 16)
+    layer = QuantizedKVLayer(torch.int8)
+    layer.update(states, -states)
+    layer.reorder_cache(torch.tensor([2, 0, 1]))
+    layer.batch_select_indices(torch.tensor([0, 2]))
+    layer.batch_repeat_interleave(3)
+    layer.crop(-2)
+    keys, values = layer.update(new_token, -new_token)
+    kept = torch.cat([states[[2, 1]].repeat_interleave(3, dim=0)[:, :, :3], new_token], dim=2)
+    expected, scales = quantize_kv(kept, torch.int8)
+    expected = expected.float() * scales[..., None]
+    assert layer.get_seq_length() == 4 and keys.shape == (6, 2, 4, 16)
+    torch.testing.assert_close(dequantized(keys), expected, atol=0, rtol=0)
+    torch.testing.assert_close(dequantized(values), -expected, atol=0, rtol=0)
+    with pytest.raises(ValueError, match="tokens_to_remove"):
+        layer.crop(3)

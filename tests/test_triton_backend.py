@@ -718,3 +718,88 @@ def test_row_without_keys_is_zero_with_sinks_and_a_nan_value(seqlen_q, seqlen_k)
         out, lse = fusedattn.attention(q, k, v, sinks=sinks, return_lse=True, backend="triton", **options)
         assert torch.equal(out[0, 0, 0].cpu(), torch.zeros(16))
         assert float(lse[0, 0, 0]) == (float("-inf") if sinks is None else 0.5)
+
+
+# ---- 8-bit K/V (float8_e4m3fn, int8): converted in registers, scales applied per key -----------
+@pytest.mark.parametrize("decode", ["never", "always"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("kv_dtype", [torch.int8, torch.float8_e4m3fn], ids=["int8", "float8_e4m3fn"])
+def test_quantized_kv_dense_and_varlen(kv_dtype, dtype, decode, monkeypatch):
+    # Scales per token and head (quantize_kv), per KV head and per tensor: expanded views
+    # whose zero strides the kernels follow. check_backend: the float64 oracle of the same
+    # 8-bit inputs, plus the rounding of q's dtype.
+    monkeypatch.setenv("FUSEDATTN_TRITON_DECODE", decode)
+    q, k, v = _inputs(2, 4, 2, 3, 45, 32, dtype=torch.float32)
+    q = q.to(dtype)
+    key_cache, k_descale = fusedattn.quantize_kv(k * 3, kv_dtype)
+    value_cache, v_descale = fusedattn.quantize_kv(v, kv_dtype)
+    options = {"causal": True, "softcap": 4.0, "sinks": torch.rand(4, device=DEVICE)}
+    assert_backend_matches("triton", q, key_cache, value_cache, k_descale=k_descale, v_descale=v_descale, **options)
+    head_scales = torch.tensor([[0.05], [0.02]], device=DEVICE)  # (Hkv, 1): one per KV head
+    assert_backend_matches("triton", q, key_cache, value_cache, k_descale=head_scales,
+                           v_descale=torch.tensor(0.03, device=DEVICE), window=(20, None))  # fmt: skip
+    # Packed sequences: scales (Tk, Hkv); a sequence without query rows.
+    cu_q = torch.tensor([0, 2, 2, 5], dtype=torch.int32, device=DEVICE)
+    cu_k = torch.tensor([0, 30, 41, 90], dtype=torch.int32, device=DEVICE)
+    packed_k, packed_v = (t.transpose(1, 2).reshape(90, 2, 32) for t in (k, v))
+    key_cache, k_descale = fusedattn.quantize_kv(packed_k, kv_dtype)
+    value_cache, v_descale = fusedattn.quantize_kv(packed_v, kv_dtype)
+    packed_q = q.transpose(1, 2).reshape(6, 4, 32)[:5]
+    assert_backend_matches("triton", packed_q, key_cache, value_cache, cu_seqlens_q=cu_q,
+                           cu_seqlens_k=cu_k, max_seqlen_q=3, max_seqlen_k=49, causal=True, k_descale=k_descale,
+                           v_descale=v_descale)  # fmt: skip
+
+
+@pytest.mark.parametrize("decode", ["never", "always"])
+@pytest.mark.parametrize("kv_dtype", [torch.int8, torch.float8_e4m3fn], ids=["int8", "float8_e4m3fn"])
+def test_quantized_kv_paged(kv_dtype, decode, monkeypatch):
+    from fusedattn.testing import paged_case
+
+    monkeypatch.setenv("FUSEDATTN_TRITON_DECODE", decode)
+    (q, key_cache, value_cache), paged = paged_case(
+        (1, 3, 0), (21, 40, 5), block_size=16, dtype=torch.float16, device=DEVICE, shared_prefix_blocks=1,
+        generator=torch.Generator().manual_seed(3),
+    )  # fmt: skip
+    key_cache, k_descale = fusedattn.quantize_kv(key_cache, kv_dtype)
+    value_cache, v_descale = fusedattn.quantize_kv(value_cache, kv_dtype)
+    assert_backend_matches("triton", q, key_cache, value_cache, k_descale=k_descale, v_descale=v_descale,
+                           causal=True, window=(25, None), **paged)  # fmt: skip
+
+
+def test_quantized_kv_tensor_descriptors_and_refused_backward(monkeypatch):
+    monkeypatch.setenv("FUSEDATTN_TRITON_TMA", "1")
+    q, k, v = _inputs(1, 4, 2, 20, 37, 32, dtype=torch.float16)
+    key_cache, k_descale = fusedattn.quantize_kv(k, torch.int8)
+    value_cache, v_descale = fusedattn.quantize_kv(v, torch.int8)
+    assert_backend_matches("triton", q, key_cache, value_cache, k_descale=k_descale, v_descale=v_descale, causal=True)
+    q.requires_grad_(True)
+    explanation = fusedattn.explain(q, key_cache, value_cache, k_descale=k_descale, v_descale=v_descale)
+    assert "no backward with 8-bit K/V" in explanation.refusals["triton"]
+
+
+def test_quantized_kv_under_torch_compile():
+    # The scales reach the traced kernel launch as the expanded views validation makes.
+    q, k, v = _inputs(1, 2, 1, 20, 20, 16)
+    key_cache, k_descale = fusedattn.quantize_kv(k, torch.float8_e4m3fn)
+    value_cache, v_descale = fusedattn.quantize_kv(v, torch.float8_e4m3fn)
+
+    def attend(q, key_cache, value_cache, k_descale, v_descale):
+        return fusedattn.attention(q, key_cache, value_cache, k_descale=k_descale[0], v_descale=v_descale,
+                                   causal=True, backend="triton")  # fmt: skip
+
+    compiled = torch.compile(attend, fullgraph=True, backend=COMPILE_BACKEND)
+    assert torch.equal(compiled(q, key_cache, value_cache, k_descale, v_descale),
+                       attend(q, key_cache, value_cache, k_descale, v_descale))  # fmt: skip
+
+
+@pytest.mark.parametrize("decode", ["never", "always"])
+@pytest.mark.parametrize("kv_dtype", [torch.int8, torch.float8_e4m3fn], ids=["int8", "float8_e4m3fn"])
+def test_quantized_kv_small_value_scales_in_float16(kv_dtype, decode, monkeypatch):
+    # Values near 1e-4 (fine in fp16) quantize with scales near 2e-7: with fp16 queries,
+    # p * scale would be an fp16 subnormal of a bit or two; the output must keep fp16's
+    # relative accuracy.
+    monkeypatch.setenv("FUSEDATTN_TRITON_DECODE", decode)
+    q, k, v = _inputs(1, 2, 2, 3, 45, 32)
+    key_cache, k_descale = fusedattn.quantize_kv(k, kv_dtype)
+    value_cache, v_descale = fusedattn.quantize_kv(v * 1e-4, kv_dtype)
+    assert_backend_matches("triton", q.half(), key_cache, value_cache, k_descale=k_descale, v_descale=v_descale)

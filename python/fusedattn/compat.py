@@ -101,6 +101,55 @@ def _one_dtype(q: object, k: object, v: object) -> None:
         require_dtype_of_q(q, (("k", k), ("v", v)))
 
 
+def _flash3_descales(
+    q: object,
+    k: object,
+    q_descale: object,
+    k_descale: object,
+    v_descale: object,
+    batch: int | None,
+    heads_kv: int | None,
+) -> tuple[object, object] | None:
+    """flash-attn 3's q_descale / k_descale / v_descale (float32, (batch, num_heads_k): one
+    scale per sequence and KV head), checked as flash-attn 3 checks them.
+
+    flash-attn 3 reads them only with float8_e4m3fn inputs (q, k, v all fp8) and ignores
+    them otherwise; fusedattn computes in q's dtype and reads only K and V in 8 bits, so:
+    a float8 q is refused; K/V in q's dtype ignore the scales (returns None, as flash-attn
+    3 does); 8-bit K/V (float8_e4m3fn or int8, which flash-attn 3 would refuse next to a
+    float16 / bfloat16 q) take k_descale / v_descale (returned, each None or (batch,
+    num_heads_k), a missing one meaning 1 as in flash-attn 3), and q_descale is refused
+    there (it would scale nothing). Returns None when no scale applies.
+    """
+    if isinstance(q, torch.Tensor) and q.dtype == torch.float8_e4m3fn:
+        raise TypeError(
+            "q: float8_e4m3fn queries (flash-attn 3's FP8 path) are not supported: fusedattn computes in q's "
+            "dtype and reads only K and V in 8 bits; pass q as float16 or bfloat16 (dequantized with its "
+            "q_descale) and k, v as float8_e4m3fn with k_descale / v_descale"
+        )
+    quantized = isinstance(k, torch.Tensor) and k.dtype in semantics.QUANTIZED_KV_DTYPES
+    if not quantized or (k_descale is None and v_descale is None):
+        return None  # flash-attn 3 ignores scales of fp16 / bf16 inputs; unscaled 8-bit K/V are refused later
+    if q_descale is not None:
+        raise ValueError(
+            f"q_descale: expected None with q of dtype {getattr(q, 'dtype', None)} (flash-attn 3 applies it to "
+            "float8_e4m3fn queries only, which fusedattn does not take)"
+        )
+    for name, scale in (("k_descale", k_descale), ("v_descale", v_descale)):
+        if scale is None:
+            continue
+        if not isinstance(scale, torch.Tensor):
+            raise TypeError(f"{name}: expected a torch.Tensor or None, got {type(scale).__name__}")
+        if scale.dtype != torch.float32:
+            raise TypeError(f"{name}: expected dtype torch.float32 (as flash-attn 3), got {scale.dtype}")
+        if batch is not None and tuple(scale.shape) != (batch, heads_kv):
+            raise ValueError(
+                f"{name}: expected shape (batch, num_heads_k) = {(batch, heads_kv)} (flash-attn 3's one scale "
+                f"per sequence and KV head), got {tuple(scale.shape)}"
+            )
+    return k_descale, v_descale
+
+
 def _drawn_seed(dropout_p: float) -> int | None:
     # The probabilities returned with return_attn_probs must show the kernel's dropout
     # pattern, so the seed is drawn here (from torch's generator, as fusedattn would).
@@ -131,12 +180,20 @@ def _dense(
     alibi_slopes: torch.Tensor | None,
     return_attn_probs: bool,
     learnable_sink: torch.Tensor | None = None,
+    descales: tuple[object, object, object] = (None, None, None),
 ) -> FlashOutput:
-    """The dense functions on q (B, Sq, Hq, D), k (B, Sk, Hkv, D), v (B, Sk, Hkv, Dv)."""
-    _one_dtype(q, k, v)
+    """The dense functions on q (B, Sq, Hq, D), k (B, Sk, Hkv, D), v (B, Sk, Hkv, Dv);
+    descales: flash-attn 3's (q_descale, k_descale, v_descale)."""
+    shaped = isinstance(k, torch.Tensor) and k.dim() == 4
+    scales = _flash3_descales(q, k, *descales, k.shape[0] if shaped else None, k.shape[2] if shaped else None)
+    if scales is None:
+        _one_dtype(q, k, v)
     # (B, S, H, D) -> fusedattn's (B, H, S, D): a view, never a copy.
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))
     options = _options(dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, learnable_sink)
+    if scales is not None:
+        # (B, Hkv) per sequence and KV head -> broadcast over the keys: (B, Hkv, 1), a view.
+        options["k_descale"], options["v_descale"] = (None if s is None else s[:, :, None] for s in scales)
     if not return_attn_probs:
         return attention(q, k, v, **options).transpose(1, 2).contiguous()
     options["dropout_seed"] = _drawn_seed(options["dropout_p"])
@@ -159,6 +216,9 @@ def flash_attn_func(
     return_attn_probs: bool = False,
     *,
     learnable_sink: torch.Tensor | None = None,
+    q_descale: torch.Tensor | None = None,
+    k_descale: torch.Tensor | None = None,
+    v_descale: torch.Tensor | None = None,
 ) -> FlashOutput:
     """flash_attn.flash_attn_func.
 
@@ -173,14 +233,19 @@ def flash_attn_func(
         deterministic: accepted for compatibility; no effect.
         return_attn_probs: also return lse (B, Hq, Sq) float32 and the probabilities.
         learnable_sink: (Hq,) attention-sink logits (flash-attn 4's name; fusedattn's sinks).
+        q_descale, k_descale, v_descale: flash-attn 3's names, float32 (B, Hkv): with k, v
+            float8_e4m3fn or int8 (q float16 / bfloat16 / float32) the key is
+            k.float() * k_descale[b, h] (fusedattn's quantized K/V); ignored, as in flash-attn
+            3, when k, v have q's dtype. A float8 q is refused (fusedattn computes in q's dtype).
 
     Returns:
         out (B, Sq, Hq, Dv), or (out, lse, probabilities) with return_attn_probs.
     """
     del deterministic  # fusedattn's backward does not depend on it
     return _dense(
-        q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, return_attn_probs, learnable_sink
-    )
+        q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, return_attn_probs, learnable_sink,
+        (q_descale, k_descale, v_descale),
+    )  # fmt: skip
 
 
 def flash_attn_qkvpacked_func(
@@ -219,6 +284,17 @@ def flash_attn_kvpacked_func(
 
 
 # ---- varlen --------------------------------------------------------------------------
+def _per_token(scales: torch.Tensor | None, cu_seqlens: torch.Tensor | None, tokens: int) -> torch.Tensor | None:
+    """(N, Hkv) scales per sequence -> (tokens, Hkv) per packed token: token t takes the scale
+    of the sequence whose offsets hold it (searched on the device: no host read). Only the
+    small scale tensor is gathered, never the keys."""
+    if scales is None or cu_seqlens is None or cu_seqlens.is_floating_point():
+        return scales  # a bad cu_seqlens_k is refused, by name, by attention_varlen
+    positions = torch.arange(tokens, device=cu_seqlens.device, dtype=cu_seqlens.dtype)
+    sequence = torch.searchsorted(cu_seqlens[1:].contiguous(), positions, right=True)
+    return scales[sequence.clamp(max=max(scales.shape[0] - 1, 0))]
+
+
 def _paged_keys(cache: torch.Tensor, block_table: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
     """Packed (sum(lengths), Hkv, D) keys of a paged cache (num_blocks, block_size, Hkv, D):
     the first lengths[b] positions of each sequence b, in order.
@@ -317,6 +393,9 @@ def flash_attn_varlen_func(
     block_table: torch.Tensor | None = None,
     *,
     learnable_sink: torch.Tensor | None = None,
+    q_descale: torch.Tensor | None = None,
+    k_descale: torch.Tensor | None = None,
+    v_descale: torch.Tensor | None = None,
 ) -> FlashOutput:
     """flash_attn.flash_attn_varlen_func.
 
@@ -327,6 +406,9 @@ def flash_attn_varlen_func(
         block_table: (N, max_blocks) int32 with k, v a paged cache (num_blocks, block_size,
             Hkv, D): sequence i's keys are its first cu_seqlens_k[i + 1] - cu_seqlens_k[i]
             positions in its blocks, read in place (fusedattn.attention_paged; no dropout).
+        q_descale, k_descale, v_descale: as in :func:`flash_attn_func`, (N, Hkv): one scale
+            per sequence and KV head (not with block_table: fusedattn's scales of a paged
+            cache belong to its rows, which sequences may share).
         Other options (learnable_sink included) as in :func:`flash_attn_func`.
 
     Returns:
@@ -334,8 +416,22 @@ def flash_attn_varlen_func(
     """
     del deterministic
     invalid = None
-    _one_dtype(q, k, v)
+    offsets = cu_seqlens_k if isinstance(cu_seqlens_k, torch.Tensor) and cu_seqlens_k.dim() == 1 else None
+    shaped = offsets is not None and isinstance(k, torch.Tensor) and k.dim() == 3
+    scales = _flash3_descales(
+        q, k, q_descale, k_descale, v_descale, offsets.shape[0] - 1 if shaped else None, k.shape[1] if shaped else None
+    )
+    if scales is None:
+        _one_dtype(q, k, v)
     options = _options(dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, learnable_sink)
+    if scales is not None:
+        if block_table is not None:
+            raise NotImplementedError(
+                "k_descale, v_descale: with block_table flash-attn 3's scales are per sequence, fusedattn's per "
+                "cache row (blocks may be shared by sequences); call fusedattn.attention_paged with scales of "
+                "shape (num_blocks, block_size, Hkv)"
+            )
+        options["k_descale"], options["v_descale"] = (_per_token(s, offsets, k.shape[0]) for s in scales)
     max_seqlen_q = integer_argument("max_seqlen_q", max_seqlen_q)
     max_seqlen_k = integer_argument("max_seqlen_k", max_seqlen_k)
     if block_table is not None:
@@ -491,6 +587,9 @@ def flash_attn_with_kvcache(
     return_softmax_lse: bool = False,
     *,
     learnable_sink: torch.Tensor | None = None,
+    q_descale: torch.Tensor | None = None,
+    k_descale: torch.Tensor | None = None,
+    v_descale: torch.Tensor | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """flash_attn.flash_attn_with_kvcache: attention over a KV cache, appending k, v in place.
 
@@ -512,10 +611,19 @@ def flash_attn_with_kvcache(
         num_splits: accepted; no effect.
         return_softmax_lse: also return lse (B, Hq, Sq) float32.
         learnable_sink: (Hq,) attention-sink logits (flash-attn 4's name; fusedattn's sinks).
+        q_descale, k_descale, v_descale: flash-attn 3's names; ignored (as there) with caches
+            in q's dtype. A float8 q is refused; 8-bit caches are not served here yet (use
+            fusedattn.attention / attention_paged with k_descale, v_descale).
 
     Returns:
         out (B, Sq, Hq, D), or (out, lse) with return_softmax_lse.
     """
+    if _flash3_descales(q, k_cache, q_descale, k_descale, v_descale, None, None) is not None:
+        raise NotImplementedError(
+            "k_descale, v_descale: flash_attn_with_kvcache does not read 8-bit caches yet (new keys would need "
+            "quantizing into them); call fusedattn.attention or fusedattn.attention_paged with k_descale / "
+            "v_descale, and fusedattn.append_quantized_kv to add keys"
+        )
     integer_argument("num_splits", num_splits)  # a kernel-scheduling hint: checked, then unused
     del num_splits, rotary_interleaved
     if rotary_cos is not None or rotary_sin is not None:

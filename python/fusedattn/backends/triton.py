@@ -2,7 +2,7 @@
 
 Runs on CUDA GPUs, and on CPU tensors only under Triton's interpreter
 (TRITON_INTERPRET=1, slow: used by the tests). Every feature of semantics.py is served,
-forward and backward; fp16, bf16 and fp32 (fp32 dots follow torch's matmul policy:
+forward and backward (paged caches and 8-bit K/V forward only); fp16, bf16 and fp32 (fp32 dots follow torch's matmul policy:
 TF32 after torch.set_float32_matmul_precision("high") or with
 torch.backends.cuda.matmul.fp32_precision = "tf32", exact IEEE otherwise).
 
@@ -72,6 +72,8 @@ def refuse(profile: CallProfile) -> str | None:
         return "Triton's interpreter does not support tl.dot on bfloat16"
     if {"paged_kv", "backward"} <= profile.features:
         return "no backward over a paged KV cache (inference only; the reference backend differentiates it)"
+    if {"quantized_kv", "backward"} <= profile.features:
+        return "no backward with 8-bit K/V (inference only; the reference backend differentiates it)"
     return None
 
 
@@ -99,8 +101,7 @@ BACKEND = Backend(
     capabilities=Capabilities(
         devices=frozenset({"cuda", "cpu"}),
         dtypes=frozenset({torch.float16, torch.bfloat16, torch.float32}),
-        # 8-bit K / V are read by the reference and the CPU backend only, so far.
-        features=frozenset(semantics.FEATURES) - {"quantized_kv"},
+        features=frozenset(semantics.FEATURES),
         max_head_dim=semantics.MAX_HEAD_DIM,
         priority={"cuda": 30, "cpu": -10},
         differentiable_options=frozenset({"sinks"}),

@@ -1,9 +1,10 @@
 """Integrations with other libraries (imported on demand; each needs its library installed).
 
 fusedattn.integrations.transformers: ``attn_implementation="fusedattn"`` for Hugging Face models.
+fusedattn.integrations.transformers_cache: an 8-bit KV cache (QuantizedKVCache) it reads in place.
 """
 
-_INTEGRATIONS = ("transformers",)
+_INTEGRATIONS = ("transformers", "transformers_cache")
 
 
 def __getattr__(name: str) -> object:

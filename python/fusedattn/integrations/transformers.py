@@ -21,6 +21,10 @@
   sequences, chunked or image-token masks, static caches whose queries are not the last
   keys) gets transformers' dense boolean mask, so nothing is ever dropped.
 
+An 8-bit KV cache (:class:`fusedattn.integrations.transformers_cache.QuantizedKVCache`)
+hands the function 8-bit keys and values carrying their scales (``DESCALE_ATTRIBUTE``),
+which it passes on as ``k_descale`` / ``v_descale``: the cache is read where it lies.
+
 What the attention function receives as ``attention_mask``:
   None, (B,) int key lengths, (B, Sk) bool key mask, or a 4-D mask (bool True = attend,
   or additive float) that already holds every rule (then no causal flag or window is added).
@@ -34,10 +38,14 @@ from typing import Any
 import torch
 
 from ..api import attention, attention_varlen
+from ..semantics import QUANTIZED_KV_DTYPES
 
 IMPLEMENTATION_NAME = "fusedattn"
+# An 8-bit key / value from fusedattn.integrations.transformers_cache carries its float32
+# scales (B, Hkv, Sk) in this attribute; they become k_descale / v_descale.
+DESCALE_ATTRIBUTE = "fusedattn_descale"
 
-__all__ = ["IMPLEMENTATION_NAME", "fusedattn_attention_forward", "fusedattn_mask", "register"]
+__all__ = ["DESCALE_ATTRIBUTE", "IMPLEMENTATION_NAME", "fusedattn_attention_forward", "fusedattn_mask", "register"]
 
 
 # ---- mask builder ----------------------------------------------------------------------
@@ -186,8 +194,20 @@ def fusedattn_attention_forward(
     sinks = kwargs.get("s_aux", kwargs.get("sinks"))
     if sinks is not None:
         options["sinks"] = sinks
+    for name, tensor in (("k_descale", key), ("v_descale", value)):
+        # An 8-bit cache (transformers_cache.QuantizedKVCache): read in place with its scales.
+        if tensor.dtype in QUANTIZED_KV_DTYPES:
+            scales = getattr(tensor, DESCALE_ATTRIBUTE, None)
+            if scales is None:
+                raise ValueError(
+                    f"{name[0]}: an 8-bit {'key' if name[0] == 'k' else 'value'} ({tensor.dtype}) without its scales; "
+                    "use fusedattn.integrations.transformers_cache.QuantizedKVCache"
+                )
+            options[name] = scales
     packed = kwargs.get("cu_seq_lens_q")
     if packed is not None and query.shape[0] == 1 and kwargs.get("cu_seq_lens_k") is not None:
+        if "k_descale" in options:
+            raise NotImplementedError("packed sequences (cu_seq_lens_q) over an 8-bit KV cache are not supported")
         # Padding-free packed batches (DataCollatorWithFlattening): one varlen call.
         out = attention_varlen(
             query[0].transpose(0, 1),

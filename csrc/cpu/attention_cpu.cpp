@@ -15,6 +15,7 @@
 #include <string>
 #include <vector>
 
+#include "cpu/attention_entry.h"
 #include "cpu/attention_problem.h"
 #include "native_options.h"
 
@@ -422,6 +423,10 @@ void check_lse(const at::Tensor& lse, const at::Tensor& q, bool varlen) {
     check_shape("lse", lse, {q.size(0), q.size(1), q.size(2)});
 }
 
+std::string cpu_isa() { return select_variant().name; }
+
+}  // namespace
+
 void cpu_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& out,
                  at::Tensor& lse FUSEDATTN_OPTION_PARAMETERS) {
   FUSEDATTN_COLLECT_OPTIONS();
@@ -456,9 +461,6 @@ void cpu_backward(const at::Tensor& grad_out, const at::Tensor& q, const at::Ten
   select_variant().backward(problem);
 }
 
-std::string cpu_isa() { return select_variant().name; }
-
-}  // namespace
 }  // namespace fusedattn::cpu
 
 TORCH_LIBRARY_FRAGMENT(fusedattn_native, m) {

@@ -54,6 +54,14 @@ def registry() -> dict[str, Backend]:
     return _REGISTRY
 
 
+def registry_key() -> tuple[int, ...]:
+    """Identity of the registered backends: remembered decisions hold while it is equal
+    (tests and extensions may add or replace entries of the registry dict)."""
+    if _REGISTRY is None:
+        registry()
+    return tuple(map(id, _REGISTRY.values()))
+
+
 def import_errors() -> dict[str, str]:
     registry()
     return dict(_IMPORT_ERRORS)
@@ -118,8 +126,7 @@ def select_backend(call: AttentionCall, backend: str = AUTO) -> Backend:
         # such as FUSEDATTN_BACKEND may change between calls), current CUDA device (a
         # backend may refuse by the device's limits) and set of registered backends.
         cuda_device = torch.cuda.current_device() if profile.device == "cuda" else None
-        backends = tuple(map(id, registry().values()))
-        key = (*arguments, environment.backend_choice_key(), cuda_device, backends)
+        key = (*arguments, environment.backend_choice_key(), cuda_device, registry_key())
         decided = _DECISIONS.get(key)
         if decided is None:
             decided = _DECISIONS[key] = _select_name(*arguments)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["allocate_output", "poisoned_outputs"]
+__all__ = ["allocate_output", "poisoned_outputs", "poisoning"]
 
 _POISON: list[float] = []
 
@@ -19,6 +19,11 @@ def allocate_output(shape: tuple[int, ...], dtype: torch.dtype, device: torch.de
     if _POISON:
         return torch.full(shape, _POISON[-1], dtype=dtype, device=device)
     return torch.empty(shape, dtype=dtype, device=device)
+
+
+def poisoning() -> bool:
+    """True inside poisoned_outputs(): outputs must come from allocate_output."""
+    return bool(_POISON)
 
 
 class poisoned_outputs:  # noqa: N801  (used as a context manager, like torch.no_grad)

@@ -91,6 +91,9 @@ class Backend:
     Such a backend's forward/backward must be traceable with fake tensors: they only
     call torch operators and kernels launched through torch.library.wrap_triton, and
     receive call.dropout_seed as the op's 0-d int64 tensor (never read on the host).
+    prepare_forward, when given, serves repeated plain eager calls (fusedattn.repeat_calls):
+    it returns a function of (q, k, v) alone for calls that differ from call only in
+    those tensors' values, or None where it cannot.
     reads_metadata_on_host=True says the backend reads cu_seqlens / key_lengths values on
     the host anyway (it synchronizes): the op layer then checks unverified values there and
     raises, instead of flagging them on the device (validation.metadata_guard).
@@ -105,3 +108,7 @@ class Backend:
     description: str = ""
     triton_op: bool = False
     reads_metadata_on_host: bool = False
+    # prepare_forward(call) -> run(q, k, v) -> (out, lse): the forward of calls equal to
+    # call in everything but q, k, v's values (fusedattn.repeat_calls), holding no tensor.
+    # None: repeated calls take the full path.
+    prepare_forward: Callable[[AttentionCall], Callable[..., tuple[torch.Tensor, torch.Tensor]] | None] | None = None

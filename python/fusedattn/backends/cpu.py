@@ -9,11 +9,14 @@ bfloat16 and float16 (accumulating in float32).
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from .. import semantics
 from .._native import native, native_error
 from ..ops import native_option_values
+from ..outputs import poisoning
 from ..semantics import AttentionCall
 from .base import Backend, CallProfile, Capabilities, allocate_output
 
@@ -21,7 +24,7 @@ from .base import Backend, CallProfile, Capabilities, allocate_output
 def _available() -> tuple[bool, str]:
     if native() is None:
         return False, native_error() or "fusedattn._C is not built"
-    if not hasattr(torch.ops.fusedattn_native, "cpu_forward"):
+    if not hasattr(native(), "cpu_forward") or not hasattr(torch.ops.fusedattn_native, "cpu_forward"):
         return False, "fusedattn._C was built without the CPU kernels"
     return True, ""
 
@@ -32,13 +35,37 @@ def selected_isa() -> str:
     return torch.ops.fusedattn_native.cpu_isa()
 
 
+# The kernels are called through fusedattn._C's direct bindings of the operators' own
+# functions (csrc/cpu/direct_calls.cpp): same arguments, same checks, without the
+# dispatcher's argument boxing. The fusedattn_native operators stay for torch.ops users.
+
+
 def forward(call: AttentionCall) -> tuple[torch.Tensor, torch.Tensor]:
     """out (*q.shape[:-1], Dv) in q's dtype and lse float32 (B, Hq, Sq) or (Hq, Tq)."""
-    native()
     out = allocate_output(call.out_shape, call.dtype, call.device)
     lse = allocate_output(call.lse_shape, torch.float32, call.device)
-    torch.ops.fusedattn_native.cpu_forward(call.q, call.k, call.v, out, lse, *native_option_values(call))
+    native().cpu_forward(call.q, call.k, call.v, out, lse, *native_option_values(call))
     return out, lse
+
+
+def prepare_forward(call: AttentionCall):
+    """forward for calls that differ from call only in q, k, v's values: the native
+    argument list built once (plain calls carry no option tensor; None otherwise)."""
+    options = native_option_values(call)
+    if any(isinstance(value, torch.Tensor) for value in options):
+        return None
+    out_shape, lse_shape = call.out_shape, call.lse_shape
+    into_new_outputs = native().cpu_forward_new
+
+    def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if poisoning():
+            return forward(dataclasses.replace(call_without_tensors, q=q, k=k, v=v))
+        return into_new_outputs(q, k, v, out_shape, lse_shape, *options)
+
+    # The plan keeps no tensor of the call it was made from (it may be a large cache).
+    call_without_tensors = dataclasses.replace(call, q=None, k=None, v=None)
+
+    return run
 
 
 def backward(
@@ -51,11 +78,10 @@ def backward(
     """(dq, dk, dv) shaped like (q, k, v); dk/dv summed over each GQA group. With
     option_gradients=("sinks",) also d sinks (Hq,) float32, from lse and delta: the
     kernels' P already holds the sinks (through lse), so dq, dk, dv need nothing else."""
-    native()
     grad_q = allocate_output(tuple(call.q.shape), call.dtype, call.device)
     grad_k = allocate_output(tuple(call.k.shape), call.dtype, call.device)
     grad_v = allocate_output(tuple(call.v.shape), call.dtype, call.device)
-    torch.ops.fusedattn_native.cpu_backward(
+    native().cpu_backward(
         grad_out.to(call.dtype), call.q, call.k, call.v, out, lse, grad_q, grad_k, grad_v, *native_option_values(call)
     )
     if "sinks" in option_gradients:
@@ -86,4 +112,5 @@ BACKEND = Backend(
     backward=backward,
     availability=_available,
     refuse=refuse,
+    prepare_forward=prepare_forward,
 )

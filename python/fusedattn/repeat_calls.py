@@ -1,0 +1,139 @@
+"""Repeated plain eager calls skip validation and backend choice.
+
+A model calls attention with the same shapes, dtypes, strides and options at every layer
+(and, with a fixed-size cache, at every step). For a dense call with no option tensors
+(mask, key lengths, ALiBi slopes, sinks, 8-bit scales) and no dropout, validation's
+verdict and the backend chosen depend only on those plain values, so both are remembered
+under them: the next identical call runs the chosen backend's prepared forward
+(``Backend.prepare_forward``) directly (the SDPA drop-in's plain calls too, under keys of
+their own), without rebuilding the AttentionCall, the
+dispatcher's profile or the native argument list (about 30 us of a call that computes a
+few). Anything else takes the full path: option tensors, a tensor that requires grad or
+is not a plain strided torch.Tensor, a torch.compile or torch.jit.trace trace, a functorch transform, a
+dispatch or function mode, the autograd profiler, arguments of a type other than the one
+the key can tell apart (``causal=1``), or a backend without a prepared forward.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from . import environment
+from .backends.base import Backend
+from .dispatch import registry_key
+from .ops import plain_eager_context
+from .semantics import AttentionCall
+
+PreparedForward = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+# Enough for every shape of a few models; a decode loop whose key length grows by one
+# per step adds a key per step, so the table is emptied when it fills.
+LARGEST_TABLE = 256
+
+_PLANS: dict[tuple, PreparedForward | None] = {}
+
+
+_TENSOR = torch.Tensor
+_STRIDED = torch.strided
+
+
+def dense_key(
+    q: object,
+    k: object,
+    v: object,
+    causal: object,
+    causal_alignment: object,
+    scale: object,
+    window: object,
+    softcap: object,
+    query_start: object,
+    key_start: object,
+    backend: object,
+    entry: str = "attention",
+) -> tuple | None:
+    """The key of a plain dense call (its option tensors already None, no dropout), or
+    None when the call must take the full path. Scalars must have their exact type: the
+    key tells ``True`` from ``1`` only that way (equal values, equal hashes). Written
+    flat: it runs before every such call."""
+    if (
+        not plain_eager_context()  # first: a torch.compile trace stops here
+        or type(q) is not _TENSOR
+        or type(k) is not _TENSOR
+        or type(v) is not _TENSOR
+        or q.requires_grad
+        or k.requires_grad
+        or v.requires_grad
+        or q.layout is not _STRIDED
+        or k.layout is not _STRIDED
+        or v.layout is not _STRIDED
+        or type(causal) is not bool
+        or type(causal_alignment) is not str
+        or type(backend) is not str
+        or type(query_start) is not int
+        or type(key_start) is not int
+        or (scale is not None and type(scale) is not float)
+        or (softcap is not None and type(softcap) is not float)
+        or (window is not None and not _plain_window(window))
+        or torch.autograd.profiler._is_profiler_enabled
+    ):
+        return None
+    return (
+        q.shape,
+        k.shape,
+        v.shape,
+        q.stride(),
+        k.stride(),
+        v.stride(),
+        q.dtype,
+        k.dtype,
+        v.dtype,
+        q.device,
+        k.device,
+        v.device,
+        causal,
+        causal_alignment,
+        scale,
+        window,
+        softcap,
+        query_start,
+        key_start,
+        backend,
+        entry,
+        environment.backend_choice_key(),
+        registry_key(),
+    )
+
+
+def _plain_window(window: object) -> bool:
+    return type(window) is tuple and all(side is None or type(side) is int for side in window)
+
+
+def lookup(key: tuple) -> PreparedForward | None:
+    return _PLANS.get(key)
+
+
+def remember(key: tuple, backend: Backend, call: AttentionCall) -> None:
+    """Keep backend's prepared forward for call under key (None: it has none)."""
+    if call.needs_grad or backend.prepare_forward is None:
+        return
+    if len(_PLANS) >= LARGEST_TABLE:
+        _PLANS.clear()
+    _PLANS[key] = backend.prepare_forward(call)
+
+
+def remember_alias(key: tuple, planned_key: tuple | None) -> None:
+    """Serve key with the plan kept under planned_key (an entry point, such as the SDPA
+    drop-in, whose plain calls are attention calls but whose own checks differ: its key
+    names it, and it is remembered only once its own full path accepted the call)."""
+    plan = None if planned_key is None else _PLANS.get(planned_key)
+    if plan is not None:
+        if len(_PLANS) >= LARGEST_TABLE:
+            _PLANS.clear()
+        _PLANS[key] = plan
+
+
+def forget() -> None:
+    """Empty the table (tests; a backend whose behaviour changed in place)."""
+    _PLANS.clear()

@@ -21,9 +21,12 @@ namespace {
 // A tensor viewed with the negative bit (x.conj().imag) holds its values' negations in
 // memory: the dispatcher's Negative fallback materializes such an input before an
 // operator's kernel runs, and the kernels read memory, so these bindings do the same.
-at::Tensor resolved(const at::Tensor& tensor) { return tensor.resolve_neg(); }
+// Only tensors with the bit set: resolve_neg is an operator call even when it does nothing
+// (a profiler would see one per argument, and tests/test_paged.py checks that a paged
+// cache is read in place, with no operator over it).
+at::Tensor resolved(const at::Tensor& tensor) { return tensor.is_neg() ? tensor.resolve_neg() : tensor; }
 std::optional<at::Tensor> resolved(const std::optional<at::Tensor>& tensor) {
-  return tensor.has_value() ? std::optional<at::Tensor>(tensor->resolve_neg()) : std::nullopt;
+  return tensor.has_value() ? std::optional<at::Tensor>(resolved(*tensor)) : std::nullopt;
 }
 template <typename Value>
 Value resolved(Value value) {

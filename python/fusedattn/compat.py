@@ -31,6 +31,7 @@ from . import semantics
 from .api import attention, attention_paged, attention_varlen
 from .dispatch import select_backend
 from .nn.weights import attention_probabilities
+from .quantization import LARGEST_QUANTIZED_VALUE
 from .validation import (
     integer_argument,
     integer_pair,
@@ -101,6 +102,14 @@ def _one_dtype(q: object, k: object, v: object) -> None:
         require_dtype_of_q(q, (("k", k), ("v", v)))
 
 
+def _refuse_q_descale(q: object, q_descale: object) -> None:
+    if q_descale is not None:
+        raise ValueError(
+            f"q_descale: expected None with q of dtype {getattr(q, 'dtype', None)} (flash-attn 3 applies it to "
+            "float8_e4m3fn queries only, which fusedattn does not take)"
+        )
+
+
 def _flash3_descales(
     q: object,
     k: object,
@@ -130,11 +139,7 @@ def _flash3_descales(
     quantized = isinstance(k, torch.Tensor) and k.dtype in semantics.QUANTIZED_KV_DTYPES
     if not quantized or (k_descale is None and v_descale is None):
         return None  # flash-attn 3 ignores scales of fp16 / bf16 inputs; unscaled 8-bit K/V are refused later
-    if q_descale is not None:
-        raise ValueError(
-            f"q_descale: expected None with q of dtype {getattr(q, 'dtype', None)} (flash-attn 3 applies it to "
-            "float8_e4m3fn queries only, which fusedattn does not take)"
-        )
+    _refuse_q_descale(q, q_descale)
     for name, scale in (("k_descale", k_descale), ("v_descale", v_descale)):
         if scale is None:
             continue
@@ -535,6 +540,40 @@ def _write_new_keys(
     cache[rows, positions] = new
 
 
+def _kv_cache_descales(
+    q: object, k_cache: object, q_descale: object, k_descale: object, v_descale: object
+) -> tuple[torch.Tensor | None, torch.Tensor | None] | None:
+    """flash-attn 3's scales of an 8-bit cache: (k_descale, v_descale), each None (meaning 1,
+    as in flash-attn 3) or (B, Hkv) float32, one per batch element and KV head (flash-attn 3
+    indexes them by batch element, not by cache row). None for caches in q's dtype, whose
+    scales are ignored as there."""
+    shaped = all(isinstance(t, torch.Tensor) and t.dim() == 4 for t in (q, k_cache))
+    batch, heads_kv = (q.shape[0], k_cache.shape[2]) if shaped else (None, None)
+    scales = _flash3_descales(q, k_cache, q_descale, k_descale, v_descale, batch, heads_kv)
+    if scales is None and isinstance(k_cache, torch.Tensor) and k_cache.dtype in semantics.QUANTIZED_KV_DTYPES:
+        _refuse_q_descale(q, q_descale)
+        return None, None
+    return scales
+
+
+def _quantized_new_keys(new: torch.Tensor, cache_dtype: torch.dtype, scale: torch.Tensor | None) -> torch.Tensor:
+    """New keys or values (B, S_new, Hkv, D) -> the 8-bit cache's dtype.
+
+    Already in it (flash-attn 3's k / v of an FP8 cache): written as they are, so the
+    caller quantized them with the cache's scale. In q's dtype: new / scale of their batch
+    element and KV head (scale (B, Hkv), None = 1), rounded as fusedattn.quantize_kv rounds
+    (int8: to the nearest integer, ties to even, clamped to [-127, 127]; float8_e4m3fn: clamped to
+    [-448, 448], then to the nearest value, ties to even).
+    """
+    if new.dtype == cache_dtype:
+        return new
+    scaled = new.float() if scale is None else new.float() / scale[:, None, :, None]
+    if cache_dtype == torch.int8:
+        scaled = scaled.round()
+    largest = LARGEST_QUANTIZED_VALUE[cache_dtype]
+    return scaled.clamp(-largest, largest).to(cache_dtype)
+
+
 def _right_aligned_keys(
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
@@ -612,18 +651,18 @@ def flash_attn_with_kvcache(
         return_softmax_lse: also return lse (B, Hq, Sq) float32.
         learnable_sink: (Hq,) attention-sink logits (flash-attn 4's name; fusedattn's sinks).
         q_descale, k_descale, v_descale: flash-attn 3's names; ignored (as there) with caches
-            in q's dtype. A float8 q is refused; 8-bit caches are not served here yet (use
-            fusedattn.attention / attention_paged with k_descale, v_descale).
+            in q's dtype. 8-bit caches (float8_e4m3fn or int8, both alike; q float16,
+            bfloat16, float32 or float64) take k_descale / v_descale (B, Hkv) float32, one scale per
+            batch element and KV head (a missing one is 1, as in flash-attn 3): the key is
+            k_cache.float() * k_descale[b, h]. New k, v are then in the cache's dtype
+            (written as they are, as flash-attn 3 does) or in q's dtype (quantized into the
+            cache with that scale: k / k_descale[b, h], rounded). A float8 q and q_descale
+            are refused.
 
     Returns:
         out (B, Sq, Hq, D), or (out, lse) with return_softmax_lse.
     """
-    if _flash3_descales(q, k_cache, q_descale, k_descale, v_descale, None, None) is not None:
-        raise NotImplementedError(
-            "k_descale, v_descale: flash_attn_with_kvcache does not read 8-bit caches yet (new keys would need "
-            "quantizing into them); call fusedattn.attention or fusedattn.attention_paged with k_descale / "
-            "v_descale, and fusedattn.append_quantized_kv to add keys"
-        )
+    scales = _kv_cache_descales(q, k_cache, q_descale, k_descale, v_descale)
     integer_argument("num_splits", num_splits)  # a kernel-scheduling hint: checked, then unused
     del num_splits, rotary_interleaved
     if rotary_cos is not None or rotary_sin is not None:
@@ -637,11 +676,16 @@ def flash_attn_with_kvcache(
     del options["dropout_p"]  # no dropout in KV-cache calls
     # Every option is checked before anything is written into the caches.
     heads_kv = k_cache.shape[2]
+    # (B, Hkv) per batch element and KV head -> broadcast over the keys: (B, Hkv, 1), a view.
+    descales = {}
+    if scales is not None:
+        descales = {name: None if s is None else s[:, :, None] for name, s in zip(("k_descale", "v_descale"), scales)}
     probe = validate_attention(
         q.transpose(1, 2),
         k_cache.new_empty(batch, heads_kv, 0, k_cache.shape[3]),
         v_cache.new_empty(batch, heads_kv, 0, v_cache.shape[3]),
         **options,
+        **descales,
     )
     select_backend(probe)  # a forced backend that cannot serve the call refuses it now
     new_tokens = 0 if k is None else k.shape[1]
@@ -649,10 +693,15 @@ def flash_attn_with_kvcache(
         q, k_cache, new_tokens, cache_seqlens, cache_batch_idx, cache_leftpad, block_table
     )
     if k is not None:
+        if scales is not None:
+            k, v = _quantized_new_keys(k, k_cache.dtype, scales[0]), _quantized_new_keys(v, v_cache.dtype, scales[1])
         _write_new_keys(k_cache, k, rows, ends - new_tokens, block_table, invalid)
         _write_new_keys(v_cache, v, rows, ends - new_tokens, block_table, invalid)
     position_dependent = options["window"] is not None or alibi_slopes is not None or (causal and q.shape[1] > 1)
-    if block_table is not None and cache_leftpad is None:
+    # attention_paged's scales belong to cache rows, flash-attn 3's to batch elements (which
+    # may share blocks): scaled 8-bit paged caches take the gathering path below.
+    per_batch_scales = scales is not None and any(s is not None for s in scales)
+    if block_table is not None and cache_leftpad is None and not per_batch_scales:
         # Read in place: each batch row is a sequence of Sq queries over its ends[b] keys.
         seqlen_q = q.shape[1]
         cu_seqlens_q = torch.arange(batch + 1, device=q.device, dtype=torch.int32) * seqlen_q
@@ -683,6 +732,7 @@ def flash_attn_with_kvcache(
         key_lengths=key_lengths,
         return_lse=True,
         **options,
+        **descales,
     )
     out = out.transpose(1, 2).contiguous()
     out, lse = poison_if_invalid(invalid, out, lse)

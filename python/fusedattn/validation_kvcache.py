@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 
 from . import validation
+from .semantics import QUANTIZED_KV_DTYPES
 from .validation import (
     _blocks_outside,
     _check_offset_values,
@@ -42,15 +43,36 @@ def _index_tensor(name: str, value: object, q: torch.Tensor, shape: tuple[int, .
     return _integer_tensor(name, value, q, shape).to(torch.int64)
 
 
+def _quantized_cache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> bool:
+    """True for 8-bit caches (flash-attn 3's FP8 KV cache, and int8), read with k_descale /
+    v_descale: both in one 8-bit dtype, q in a floating dtype of 16 bits or more."""
+    if k_cache.dtype not in QUANTIZED_KV_DTYPES:
+        return False
+    if v_cache.dtype != k_cache.dtype:
+        raise TypeError(f"v_cache: expected the dtype of k_cache ({k_cache.dtype}), got {v_cache.dtype}")
+    if not q.is_floating_point() or q.dtype in QUANTIZED_KV_DTYPES:
+        raise TypeError(
+            f"q: expected float16, bfloat16, float32 or float64 queries with {k_cache.dtype} caches, got {q.dtype}"
+        )
+    return True
+
+
 def check_kv_cache_tensors(q: object, k_cache: object, v_cache: object, k: object = None, v: object = None) -> None:
     """Shapes, dtypes and devices of a KV-cache call: q (B, Sq, Hq, D), caches
-    (B_cache or num_blocks, S_cache or block_size, Hkv, D / Dv), new k, v (B, S_new, Hkv, D / Dv)."""
+    (B_cache or num_blocks, S_cache or block_size, Hkv, D / Dv), new k, v (B, S_new, Hkv, D / Dv).
+
+    Caches are in q's dtype (flash-attn's rule), or both in one 8-bit dtype (float8_e4m3fn or
+    int8, read with k_descale / v_descale); new k, v are then in the cache's 8-bit dtype
+    (written as they are) or in q's dtype (quantized into it by flash_attn_with_kvcache)."""
     layout = "(batch, seq, heads, head_dim)"
     for name, tensor in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
         tensor = _require_tensor(name, tensor)
         if tensor.dim() != 4:
             raise ValueError(f"{name}: expected a 4-D tensor {layout}, got shape {tuple(tensor.shape)}")
-        require_dtype_of_q(q, ((name, tensor),))
+    quantized = _quantized_cache(q, k_cache, v_cache)
+    for name, tensor in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
+        if not quantized:
+            require_dtype_of_q(q, ((name, tensor),))
         if tensor.device != q.device:
             raise ValueError(f"{name}: expected the device of q ({q.device}), got {tensor.device}")
     if tuple(v_cache.shape[:3]) != tuple(k_cache.shape[:3]):
@@ -64,7 +86,12 @@ def check_kv_cache_tensors(q: object, k_cache: object, v_cache: object, k: objec
     batch, heads_kv = q.shape[0], k_cache.shape[2]
     for name, tensor, cache in (("k", k, k_cache), ("v", v, v_cache)):
         tensor = _require_tensor(name, tensor)
-        if tensor.dtype != cache.dtype:
+        if quantized and tensor.dtype not in (cache.dtype, q.dtype):
+            raise TypeError(
+                f"{name}: expected the dtype of the cache ({cache.dtype}, written as it is) or of q ({q.dtype}, "
+                f"quantized with the cache's scale), got {tensor.dtype}"
+            )
+        if not quantized and tensor.dtype != cache.dtype:
             raise TypeError(f"{name}: expected the dtype of the cache ({cache.dtype}), got {tensor.dtype}")
         if tensor.device != cache.device:
             raise ValueError(f"{name}: expected the device of the cache ({cache.device}), got {tensor.device}")

@@ -88,17 +88,8 @@ def test_plain_eager_calls_run_the_op_body_and_modes_still_see_the_op():
     # still sees fusedattn's op.
     from fusedattn.dispatch import select_backend
     from fusedattn.ops import op_arguments, ops_for
+    from fusedattn.testing import DispatchRecorder
     from fusedattn.validation import validate_attention
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Recorder(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.names = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.names.append(str(func))
-            return func(*args, **(kwargs or {}))
 
     q, k, v = torch.randn(1, 4, 3, 16), torch.randn(1, 2, 5, 16), torch.randn(1, 2, 5, 16)
     call = validate_attention(q, k, v, causal=True)
@@ -107,7 +98,7 @@ def test_plain_eager_calls_run_the_op_body_and_modes_still_see_the_op():
     expected, expected_lse = forward_op(*op_arguments(call))
     out, lse = fusedattn.attention(q, k, v, causal=True, return_lse=True)
     assert torch.equal(out, expected) and torch.equal(lse, expected_lse)
-    with Recorder() as recorder:
+    with DispatchRecorder() as recorder:
         fusedattn.attention(q, k, v, causal=True)
     assert f"fusedattn.{backend.name}_forward.default" in recorder.names
     q.requires_grad_(True)  # autograd needs the op: its backward is registered there

@@ -153,21 +153,12 @@ def test_calls_needing_the_full_path_do_not_use_plans():
 
 
 def test_a_dispatch_mode_still_sees_the_op():
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Recorder(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.names = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.names.append(str(func))
-            return func(*args, **(kwargs or {}))
+    from fusedattn.testing import DispatchRecorder
 
     q, k, v = _inputs()
     fusedattn.attention(q, k, v)
     fusedattn.attention(q, k, v)
-    with Recorder() as recorder:
+    with DispatchRecorder() as recorder:
         fusedattn.attention(q, k, v)
     assert "fusedattn.cpu_forward.default" in recorder.names
 

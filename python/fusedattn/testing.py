@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from .api import attention, attention_paged, attention_varlen
 from .backends.reference import reference_attention
@@ -535,3 +536,16 @@ def paged_case(
         max_seqlen_q=max(query_lengths, default=0),
     )
     return (q, key_cache, value_cache), options
+
+
+class DispatchRecorder(TorchDispatchMode):
+    """A dispatch mode that records the name of every operator it sees (names: list of
+    str such as "fusedattn.cpu_forward.default"), for tests that a mode still sees the op."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.names: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(str(func))
+        return func(*args, **(kwargs or {}))

@@ -220,7 +220,7 @@ def test_the_sdpa_drop_in_remembers_only_what_torch_accepts():
         out = fusedattn.scaled_dot_product_attention(q, k, v, is_causal=True)
         expected = torch.nn.functional.scaled_dot_product_attention(q.double(), k.double(), v.double(), is_causal=True)
         torch.testing.assert_close(out, expected.float(), atol=2e-6, rtol=2e-6)
-    assert any(key[-3] == "sdpa" for key in repeat_calls._PLANS)
+    assert any("sdpa" in key for key in repeat_calls._PLANS)
 
 
 def test_direct_binding_and_operator_agree_and_refuse_alike():

@@ -9,17 +9,18 @@ from .dispatch import AUTO, Explanation, explain_call, select_backend
 from .ops import run_forward
 from .semantics import AttentionCall
 from .validation import validate_attention, validate_paged, validate_varlen
-from .validation_dropin import sdpa_call
+from .validation_dropin import plain_sdpa_options, sdpa_call
 
 
-def _check_return_lse(return_lse: object) -> None:
+def _run(call: AttentionCall, backend: str, return_lse: bool, remember_as: tuple | None = None):
+    """Run call on its backend; with remember_as (a repeat_calls key), keep the backend's
+    prepared forward for later calls with that key."""
     if not isinstance(return_lse, bool):
         raise TypeError(f"return_lse: expected True or False, got {type(return_lse).__name__}")
-
-
-def _run(call: AttentionCall, backend: str, return_lse: bool):
-    _check_return_lse(return_lse)
-    out, lse = run_forward(select_backend(call, backend), call)
+    chosen = select_backend(call, backend)
+    if remember_as is not None:
+        repeat_calls.remember(remember_as, chosen, call)
+    out, lse = run_forward(chosen, call)
     return (out, lse) if return_lse else out
 
 
@@ -122,13 +123,7 @@ def attention(
         k_descale=k_descale,
         v_descale=v_descale,
     )
-    if key is None:
-        return _run(call, backend, return_lse)
-    chosen = select_backend(call, backend)
-    _check_return_lse(return_lse)
-    repeat_calls.remember(key, chosen, call)
-    out, lse = run_forward(chosen, call)
-    return (out, lse) if return_lse else out
+    return _run(call, backend, return_lse, remember_as=key)
 
 
 def attention_varlen(
@@ -258,10 +253,6 @@ def attention_paged(
     return _run(call, backend, return_lse)
 
 
-def _plain_sdpa(is_causal: bool) -> dict:
-    return dict(causal=is_causal, causal_alignment="top_left", scale=None, attn_mask=None, dropout_p=0.0)
-
-
 def scaled_dot_product_attention(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -296,7 +287,7 @@ def scaled_dot_product_attention(
     (q, k, v), options, out_shape = planned
     out = attention(q, k, v, **options)
     plain = repeat_key is not None and q is query and k is key and v is value and options["attn_mask"] is None
-    if plain and options == _plain_sdpa(is_causal):
+    if plain and options == plain_sdpa_options(is_causal):
         # The plain plan: later identical calls run what attention() just remembered.
         repeat_calls.remember_alias(
             repeat_key, repeat_calls.dense_key(q, k, v, is_causal, "top_left", None, None, None, 0, 0, AUTO)

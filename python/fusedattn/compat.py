@@ -31,7 +31,7 @@ from . import semantics
 from .api import attention, attention_paged, attention_varlen
 from .dispatch import select_backend
 from .nn.weights import attention_probabilities
-from .quantization import LARGEST_QUANTIZED_VALUE
+from .quantization import quantize_scaled
 from .validation import (
     integer_argument,
     integer_pair,
@@ -562,16 +562,12 @@ def _quantized_new_keys(new: torch.Tensor, cache_dtype: torch.dtype, scale: torc
     Already in it (flash-attn 3's k / v of an FP8 cache): written as they are, so the
     caller quantized them with the cache's scale. In q's dtype: new / scale of their batch
     element and KV head (scale (B, Hkv), None = 1), rounded as fusedattn.quantize_kv rounds
-    (int8: to the nearest integer, ties to even, clamped to [-127, 127]; float8_e4m3fn: clamped to
-    [-448, 448], then to the nearest value, ties to even).
+    (quantization.quantize_scaled).
     """
     if new.dtype == cache_dtype:
         return new
     scaled = new.float() if scale is None else new.float() / scale[:, None, :, None]
-    if cache_dtype == torch.int8:
-        scaled = scaled.round()
-    largest = LARGEST_QUANTIZED_VALUE[cache_dtype]
-    return scaled.clamp(-largest, largest).to(cache_dtype)
+    return quantize_scaled(scaled, cache_dtype)
 
 
 def _right_aligned_keys(

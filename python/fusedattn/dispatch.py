@@ -62,6 +62,15 @@ def registry_key() -> tuple[int, ...]:
     return tuple(map(id, _REGISTRY.values()))
 
 
+def choice_context(cuda: bool) -> tuple:
+    """What a remembered backend choice depends on besides the call itself: the settings
+    that choose backends (which may change between calls), the current CUDA device for a
+    CUDA call (cuda=True; a backend may refuse by the device's limits) and the registered
+    backends."""
+    cuda_device = torch.cuda.current_device() if cuda else None
+    return (environment.backend_choice_key(), cuda_device, registry_key())
+
+
 def import_errors() -> dict[str, str]:
     registry()
     return dict(_IMPORT_ERRORS)
@@ -122,11 +131,8 @@ def select_backend(call: AttentionCall, backend: str = AUTO) -> Backend:
     if torch.compiler.is_compiling():
         name, error = _select_name(*arguments)
     else:
-        # Eager calls repeat the same few decisions: remembered per environment (settings
-        # such as FUSEDATTN_BACKEND may change between calls), current CUDA device (a
-        # backend may refuse by the device's limits) and set of registered backends.
-        cuda_device = torch.cuda.current_device() if profile.device == "cuda" else None
-        key = (*arguments, environment.backend_choice_key(), cuda_device, registry_key())
+        # Eager calls repeat the same few decisions: remembered with their choice_context.
+        key = (*arguments, *choice_context(profile.device == "cuda"))
         decided = _DECISIONS.get(key)
         if decided is None:
             decided = _DECISIONS[key] = _select_name(*arguments)

@@ -44,12 +44,16 @@ def quantize_kv(x: torch.Tensor, dtype: torch.dtype = torch.float8_e4m3fn) -> tu
     # At least float32's smallest normal: a row of tiny values must not get a scale of 0 (x / 0).
     descale = torch.where(largest > 0, largest / LARGEST_QUANTIZED_VALUE[dtype], torch.ones_like(largest))
     descale = descale.clamp(min=torch.finfo(torch.float32).tiny)
-    scaled = x.detach().float() / descale[..., None]
+    return quantize_scaled(x.detach().float() / descale[..., None], dtype), descale
+
+
+def quantize_scaled(scaled: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Values already divided by their scale, in dtype: int8 rounded to the nearest integer
+    (ties to even) within [-127, 127]; float8_e4m3fn within [-448, 448], rounded to nearest."""
     if dtype == torch.int8:
-        values = scaled.round().clamp(-127, 127).to(torch.int8)
-    else:
-        values = scaled.clamp(-448.0, 448.0).to(torch.float8_e4m3fn)
-    return values, descale
+        scaled = scaled.round()
+    largest = LARGEST_QUANTIZED_VALUE[dtype]
+    return scaled.clamp(-largest, largest).to(dtype)
 
 
 def append_quantized_kv(cache: torch.Tensor, descale: torch.Tensor, x: torch.Tensor, index: Any) -> None:

@@ -20,9 +20,8 @@ from collections.abc import Callable
 
 import torch
 
-from . import environment
 from .backends.base import Backend
-from .dispatch import registry_key
+from .dispatch import choice_context
 from .ops import plain_eager_context
 from .semantics import AttentionCall
 
@@ -32,7 +31,7 @@ PreparedForward = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[tor
 # per step adds a key per step, so the table is emptied when it fills.
 LARGEST_TABLE = 256
 
-_PLANS: dict[tuple, PreparedForward | None] = {}
+_PLANS: dict[tuple, PreparedForward] = {}
 
 
 _TENSOR = torch.Tensor
@@ -101,8 +100,7 @@ def dense_key(
         key_start,
         backend,
         entry,
-        environment.backend_choice_key(),
-        registry_key(),
+        *choice_context(q.is_cuda),
     )
 
 
@@ -115,23 +113,25 @@ def lookup(key: tuple) -> PreparedForward | None:
 
 
 def remember(key: tuple, backend: Backend, call: AttentionCall) -> None:
-    """Keep backend's prepared forward for call under key (None: it has none)."""
-    if call.needs_grad or backend.prepare_forward is None:
-        return
-    if len(_PLANS) >= LARGEST_TABLE:
-        _PLANS.clear()
-    _PLANS[key] = backend.prepare_forward(call)
+    """Keep backend's prepared forward for call under key (if it has one)."""
+    if not call.needs_grad and backend.prepare_forward is not None:
+        _store(key, backend.prepare_forward(call))
 
 
 def remember_alias(key: tuple, planned_key: tuple | None) -> None:
     """Serve key with the plan kept under planned_key (an entry point, such as the SDPA
     drop-in, whose plain calls are attention calls but whose own checks differ: its key
     names it, and it is remembered only once its own full path accepted the call)."""
-    plan = None if planned_key is None else _PLANS.get(planned_key)
-    if plan is not None:
-        if len(_PLANS) >= LARGEST_TABLE:
-            _PLANS.clear()
-        _PLANS[key] = plan
+    if planned_key is not None:
+        _store(key, _PLANS.get(planned_key))
+
+
+def _store(key: tuple, plan: PreparedForward | None) -> None:
+    if plan is None:
+        return
+    if len(_PLANS) >= LARGEST_TABLE:
+        _PLANS.clear()
+    _PLANS[key] = plan
 
 
 def forget() -> None:

@@ -209,8 +209,12 @@ def _plain_call(
         return None
     if length_q == 0 or 0 in value.shape or features == 0 or max(features, value.shape[3]) > MAX_HEAD_DIM:
         return None
-    options = dict(causal=is_causal, causal_alignment="top_left", scale=None, attn_mask=None, dropout_p=0.0)
-    return tensors, options, (batch, heads, length_q, value.shape[3])
+    return tensors, plain_sdpa_options(is_causal), (batch, heads, length_q, value.shape[3])
+
+
+def plain_sdpa_options(is_causal: bool) -> dict:
+    """attention()'s options for torch SDPA's most common call (no mask, dropout, scale)."""
+    return dict(causal=is_causal, causal_alignment="top_left", scale=None, attn_mask=None, dropout_p=0.0)
 
 
 def sdpa_call(

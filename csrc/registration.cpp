@@ -1,13 +1,14 @@
 // fusedattn._C: the Python module and the build facts it reports.
 // Kernels register their operators with TORCH_LIBRARY in their own files
 // (csrc/cpu, csrc/cuda); this file describes the build and adds the CPU entry points'
-// direct bindings (csrc/cpu/direct_calls.cpp).
+// direct bindings (csrc/cpu/direct_calls.cpp) and repeat_calls' tensor key (csrc/call_keys.cpp).
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
 #include <string>
 #include <vector>
 
+#include "call_keys.h"
 #include "cpu/direct_calls.h"
 #include "cpu/simd_levels.h"
 
@@ -46,4 +47,5 @@ PYBIND11_MODULE(_C, m) {
   m.doc() = "fusedattn native extension";
   m.def("build_info", &build_info, "Compiler, C++ standard, SIMD levels, OpenMP and CUDA facts of this build");
   fusedattn::cpu::bind_direct_calls(m);
+  fusedattn::bind_call_keys(m);
 }

@@ -425,5 +425,25 @@ def test_models_benchmark_runs_every_implementation_on_the_same_weights(capsys):
         assert result["prefill_vs_sdpa"] > 0 and result["decode_vs_eager"] > 0
     fused = results[2]
     assert fused["max_logit_difference"] < 1e-3  # the same weights and ids: the same logits
+    for result in (results[0], fused):  # the share of the prefill inside attention
+        assert 0 < result["prefill_attention_share"] < 1
+    assert results[1]["prefill_attention_share"] is None
     assert "tiny-llama" in format_models_table(results)
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    assert ALL_ATTENTION_FUNCTIONS["sdpa"].__name__ != "timed"  # the timing wrapper is gone
+
+
+def test_models_benchmark_skips_eager_where_its_weights_would_not_fit(monkeypatch):
+    pytest.importorskip("transformers")
+    from fusedattn.bench import models
+
+    tiny = models.ModelShape("tiny-llama", "LlamaConfig", dict(hidden_size=32, intermediate_size=64,
+                             num_attention_heads=2, num_key_value_heads=1, num_hidden_layers=1))  # fmt: skip
+    monkeypatch.setattr(models, "EAGER_WEIGHTS_LIMIT", 2 * 16 * 16 * 4 - 1)  # 2 heads of 16 x 16 floats
+    results = models.run_models([tiny], [16], torch.float32, decode_steps=1, repeats=1)
+    statuses = {r["implementation"]: r["status"] for r in results}
+    assert statuses == {"sdpa": "ok", "eager": "skipped", "fusedattn": "ok"}
+    assert "attention weights" in next(r["reason"] for r in results if r["implementation"] == "eager")
+    assert next(r for r in results if r["implementation"] == "fusedattn")["prefill_vs_eager"] is None
     assert fusedattn_main(["bench", "models", "--models", "nope"]) == 2  # unknown model: a usage error

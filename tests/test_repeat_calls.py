@@ -152,6 +152,43 @@ def test_calls_needing_the_full_path_do_not_use_plans():
     assert len(repeat_calls._PLANS) == 1
 
 
+class _TensorSubclass(torch.Tensor):
+    pass
+
+
+@pytest.mark.parametrize("position", [0, 1, 2])
+def test_the_native_tensor_key_tells_every_difference_and_refuses_what_is_not_plain(position):
+    # fusedattn._C.plain_tensors_key: equal keys exactly for equal sizes, strides, dtypes
+    # and devices; None for anything but a plain strided torch.Tensor that needs no grad.
+    key_of = native().plain_tensors_key
+    tensors = list(_inputs())
+    base = key_of(*tensors)
+    assert base == key_of(*_inputs()) and hash(base) == hash(key_of(*_inputs()))
+    original = tensors[position]
+    variants = {
+        "other size": original[..., :8],
+        "other stride": original.transpose(1, 2).contiguous().transpose(1, 2),
+        "other dtype": original.double(),
+        "other rank": original[0],
+    }
+    for name, variant in variants.items():
+        changed = list(tensors)
+        changed[position] = variant
+        assert key_of(*changed) not in (None, base), name
+    refused = {
+        "requires grad": original.clone().requires_grad_(True),
+        "Parameter": torch.nn.Parameter(original.clone(), requires_grad=False),
+        "subclass": original.as_subclass(_TensorSubclass),
+        "sparse": original.to_sparse(),
+        "not a tensor": original.tolist(),
+        "None": None,
+    }
+    for name, variant in refused.items():
+        changed = list(tensors)
+        changed[position] = variant
+        assert key_of(*changed) is None, name
+
+
 def test_a_dispatch_mode_still_sees_the_op():
     from fusedattn.testing import DispatchRecorder
 
@@ -230,14 +267,21 @@ def test_direct_binding_and_operator_agree_and_refuse_alike():
     native().cpu_forward(q, k, v, *outputs[0], *options)
     torch.ops.fusedattn_native.cpu_forward(q, k, v, *outputs[1], *options)
     assert torch.equal(outputs[0][0], outputs[1][0]) and torch.equal(outputs[0][1], outputs[1][1])
-    out, lse = native().cpu_forward_new(q, k, v, [2, 4, 3, 16], [2, 4, 3], *options)
+    out, lse = native().CpuForwardPlan([2, 4, 3, 16], [2, 4, 3], *options)(q, k, v)
     assert torch.equal(out, outputs[0][0]) and torch.equal(lse, outputs[0][1])
     wrong = torch.empty(2, 4, 3, 8)
     for entry in (native().cpu_forward, torch.ops.fusedattn_native.cpu_forward):
         with pytest.raises(ValueError, match="out: expected shape"):
             entry(q, k, v, wrong, outputs[0][1], *options)
     with pytest.raises(ValueError, match="out: expected shape"):
-        native().cpu_forward_new(q, k, v, [2, 4, 3, 8], [2, 4, 3], *options)
+        native().CpuForwardPlan([2, 4, 3, 8], [2, 4, 3], *options)(q, k, v)
+    with pytest.raises(ValueError, match="lse: expected shape"):
+        native().CpuForwardPlan([2, 4, 3, 16], [2, 4, 2], *options)(q, k, v)
+    with pytest.raises(ValueError, match="k: expected shape"):
+        native().CpuForwardPlan([2, 4, 3, 16], [2, 4, 3], *options)(q, k[:1], v)
+    with_mask = native_option_values(validate_attention(q, k, v, attn_mask=torch.ones(3, 7, dtype=torch.bool)))
+    with pytest.raises(ValueError, match="options without tensors"):
+        native().CpuForwardPlan([2, 4, 3, 16], [2, 4, 3], *with_mask)
 
 
 def test_kept_scratch_serves_changing_head_dims_and_threads():
@@ -290,7 +334,7 @@ def test_tensors_with_the_negative_bit_are_read_as_their_values():
     with_mask = fusedattn.attention(q, k, v, attn_mask=mask, backend="cpu")
     torch.testing.assert_close(with_mask, _oracle(*plain, attn_mask=mask.resolve_neg().double()), atol=2e-6, rtol=2e-6)
     options = native_option_values(validate_attention(q, k, v))
-    out, _ = native().cpu_forward_new(q, k, v, [2, 4, 3, 16], [2, 4, 3], *options)
+    out, _ = native().CpuForwardPlan([2, 4, 3, 16], [2, 4, 3], *options)(q, k, v)
     torch.testing.assert_close(out, expected, atol=2e-6, rtol=2e-6)
 
 

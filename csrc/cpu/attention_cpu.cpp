@@ -140,16 +140,13 @@ std::string shape_of(const at::Tensor& tensor) {
 }
 
 void check_shape(const char* name, const at::Tensor& tensor, std::initializer_list<int64_t> expected) {
-  bool same = tensor.dim() == static_cast<int64_t>(expected.size());
-  int64_t dim = 0;
+  if (tensor.sizes() == at::IntArrayRef(expected.begin(), expected.size())) return;
+  // The message is written only for a refusal: this check runs on every call.
   std::string text = "(";
-  for (int64_t size : expected) {
-    if (same && tensor.size(dim) != size) same = false;
-    text += (dim ? ", " : "") + std::to_string(size);
-    ++dim;
-  }
+  int64_t dim = 0;
+  for (int64_t size : expected) text += (dim++ ? ", " : "") + std::to_string(size);
   text += expected.size() == 1 ? ",)" : ")";
-  TORCH_CHECK_VALUE(same, name, ": expected shape ", text, ", got ", shape_of(tensor));
+  TORCH_CHECK_VALUE(false, name, ": expected shape ", text, ", got ", shape_of(tensor));
 }
 
 void check_cpu_int32(const char* name, const at::Tensor& tensor) {
@@ -408,10 +405,13 @@ void check_like(const char* name, const at::Tensor& tensor, const at::Tensor& li
   TORCH_CHECK_VALUE(tensor.device().is_cpu(), name, ": expected a CPU tensor, got one on ", tensor.device());
   TORCH_CHECK_TYPE(tensor.scalar_type() == like.scalar_type(), name, ": expected dtype ", like.scalar_type(), ", got ",
                    tensor.scalar_type());
-  std::vector<int64_t> expected(like.sizes().begin(), like.sizes().end());
-  expected.back() = last_dim;
-  TORCH_CHECK_VALUE(tensor.sizes() == at::IntArrayRef(expected), name, ": expected shape ", at::IntArrayRef(expected),
-                    ", got ", tensor.sizes());
+  const at::IntArrayRef sizes = tensor.sizes(), like_sizes = like.sizes();
+  const bool same = sizes.size() == like_sizes.size() && !sizes.empty() && sizes.back() == last_dim &&
+                    sizes.slice(0, sizes.size() - 1) == like_sizes.slice(0, like_sizes.size() - 1);
+  if (same) return;
+  std::vector<int64_t> expected(like_sizes.begin(), like_sizes.end());
+  if (!expected.empty()) expected.back() = last_dim;
+  TORCH_CHECK_VALUE(false, name, ": expected shape ", at::IntArrayRef(expected), ", got ", sizes);
 }
 
 void check_lse(const at::Tensor& lse, const at::Tensor& q, bool varlen) {
@@ -430,9 +430,15 @@ std::string cpu_isa() { return select_variant().name; }
 void cpu_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& out,
                  at::Tensor& lse FUSEDATTN_OPTION_PARAMETERS) {
   FUSEDATTN_COLLECT_OPTIONS();
+  cpu_forward_with_options(q, k, v, out, lse, options);
+}
+
+void cpu_forward_with_options(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& out,
+                              at::Tensor& lse, const NativeOptions& options) {
+  const bool varlen = options.cu_seqlens_q.has_value();
   AttentionProblem problem = describe(q, k, v, options);
   check_like("out", out, q, v.size(-1));
-  check_lse(lse, q, cu_seqlens_q.has_value());
+  check_lse(lse, q, varlen);
   problem.out = token_view(out);
   problem.lse = lse_view(lse);
   select_variant().forward(problem);

@@ -14,6 +14,10 @@ namespace fusedattn::cpu {
 void cpu_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& out,
                  at::Tensor& lse FUSEDATTN_OPTION_PARAMETERS);
 
+// cpu_forward with its options already gathered (the prepared plans of direct_calls.cpp).
+void cpu_forward_with_options(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& out,
+                              at::Tensor& lse, const NativeOptions& options);
+
 void cpu_backward(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                   const at::Tensor& out, const at::Tensor& lse, at::Tensor& grad_q, at::Tensor& grad_k,
                   at::Tensor& grad_v FUSEDATTN_OPTION_PARAMETERS);

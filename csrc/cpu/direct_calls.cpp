@@ -1,4 +1,5 @@
-// fusedattn._C.cpu_forward / cpu_backward: the CPU entry points as plain pybind functions.
+// fusedattn._C.cpu_forward / cpu_backward / CpuForwardPlan: the CPU entry points as plain
+// pybind functions.
 //
 // A call through torch.ops boxes its 28 arguments into IValues against the schema (about
 // 8 us, more than a decode step of a small model computes); pybind converts them directly
@@ -10,6 +11,7 @@
 
 #include <optional>
 #include <tuple>
+#include <utility>
 #include <vector>
 
 #include "cpu/attention_entry.h"
@@ -35,6 +37,7 @@ Value resolved(Value value) {
 
 #define FUSEDATTN_OPTION_ARGUMENT(type, name, schema) , name
 #define FUSEDATTN_RESOLVED_OPTION(type, name, schema) , resolved(name)
+#define FUSEDATTN_OPTION_TYPE(type, name, schema) , type
 
 void cpu_forward_direct(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& out,
                         at::Tensor& lse FUSEDATTN_OPTION_PARAMETERS) {
@@ -48,19 +51,53 @@ void cpu_backward_direct(const at::Tensor& grad_out, const at::Tensor& q, const 
                grad_v FUSEDATTN_NATIVE_OPTIONS(FUSEDATTN_RESOLVED_OPTION));
 }
 
-// The forward into new outputs of the given shapes (semantics' out_shape and lse_shape,
-// computed once in Python by the caller): at::empty here costs a fraction of two
-// torch.empty calls from Python.
-std::tuple<at::Tensor, at::Tensor> cpu_forward_new(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                                   const std::vector<int64_t>& out_shape,
-                                                   const std::vector<int64_t>& lse_shape FUSEDATTN_OPTION_PARAMETERS) {
-  // CPU tensors only (the operator's checks refuse others): empty_cpu skips the dispatcher.
-  TORCH_CHECK_VALUE(q.device().is_cpu(), "q: expected a CPU tensor, got one on ", q.device());
-  at::Tensor out = at::detail::empty_cpu(out_shape, q.scalar_type());
-  at::Tensor lse = at::detail::empty_cpu(lse_shape, at::kFloat);
-  cpu_forward_direct(q, k, v, out, lse FUSEDATTN_NATIVE_OPTIONS(FUSEDATTN_OPTION_ARGUMENT));
-  return {out, lse};
-}
+// A forward prepared once for calls that differ only in q, k and v (fusedattn.repeat_calls):
+// it keeps the native options and the output shapes (semantics' out_shape and lse_shape,
+// computed once in Python), so a call converts three arguments instead of 28 and
+// allocates its outputs here (at::empty costs a fraction of two torch.empty calls from
+// Python). It keeps no tensor: plans are made for calls without option tensors.
+class CpuForwardPlan {
+ public:
+  CpuForwardPlan(std::vector<int64_t> out_shape, std::vector<int64_t> lse_shape FUSEDATTN_OPTION_PARAMETERS)
+      : out_shape_(std::move(out_shape)), lse_shape_(std::move(lse_shape)) {
+#define FUSEDATTN_PLAN_OPTION(type, name, schema) options_.name = name;
+    FUSEDATTN_NATIVE_OPTIONS(FUSEDATTN_PLAN_OPTION)
+#undef FUSEDATTN_PLAN_OPTION
+#define FUSEDATTN_PLAN_TENSOR_FREE(type, name, schema) holds_tensor = holds_tensor || is_tensor(name);
+    bool holds_tensor = false;
+    FUSEDATTN_NATIVE_OPTIONS(FUSEDATTN_PLAN_TENSOR_FREE)
+#undef FUSEDATTN_PLAN_TENSOR_FREE
+    TORCH_CHECK_VALUE(!holds_tensor, "CpuForwardPlan: expected options without tensors (plain calls only)");
+  }
+
+  std::tuple<at::Tensor, at::Tensor> operator()(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) const {
+    // CPU tensors only (the checks refuse others): empty_cpu skips the dispatcher.
+    TORCH_CHECK_VALUE(q.device().is_cpu(), "q: expected a CPU tensor, got one on ", q.device());
+    at::Tensor out = at::detail::empty_cpu(out_shape_, q.scalar_type());
+    at::Tensor lse = at::detail::empty_cpu(lse_shape_, at::kFloat);
+    {
+      // A call this small finishes in microseconds: releasing and taking back the GIL
+      // would cost a tenth of it. Larger ones let other Python threads run meanwhile.
+      std::optional<pybind11::gil_scoped_release> unlocked;
+      if (q.numel() * k.size(-2) > kHoldGilBelow) unlocked.emplace();
+      cpu_forward_with_options(resolved(q), resolved(k), resolved(v), out, lse, options_);
+    }
+    return {out, lse};
+  }
+
+ private:
+  static bool is_tensor(const std::optional<at::Tensor>& value) { return value.has_value(); }
+  template <typename Value>
+  static bool is_tensor(const Value&) {
+    return false;
+  }
+
+  // Multiply-adds of the score product below which the call keeps the GIL (a few us).
+  static constexpr int64_t kHoldGilBelow = int64_t(1) << 16;
+  std::vector<int64_t> out_shape_;
+  std::vector<int64_t> lse_shape_;
+  NativeOptions options_;
+};
 
 #undef FUSEDATTN_RESOLVED_OPTION
 #undef FUSEDATTN_OPTION_ARGUMENT
@@ -71,10 +108,15 @@ void bind_direct_calls(pybind11::module_& module) {
   const auto release = pybind11::call_guard<pybind11::gil_scoped_release>();
   module.def("cpu_forward", &cpu_forward_direct, release,
              "The CPU forward (fusedattn_native::cpu_forward's arguments), without the dispatcher");
-  module.def("cpu_forward_new", &cpu_forward_new, release,
-             "cpu_forward into new outputs: (q, k, v, out_shape, lse_shape, *options) -> (out, lse)");
+  pybind11::class_<CpuForwardPlan>(module, "CpuForwardPlan",
+                                    "cpu_forward prepared for calls that differ only in q, k, v: "
+                                    "CpuForwardPlan(out_shape, lse_shape, *options)(q, k, v) -> (out, lse)")
+      .def(pybind11::init<std::vector<int64_t>, std::vector<int64_t> FUSEDATTN_NATIVE_OPTIONS(FUSEDATTN_OPTION_TYPE)>())
+      .def("__call__", &CpuForwardPlan::operator());
   module.def("cpu_backward", &cpu_backward_direct, release,
              "The CPU backward (fusedattn_native::cpu_backward's arguments), without the dispatcher");
 }
+
+#undef FUSEDATTN_OPTION_TYPE
 
 }  // namespace fusedattn::cpu

@@ -20,6 +20,7 @@ from collections.abc import Callable
 
 import torch
 
+from ._native import native
 from .backends.base import Backend
 from .dispatch import choice_context
 from .ops import plain_eager_context
@@ -32,10 +33,6 @@ PreparedForward = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[tor
 LARGEST_TABLE = 256
 
 _PLANS: dict[tuple, PreparedForward] = {}
-
-
-_TENSOR = torch.Tensor
-_STRIDED = torch.strided
 
 
 def dense_key(
@@ -58,15 +55,6 @@ def dense_key(
     flat: it runs before every such call."""
     if (
         not plain_eager_context()  # first: a torch.compile trace stops here
-        or type(q) is not _TENSOR
-        or type(k) is not _TENSOR
-        or type(v) is not _TENSOR
-        or q.requires_grad
-        or k.requires_grad
-        or v.requires_grad
-        or q.layout is not _STRIDED
-        or k.layout is not _STRIDED
-        or v.layout is not _STRIDED
         or type(causal) is not bool
         or type(causal_alignment) is not str
         or type(backend) is not str
@@ -78,19 +66,13 @@ def dense_key(
         or torch.autograd.profiler._is_profiler_enabled
     ):
         return None
+    # Exactly torch.Tensor (no subclass), strided, requiring no grad: their sizes,
+    # strides, dtypes and devices as one tuple of ints, else None.
+    tensors = (_plain_tensors_key or _load_plain_tensors_key())(q, k, v)
+    if tensors is None:
+        return None
     return (
-        q.shape,
-        k.shape,
-        v.shape,
-        q.stride(),
-        k.stride(),
-        v.stride(),
-        q.dtype,
-        k.dtype,
-        v.dtype,
-        q.device,
-        k.device,
-        v.device,
+        tensors,
         causal,
         causal_alignment,
         scale,
@@ -102,6 +84,22 @@ def dense_key(
         entry,
         *choice_context(q.is_cuda),
     )
+
+
+def _no_plans(q: object, k: object, v: object) -> None:
+    return None
+
+
+# fusedattn._C.plain_tensors_key (csrc/call_keys.cpp): one C++ call instead of twelve
+# attribute reads. Loaded at the first call, not at import; without the native extension
+# no call is remembered.
+_plain_tensors_key: Callable[[object, object, object], tuple | None] | None = None
+
+
+def _load_plain_tensors_key() -> Callable[[object, object, object], tuple | None]:
+    global _plain_tensors_key
+    _plain_tensors_key = getattr(native(), "plain_tensors_key", _no_plans)
+    return _plain_tensors_key
 
 
 def _plain_window(window: object) -> bool:

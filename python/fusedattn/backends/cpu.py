@@ -54,15 +54,14 @@ def prepare_forward(call: AttentionCall):
     options = native_option_values(call)
     if any(isinstance(value, torch.Tensor) for value in options):
         return None
-    out_shape, lse_shape = call.out_shape, call.lse_shape
-    into_new_outputs = native().cpu_forward_new
+    planned = native().CpuForwardPlan(list(call.out_shape), list(call.lse_shape), *options)
     # The plan keeps no tensor of the call it was made from (it may be a large cache).
     call_without_tensors = dataclasses.replace(call, q=None, k=None, v=None)
 
     def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if poisoning():  # outputs must come from allocate_output
             return forward(dataclasses.replace(call_without_tensors, q=q, k=k, v=v))
-        return into_new_outputs(q, k, v, out_shape, lse_shape, *options)
+        return planned(q, k, v)
 
     return run
 

@@ -3,7 +3,10 @@ to download), with attn_implementation set to fusedattn, sdpa and eager in one r
 
 Per (model, context, implementation) it measures a prefill of `context` tokens (tokens/s,
 and the peak memory that call adds) and then `decode_steps` greedy decode steps over the
-filled cache (tokens/s), the three implementations' calls interleaved round by round. The models are small but shaped like the real ones (grouped-query
+filled cache (tokens/s), the three implementations' calls interleaved round by round, and
+the share of a prefill spent inside the attention function (what attention alone can gain;
+eager's is not measured). Eager is skipped where its materialized weights would exceed
+EAGER_WEIGHTS_LIMIT. The models are small but shaped like the real ones (grouped-query
 heads, head dims, Gemma 2's sliding windows and logit softcap); a model's layers share one
 attention shape, so a few layers show what a deep one does per layer.
 
@@ -101,6 +104,42 @@ class _Run:
         return time.perf_counter() - start
 
 
+# Eager attention materializes (Hq, S, S) weights per layer (in float32 for the softmax):
+# above this it is skipped, not run into the machine's memory limit.
+EAGER_WEIGHTS_LIMIT = 2 * 2**30
+
+
+def _eager_weights_bytes(shape: ModelShape, context: int) -> int:
+    return shape.options.get("num_attention_heads", 1) * context * context * 4
+
+
+def prefill_attention_share(run: _Run, implementation: str) -> float:
+    """The share of one prefill's time spent inside the attention function (the rest:
+    projections, MLPs, norms, the LM head). It bounds what attention alone can gain:
+    a prefill is at most 1 / (1 - share) times faster with attention that takes no time."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    original = ALL_ATTENTION_FUNCTIONS[implementation]
+    spent = 0.0
+
+    def timed(*args: Any, **kwargs: Any) -> Any:
+        nonlocal spent
+        start = time.perf_counter()
+        try:
+            return original(*args, **kwargs)
+        finally:
+            spent += time.perf_counter() - start
+
+    ALL_ATTENTION_FUNCTIONS[implementation] = timed  # a local override of this interface
+    try:
+        start = time.perf_counter()
+        run.prefill()
+        total = time.perf_counter() - start
+    finally:
+        ALL_ATTENTION_FUNCTIONS[implementation] = original
+    return spent / total
+
+
 def measure_context(
     shape: ModelShape, context: int, dtype: torch.dtype, decode_steps: int, repeats: int
 ) -> list[dict[str, Any]]:
@@ -115,7 +154,15 @@ def measure_context(
                 "model": shape.name, "implementation": implementation, "context": context,
                 "dtype": str(dtype).removeprefix("torch."), "status": "ok", "reason": "", "prefill_tokens_per_s": None,
                 "decode_tokens_per_s": None, "prefill_peak_memory_bytes": None, "max_logit_difference": None,
+                "prefill_attention_share": None,
             }  # fmt: skip
+            if implementation == "eager" and _eager_weights_bytes(shape, context) > EAGER_WEIGHTS_LIMIT:
+                results[implementation]["status"] = "skipped"
+                results[implementation]["reason"] = (
+                    f"eager materializes {_eager_weights_bytes(shape, context) / 2**30:.1f} GiB of attention "
+                    f"weights per layer (more than {EAGER_WEIGHTS_LIMIT / 2**30:.0f} GiB)"
+                )
+                continue
             try:
                 runs[implementation] = _Run(shape, implementation, context, dtype, ids)
             except Exception as error:  # noqa: BLE001  (a run that fails is reported, never fatal)
@@ -137,6 +184,8 @@ def measure_context(
             result["prefill_tokens_per_s"] = context / statistics.median(prefill_times[name])
             result["decode_tokens_per_s"] = decode_steps / statistics.median(decode_times[name])
             result["prefill_peak_memory_bytes"], _ = measure_peak_memory(run.prefill, torch.device("cpu"))
+            if name != "eager":
+                result["prefill_attention_share"] = prefill_attention_share(run, name)
         # fusedattn's logits against sdpa's, or eager's where transformers has no sdpa path
         # for the model (Gemma 2: its logit softcap).
         reference = next((name for name in ("sdpa", "eager") if name in runs), None)
@@ -178,8 +227,8 @@ def run_models(
 
 
 def format_models_table(results: list[dict[str, Any]]) -> str:
-    header = ("model", "context", "implementation", "status", "prefill tok/s", "vs sdpa", "vs eager", "decode tok/s",
-              "vs sdpa", "vs eager", "peak MiB")  # fmt: skip
+    header = ("model", "context", "implementation", "status", "prefill tok/s", "vs sdpa", "vs eager",
+              "attention share", "decode tok/s", "vs sdpa", "vs eager", "peak MiB")  # fmt: skip
     rows = [header]
     for r in results:
 
@@ -188,7 +237,8 @@ def format_models_table(results: list[dict[str, Any]]) -> str:
 
         rows.append((
             r["model"], str(r["context"]), r["implementation"], r["status"], number(r["prefill_tokens_per_s"]),
-            number(r["prefill_vs_sdpa"], 2), number(r["prefill_vs_eager"], 2), number(r["decode_tokens_per_s"], 1),
+            number(r["prefill_vs_sdpa"], 2), number(r["prefill_vs_eager"], 2),
+            number(r.get("prefill_attention_share"), 2), number(r["decode_tokens_per_s"], 1),
             number(r["decode_vs_sdpa"], 2), number(r["decode_vs_eager"], 2),
             number(None if r["prefill_peak_memory_bytes"] is None else r["prefill_peak_memory_bytes"] / 2**20, 1),
         ))  # fmt: skip

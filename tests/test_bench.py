@@ -425,9 +425,9 @@ def test_models_benchmark_runs_every_implementation_on_the_same_weights(capsys):
         assert result["prefill_vs_sdpa"] > 0 and result["decode_vs_eager"] > 0
     fused = results[2]
     assert fused["max_logit_difference"] < 1e-3  # the same weights and ids: the same logits
-    for result in (results[0], fused):  # the share of the prefill inside attention
-        assert 0 < result["prefill_attention_share"] < 1
-    assert results[1]["prefill_attention_share"] is None
+    for result in (results[0], fused):  # the share of the prefill and decode inside attention
+        assert 0 < result["prefill_attention_share"] < 1 and 0 < result["decode_attention_share"] < 1
+    assert results[1]["prefill_attention_share"] is None and results[1]["decode_attention_share"] is None
     assert "tiny-llama" in format_models_table(results)
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 

@@ -4,7 +4,7 @@ to download), with attn_implementation set to fusedattn, sdpa and eager in one r
 Per (model, context, implementation) it measures a prefill of `context` tokens (tokens/s,
 and the peak memory that call adds) and then `decode_steps` greedy decode steps over the
 filled cache (tokens/s), the three implementations' calls interleaved round by round, and
-the share of a prefill spent inside the attention function (what attention alone can gain;
+the share of a prefill and of the decode steps spent inside the attention function (what attention alone can gain;
 eager's is not measured). Eager is skipped where its materialized weights would exceed
 EAGER_WEIGHTS_LIMIT. The models are small but shaped like the real ones (grouped-query
 heads, head dims, Gemma 2's sliding windows and logit softcap); a model's layers share one
@@ -20,6 +20,7 @@ from __future__ import annotations
 import copy
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -113,10 +114,11 @@ def _eager_weights_bytes(shape: ModelShape, context: int) -> int:
     return shape.options.get("num_attention_heads", 1) * context * context * 4
 
 
-def prefill_attention_share(run: _Run, implementation: str) -> float:
-    """The share of one prefill's time spent inside the attention function (the rest:
-    projections, MLPs, norms, the LM head). It bounds what attention alone can gain:
-    a prefill is at most 1 / (1 - share) times faster with attention that takes no time."""
+def attention_share(implementation: str, work: Callable[[], Any]) -> float:
+    """The share of work()'s time (a prefill, or decode steps) spent inside the attention
+    function (the rest: projections, MLPs, norms, the LM head). It bounds what attention
+    alone can gain: the work is at most 1 / (1 - share) times faster with attention that
+    takes no time."""
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
     original = ALL_ATTENTION_FUNCTIONS[implementation]
@@ -133,7 +135,7 @@ def prefill_attention_share(run: _Run, implementation: str) -> float:
     ALL_ATTENTION_FUNCTIONS[implementation] = timed  # a local override of this interface
     try:
         start = time.perf_counter()
-        run.prefill()
+        work()
         total = time.perf_counter() - start
     finally:
         ALL_ATTENTION_FUNCTIONS[implementation] = original
@@ -154,7 +156,7 @@ def measure_context(
                 "model": shape.name, "implementation": implementation, "context": context,
                 "dtype": str(dtype).removeprefix("torch."), "status": "ok", "reason": "", "prefill_tokens_per_s": None,
                 "decode_tokens_per_s": None, "prefill_peak_memory_bytes": None, "max_logit_difference": None,
-                "prefill_attention_share": None,
+                "prefill_attention_share": None, "decode_attention_share": None,
             }  # fmt: skip
             if implementation == "eager" and _eager_weights_bytes(shape, context) > EAGER_WEIGHTS_LIMIT:
                 results[implementation]["status"] = "skipped"
@@ -185,7 +187,8 @@ def measure_context(
             result["decode_tokens_per_s"] = decode_steps / statistics.median(decode_times[name])
             result["prefill_peak_memory_bytes"], _ = measure_peak_memory(run.prefill, torch.device("cpu"))
             if name != "eager":
-                result["prefill_attention_share"] = prefill_attention_share(run, name)
+                result["prefill_attention_share"] = attention_share(name, run.prefill)
+                result["decode_attention_share"] = attention_share(name, lambda run=run: run.decode(decode_steps))
         # fusedattn's logits against sdpa's, or eager's where transformers has no sdpa path
         # for the model (Gemma 2: its logit softcap).
         reference = next((name for name in ("sdpa", "eager") if name in runs), None)
@@ -228,7 +231,7 @@ def run_models(
 
 def format_models_table(results: list[dict[str, Any]]) -> str:
     header = ("model", "context", "implementation", "status", "prefill tok/s", "vs sdpa", "vs eager",
-              "attention share", "decode tok/s", "vs sdpa", "vs eager", "peak MiB")  # fmt: skip
+              "attention share", "decode tok/s", "vs sdpa", "vs eager", "attention share", "peak MiB")  # fmt: skip
     rows = [header]
     for r in results:
 
@@ -239,7 +242,7 @@ def format_models_table(results: list[dict[str, Any]]) -> str:
             r["model"], str(r["context"]), r["implementation"], r["status"], number(r["prefill_tokens_per_s"]),
             number(r["prefill_vs_sdpa"], 2), number(r["prefill_vs_eager"], 2),
             number(r.get("prefill_attention_share"), 2), number(r["decode_tokens_per_s"], 1),
-            number(r["decode_vs_sdpa"], 2), number(r["decode_vs_eager"], 2),
+            number(r["decode_vs_sdpa"], 2), number(r["decode_vs_eager"], 2), number(r.get("decode_attention_share"), 2),
             number(None if r["prefill_peak_memory_bytes"] is None else r["prefill_peak_memory_bytes"] / 2**20, 1),
         ))  # fmt: skip
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]

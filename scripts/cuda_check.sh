@@ -27,10 +27,10 @@ cmake -S "$ROOT/csrc/cuda" -B "$BUILD_DIR" "${GENERATOR[@]}" \
 cmake --build "$BUILD_DIR" --parallel "$JOBS" --clean-first
 echo "cuda-check: csrc/cuda compiled for sm_${ARCHITECTURES//;/, sm_} with $("$NVCC" --version | tail -n 2 | head -n 1) in $(( $(date +%s) - start ))s"
 
-# Resource report (scripts/cuda_resource_report.py): no spills, HMMA/LDGSTS/LDSM in the
-# fp16/bf16 forward, shared memory for two blocks per sm_90 SM at D <= 128. Written to the
-# build dir; FUSEDATTN_CUDA_REPORT_DIR=benchmarks/results/cuda-resource-report refreshes the
-# committed copy.
+# Resource report (scripts/cuda_resource_report.py): no spills anywhere, HMMA/LDGSTS/LDSM in the
+# fp16/bf16 forward and backward, shared memory for two blocks per sm_90 SM at D <= 128 for
+# every kernel. Written to the build dir; FUSEDATTN_CUDA_REPORT_DIR=
+# benchmarks/results/cuda-resource-report refreshes the committed copy.
 PYTHON="python3"
 if [ -x "$ROOT/.venv/bin/python" ]; then PYTHON="$ROOT/.venv/bin/python"; fi
 CUDACXX="$NVCC" "$PYTHON" "$ROOT/scripts/cuda_resource_report.py" "$BUILD_DIR" \

@@ -8,12 +8,12 @@ each configuration's threads and dynamic shared memory per block, which the obje
 record, from csrc/cuda/emulation/shared_memory_sizes.cpp (compiled with the host compiler).
 
 Asserts, and exits 1 when one fails:
-  * no kernel has a stack frame or local memory (no spills), on any architecture, except
-    the kernels named in LEGACY_KERNELS (not yet rewritten; their spills are listed in the
-    report as known, and a new spill anywhere else fails);
-  * every fp16/bf16 forward kernel has HMMA, LDGSTS (cp.async) and LDSM (ldmatrix);
-  * those kernels' shared memory lets two blocks share an sm_90 SM at D <= 128
+  * no kernel has a stack frame or local memory (no spills), on any architecture;
+  * the main loop of every fp16/bf16 forward and backward kernel (MMA_KERNELS) has HMMA,
+    LDGSTS (cp.async) and LDSM (ldmatrix);
+  * every kernel's shared memory lets two blocks share an sm_90 SM at D <= 128
     (2 x (bytes + 1 KB reserved) <= 228 KB) and every block fits sm_80 (163 KB).
+Reports, without asserting it, how many blocks the registers allow (column blk/SM regs).
 Writes the report as JSON and markdown (benchmarks/results/cuda-resource-report/).
 
 usage: cuda_resource_report.py BUILD_DIR OUTPUT_DIR
@@ -36,10 +36,9 @@ SM90_SHARED_PER_SM = 228 * 1024
 SM80_SHARED_PER_BLOCK = 163 * 1024
 RESERVED_PER_BLOCK = 1024  # shared memory the driver reserves per block (sm_80 and later)
 REGISTERS_PER_SM = 65536
-# The fp32 forward (FMA) and the backward (WMMA through shared memory) of before issue 19:
-# some configurations still spill a few bytes (the report lists them under "known").
-LEGACY_KERNELS = ("attention_forward_kernel", "attention_backward_kernel")
-COUNTED = ("HMMA", "LDGSTS", "LDSM", "BAR", "LDS", "STS", "LDG", "STG", "SHFL", "MUFU", "FFMA", "DEPBAR", "RED")
+# Kernels in FlashAttention 2's structure: their main loops must use mma.sync, cp.async, ldmatrix.
+MMA_KERNELS = ("attention_forward_mma_kernel", "attention_backward_mma_kernel")
+COUNTED = ("HMMA", "LDGSTS", "LDSM", "BAR", "LDS", "STS", "LDG", "STG", "SHFL", "MUFU", "FFMA", "DEPBAR", "RED", "REDG")
 
 
 def find_tool(name: str) -> str:
@@ -160,7 +159,7 @@ def main() -> int:
         counts.update(instruction_counts(cuobjdump, obj))
     names = demangle(sorted({function for _arch, function in usage}))
     sizes = shared_memory_sizes()
-    kernels, failures, known = [], [], []
+    kernels, failures = [], []
     for (arch, function), resources in sorted(usage.items(), key=lambda item: (item[0][0], names[item[0][1]])):
         demangled = names[function]
         key = parse_kernel(demangled)
@@ -195,14 +194,13 @@ def main() -> int:
         kernels.append(entry)
         label = f"{arch} {demangled}"
         if entry["stack_bytes"] or entry["local_bytes"]:
-            spill = f"{label}: spills ({entry['stack_bytes']} bytes stack, {entry['local_bytes']} local)"
-            (known if key and key[0] in LEGACY_KERNELS else failures).append(spill)
-        if key and key[0] == "attention_forward_mma_kernel":
+            failures.append(f"{label}: spills ({entry['stack_bytes']} bytes stack, {entry['local_bytes']} local)")
+        if key and key[0] in MMA_KERNELS:
             for op in ("HMMA", "LDGSTS", "LDSM"):
                 if not loop.get(op):
                     failures.append(f"{label}: no {op} instruction in the main loop")
-            if key[2] <= 128 and blocks_by_shared < 2:
-                failures.append(f"{label}: {shared} bytes of shared memory: fewer than 2 blocks per sm_90 SM")
+        if key and key[2] <= 128 and blocks_by_shared < 2:
+            failures.append(f"{label}: {shared} bytes of shared memory: fewer than 2 blocks per sm_90 SM")
         if shared > SM80_SHARED_PER_BLOCK:
             failures.append(f"{label}: {shared} bytes of shared memory do not fit sm_80 ({SM80_SHARED_PER_BLOCK})")
     nvcc = os.environ.get("CUDACXX") or shutil.which("nvcc") or "nvcc"
@@ -210,15 +208,15 @@ def main() -> int:
         nvcc_version = subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout.splitlines()[-2]
     except (OSError, IndexError):
         nvcc_version = "nvcc version unknown"
-    if not any("attention_forward_mma_kernel" in entry["kernel"] for entry in kernels):
-        failures.append("no fp16/bf16 forward kernel (attention_forward_mma_kernel) found in the objects")
+    for name in MMA_KERNELS:
+        if not any(f"::{name}<" in entry["kernel"] for entry in kernels):
+            failures.append(f"no {name} found in the objects")
     output_dir.mkdir(parents=True, exist_ok=True)
     report = {
         "nvcc": nvcc_version,
         "cuobjdump": shown(Path(cuobjdump)),
         "kernels": kernels,
         "failures": failures,
-        "known_legacy_spills": known,
     }
     (output_dir / "report.json").write_text(json.dumps(report, indent=1) + "\n")
     lines = [
@@ -249,29 +247,39 @@ def main() -> int:
     lines += [
         "",
         "Main loop (the backward branch spanning the most HMMA; static counts of one iteration's",
-        "code, both paths of a branch included) of the fp16/bf16 forward kernels:",
+        f"code, both paths of a branch included) of {', '.join(MMA_KERNELS)}:",
         "",
         "| arch | kernel | instructions | " + " | ".join(COUNTED) + " |",
         "|" + "---|" * (3 + len(COUNTED)),
     ]
     for entry in kernels:
-        if "attention_forward_mma_kernel" in entry["kernel"]:
+        if any(f"::{name}<" in entry["kernel"] for name in MMA_KERNELS):
             name = entry["kernel"].replace("fusedattn::cuda::", "").replace("(fusedattn::cuda::AttentionParams)", "")
+            name = name.replace("(fusedattn::cuda::AttentionBackwardParams)", "")
             lines.append(
                 f"| {entry['arch']} | `{name}` | {entry['main_loop_total']} | "
                 + " | ".join(str(entry["main_loop"][op]) for op in COUNTED)
                 + " |"
             )
+    register_bound = sorted(
+        {
+            f"{entry['arch']} `{entry['kernel'].split('(')[0].replace('void fusedattn::cuda::', '')}` "
+            f"({entry['registers']} registers x {entry['threads']} threads)"
+            for entry in kernels
+            if (key := parse_kernel(entry["kernel"])) and 0 < key[2] <= 128 and entry["blocks_per_sm_by_registers"] < 2
+        }
+    )
+    lines += [
+        "",
+        "Kernels at D <= 128 whose registers allow fewer than 2 blocks per SM (not asserted; "
+        "blk/SM regs above): " + (", ".join(register_bound) if register_bound else "none"),
+    ]
     lines += ["", "Failures: " + ("none" if not failures else ""), *(f"- {failure}" for failure in failures)]
-    lines += ["", f"Known spills of the legacy kernels ({', '.join(LEGACY_KERNELS)}): " + ("none" if not known else "")]
-    lines += [*(f"- {spill}" for spill in known), ""]
+    lines += [""]
     (output_dir / "report.md").write_text("\n".join(lines))
     for failure in failures:
         print(f"cuda resource report: FAIL {failure}", file=sys.stderr)
-    print(
-        f"cuda resource report: {len(kernels)} kernels, {len(failures)} failures, "
-        f"{len(known)} known legacy spills -> {output_dir}"
-    )
+    print(f"cuda resource report: {len(kernels)} kernels, {len(failures)} failures -> {output_dir}")
     return 1 if failures else 0
 
 

@@ -8,8 +8,8 @@ Three groups:
     in random order between barriers; mma.sync, ldmatrix, cp.async and wmma emulated by
     their documented layouts and rules) and registers them as a test backend
     "cuda_emulated": the fp16/bf16 forward runs the mma kernel (more of it in
-    tests/test_cuda_emulated_forward.py), the backward its tensor-core path, fp32 the FMA
-    path. The launchers and the real hardware are all it leaves out;
+    tests/test_cuda_emulated_forward.py), the backward its mma kernel up to D 128 (more in
+    tests/test_cuda_emulated_backward.py) and the WMMA kernel above, fp32 the FMA path. The launchers and the real hardware are all it leaves out;
   * marked gpu: the compiled kernels on a GPU for every claimed feature, forward and
     backward, skipped unless the backend is available (fusedattn._C built with CUDA).
 Both kernel groups go through fusedattn.testing.assert_backend_matches. At the end, the
@@ -525,10 +525,11 @@ def test_emulated_native_ops_check_shapes(emulated):
 # onto grid.x. Emulating 10^5 blocks takes minutes, so the emulation runs a sample of block
 # indices (sample_blocks) on both sides of 65535, and the test checks that exactly the tiles
 # those indices decode to were computed, and computed right. Tiles of ForwardConfig<float, 32>
-# (64 query rows), BackwardConfig<float, 32> (64 keys) and the GQA group sum (kGroupSumKeys,
+# (64 query rows), BackwardConfig<float, 32> (32 keys) and the GQA group sum (kGroupSumKeys,
 # 64 keys): the buckets of head dim 1.
 _FORWARD_TILE_ROWS = 64
-_BACKWARD_TILE_KEYS = 64
+_BACKWARD_TILE_KEYS = 32
+_GROUP_SUM_KEYS = 64
 
 
 def _sampled_blocks(blocks):
@@ -587,13 +588,15 @@ def test_emulated_grids_past_65535_decode_every_block(emulated, batch, heads_q, 
 
     # Backward: one block per (key tile, query head, sequence) writing that head's dK, dV
     # partials, then one group-sum block per (key tile, kv head, sequence) adding them. The
-    # same sampled indices run in both grids; partials of unsampled heads read as 0.
+    # same sampled indices run in both grids (of different tiles); partials the sampled
+    # blocks did not write read as 0.
     tiles = -(-seqlen_k // _BACKWARD_TILE_KEYS)
     samples = _sampled_blocks(tiles * heads_q * batch)
     grad_out = torch.randn(batch, heads_q, seqlen_q, 1)
     out_in, lse_in = torch.zeros(batch, heads_q, seqlen_q, 1), torch.zeros(batch, heads_q, seqlen_q)
     computed_heads = {_decode(block, tiles, heads_q) for block in samples}  # (tile, query head, b)
-    summed = [_decode(block, tiles, heads_kv) for block in samples if block < tiles * heads_kv * batch]
+    sum_tiles = -(-seqlen_k // _GROUP_SUM_KEYS)
+    summed = [_decode(block, sum_tiles, heads_kv) for block in samples if block < sum_tiles * heads_kv * batch]
     expected = {}  # (b, h): probabilities, dS of the whole sequence
     for _tile, h, b in computed_heads | {(t, kv * group + m, b) for t, kv, b in summed for m in range(group)}:
         if (b, h) not in expected:
@@ -611,15 +614,18 @@ def test_emulated_grids_past_65535_decode_every_block(emulated, batch, heads_q, 
     torch.testing.assert_close(dq.double(), expected_dq, rtol=1e-4, atol=1e-5)
     computed = torch.zeros(batch, heads_kv, seqlen_k, dtype=torch.bool)
     for tile, kv_head, b in summed:
-        keys = slice(tile * _BACKWARD_TILE_KEYS, (tile + 1) * _BACKWARD_TILE_KEYS)
+        keys = slice(tile * _GROUP_SUM_KEYS, (tile + 1) * _GROUP_SUM_KEYS)
         computed[b, kv_head, keys] = True
         expected_dk = torch.zeros(seqlen_k, 1, dtype=torch.float64)
         expected_dv = torch.zeros(seqlen_k, 1, dtype=torch.float64)
         for h in range(kv_head * group, (kv_head + 1) * group):
-            if (tile, h, b) in computed_heads:
+            # The keys whose partial for head h a sampled backward block wrote.
+            written = [(key // _BACKWARD_TILE_KEYS, h, b) in computed_heads for key in range(seqlen_k)]
+            written = torch.tensor(written, dtype=torch.float64)[:, None]
+            if (b, h) in expected:
                 probabilities, grad_scores = expected[b, h]
-                expected_dv += probabilities.T @ grad_out[b, h].double()
-                expected_dk += grad_scores.T @ q[b, h].double()
+                expected_dv += (probabilities.T @ grad_out[b, h].double()) * written
+                expected_dk += (grad_scores.T @ q[b, h].double()) * written
         torch.testing.assert_close(dk[b, kv_head, keys].double(), expected_dk[keys], rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(dv[b, kv_head, keys].double(), expected_dv[keys], rtol=1e-4, atol=1e-5)
     assert bool((dk[~computed] == _SENTINEL).all()) and bool((dv[~computed] == _SENTINEL).all())

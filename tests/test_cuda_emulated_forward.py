@@ -5,8 +5,8 @@ tests/test_cuda_backend.py runs most feature cases in fp32 (the FMA kernel); her
 runs in fp16 on the mma kernel, then the shapes its tiles make special: query and key
 counts that leave partial tiles (cp.async zero-fills the rows past the end), head dims
 below their bucket (zero-filled columns), and decode calls that the launcher splits over
-keys (checked to be split, and to match). Forward only: the backward is the kernel of
-attention_backward.cuh, which tests/test_cuda_backend.py checks.
+keys (checked to be split, and to match). Forward only: tests/test_cuda_emulated_backward.py
+does the same for the fp16/bf16 backward.
 """
 
 from __future__ import annotations

@@ -1,5 +1,6 @@
-// Flash attention backward: one block per (key tile, query head, sequence), flattened onto
-// grid.x (grid_block). The block keeps its K and V tiles and the dK, dV accumulators in
+// Flash attention backward for fp32, and for fp16/bf16 above D 128 (attention_backward_mma.cuh
+// has the fp16/bf16 kernel up to D 128): one block per (key tile, query head, sequence),
+// flattened onto grid.x (grid_block). The block keeps its K and V tiles and the dK, dV accumulators in
 // shared memory and walks every query tile that can see its keys:
 //
 //   S = Q K^T, dP = dO V^T                     (warp tiles)
@@ -8,7 +9,8 @@
 //   dV += P_dropped^T dO, dK += dS^T Q          (warp tiles, shared accumulators)
 //   dQ += dS K                                  (warp tiles, atomicAdd into float32 dq_accum)
 //
-// delta = rowsum(dO * out) and the dq_accum buffer come from the caller. Without GQA the
+// delta = rowsum(dO * out) comes from attention_backward_delta_kernel (launched first), the
+// zero-filled float32 dq_accum buffer from the caller. Without GQA the
 // block writes dK, dV. With GQA (group > 1) the query heads of a group run in parallel
 // blocks and write their float dK, dV to per-query-head buffers (dk_partial, dv_partial);
 // attention_backward_group_sum_kernel then adds the group's heads in a fixed order (no
@@ -19,12 +21,13 @@
 
 namespace fusedattn::cuda {
 
+// Tiles: at D <= 128, small enough for two blocks per sm_90 SM (scripts/cuda_resource_report.py).
 template <typename Element, int kHeadDim>
 struct BackwardConfig {
   static constexpr bool kWide = sizeof(Element) == 4;
-  static constexpr int kBlockM = kWide ? (kHeadDim <= 128 ? 32 : 16) : (kHeadDim <= 64 ? 64 : 32);  // queries
-  static constexpr int kBlockN = kWide ? (kHeadDim <= 64 ? 64 : kHeadDim <= 128 ? 32 : 16)
-                                       : (kHeadDim <= 128 ? 64 : 32);  // keys
+  static constexpr int kBlockM = kWide ? (kHeadDim <= 96 ? 32 : 16) : 32;  // queries
+  static constexpr int kBlockN = kWide ? (kHeadDim <= 128 ? 32 : 16)
+                                       : (kHeadDim <= 64 ? 64 : 32);  // keys
   static constexpr int kInputPitch = padded_pitch<Element>(kHeadDim);  // K, V, Q, dO tiles
   static constexpr int kScorePitch = padded_pitch<float>(kBlockN);
   static constexpr int kProbabilityPitch = padded_pitch<Element>(kBlockN);
@@ -49,6 +52,34 @@ struct BackwardConfig {
   static_assert(kHeadDim % 32 == 0, "head-dim buckets are multiples of 32");
   static_assert(kSharedBytes <= kMaxSharedBytes, "backward tile does not fit sm_80 shared memory");
 };
+
+// Which keys, head and sequence a block of the backward grid owns.
+struct BackwardKeyBlock {
+  GridBlock block;
+  SequenceView view;
+  int key_start;
+  int valid_keys;  // may be <= 0: the block is past its sequence's keys
+  int group;       // query heads per KV head
+  int kv_head;
+  int64_t k_row;  // the first key's row in k, v (and the partials)
+};
+
+__device__ __forceinline__ BackwardKeyBlock backward_key_block(const AttentionParams& p, int block_n,
+                                                               int block_index) {
+  BackwardKeyBlock owned;
+  owned.block = grid_block(tile_count(p.seqlen_k, block_n), p.heads_q, block_index);
+  owned.view = sequence_view(p, owned.block.batch);
+  owned.key_start = owned.block.tile * block_n;
+  owned.valid_keys = min(block_n, owned.view.seqlen_k - owned.key_start);
+  owned.group = p.heads_q / p.heads_kv;
+  owned.kv_head = owned.block.head / owned.group;
+  owned.k_row = int64_t{owned.view.k_row_base} + owned.key_start;
+  return owned;
+}
+
+template <typename Element, int kHeadDim>
+__device__ __forceinline__ void backward_epilogue(const AttentionBackwardParams& bp, const float* grad_key,
+                                                  const float* grad_value);
 
 template <typename Element, int kHeadDim>
 __global__ void __launch_bounds__(kThreads) attention_backward_kernel(const AttentionBackwardParams bp) {
@@ -79,21 +110,19 @@ __global__ void __launch_bounds__(kThreads) attention_backward_kernel(const Atte
   const int warp = threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
   float* warp_scratch = scratch + warp * kTile * kTile;
-  const GridBlock block = grid_block(tile_count(p.seqlen_k, kBlockN), p.heads_q);
-  const int key_block = block.tile;
-  const int head = block.head;
-  const int batch = block.batch;
-  const SequenceView view = sequence_view(p, batch);
-  const int key_start = key_block * kBlockN;
-  if (key_start >= view.seqlen_k) return;
-  const int valid_keys = min(kBlockN, view.seqlen_k - key_start);
-  const int group = p.heads_q / p.heads_kv;
-  const int kv_head = head / group;
+  const BackwardKeyBlock owned = backward_key_block(p, kBlockN, static_cast<int>(blockIdx.x));
+  const int head = owned.block.head;
+  const int batch = owned.block.batch;
+  const SequenceView& view = owned.view;
+  const int key_start = owned.key_start;
+  if (owned.valid_keys <= 0) return;
+  const int valid_keys = owned.valid_keys;
+  const int kv_head = owned.kv_head;
   const bool dropout = p.dropout_threshold != 0;
   const int qk_tiles = tiles_of(p.head_dim);
   const int value_tiles = tiles_of(p.head_dim_v);
 
-  const int64_t k_row = int64_t{view.k_row_base} + key_start;
+  const int64_t k_row = owned.k_row;
   const Element* k = static_cast<const Element*>(p.k) + batch * p.k_strides.batch + kv_head * p.k_strides.head +
                      k_row * p.k_strides.row;
   const Element* v = static_cast<const Element*>(p.v) + batch * p.v_strides.batch + kv_head * p.v_strides.head +
@@ -128,7 +157,7 @@ __global__ void __launch_bounds__(kThreads) attention_backward_kernel(const Atte
                 valid_rows, p.head_dim, p.vector_loads);
       load_tile(grad_out_tile, kInputPitch, grad_out + q_row * bp.grad_out_strides.row, bp.grad_out_strides.row,
                 kBlockM, kHeadDim, valid_rows, p.head_dim_v, p.vector_loads);
-      for (int r = threadIdx.x; r < kBlockM; r += blockDim.x) {
+      for (int r = threadIdx.x; r < kBlockM; r += kThreads) {
         float lse = -INFINITY;
         float delta = 0.0f;
         if (r < valid_rows) {
@@ -232,17 +261,34 @@ __global__ void __launch_bounds__(kThreads) attention_backward_kernel(const Atte
     }
   }
   __syncthreads();
+  backward_epilogue<Element, kHeadDim>(bp, grad_key, grad_value);
+}
 
-  // Every key row of this tile gets its dK and dV, zero when no query saw it: in dk, dv
-  // without GQA, in this query head's partials with it.
-  const float value_scale = dropout ? p.dropout_keep_scale : 1.0f;  // P was stored unscaled
-  if (group > 1) {
+// Every key row of the block gets its dK and dV, zero when no query saw it: in dk, dv
+// without GQA, in this query head's partials with it. The block's indices are recomputed
+// here (a few integer operations) rather than kept live across the query loop. Loops stride
+// by the constant kThreads: with blockDim.x, ptxas (nvcc 13) built call-based loop exits and
+// spilled 16-32 bytes in the fp32 kernels.
+template <typename Element, int kHeadDim>
+__device__ __forceinline__ void backward_epilogue(const AttentionBackwardParams& bp, const float* grad_key,
+                                                  const float* grad_value) {
+  constexpr int kGradientPitch = BackwardConfig<Element, kHeadDim>::kGradientPitch;
+  const AttentionParams& p = bp.forward;
+  const BackwardKeyBlock owned =
+      backward_key_block(p, BackwardConfig<Element, kHeadDim>::kBlockN, static_cast<int>(blockIdx.x));
+  const int head = owned.block.head;
+  const int batch = owned.block.batch;
+  const int valid_keys = owned.valid_keys;
+  const int kv_head = owned.kv_head;
+  const int64_t k_row = owned.k_row;
+  const float value_scale = p.dropout_threshold != 0 ? p.dropout_keep_scale : 1.0f;  // P was stored unscaled
+  if (owned.group > 1) {
     float* dk_partial = bp.dk_partial + batch * bp.partial_strides.batch + head * bp.partial_strides.head +
                         k_row * bp.partial_strides.row;
     float* dv_partial = bp.dv_partial + batch * bp.partial_strides.batch + head * bp.partial_strides.head +
                         k_row * bp.partial_strides.row;
     const int columns = max(p.head_dim, p.head_dim_v);  // the partials' width
-    for (int index = threadIdx.x; index < valid_keys * columns; index += blockDim.x) {
+    for (int index = threadIdx.x; index < valid_keys * columns; index += kThreads) {
       const int r = index / columns;
       const int column = index % columns;
       dk_partial[r * bp.partial_strides.row + column] = grad_key[r * kGradientPitch + column];
@@ -254,7 +300,7 @@ __global__ void __launch_bounds__(kThreads) attention_backward_kernel(const Atte
                 k_row * bp.dk_strides.row;
   Element* dv = static_cast<Element*>(bp.dv) + batch * bp.dv_strides.batch + kv_head * bp.dv_strides.head +
                 k_row * bp.dv_strides.row;
-  for (int index = threadIdx.x; index < valid_keys * kHeadDim; index += blockDim.x) {
+  for (int index = threadIdx.x; index < valid_keys * kHeadDim; index += kThreads) {
     const int r = index / kHeadDim;
     const int column = index % kHeadDim;
     if (column < p.head_dim)
@@ -288,7 +334,7 @@ __global__ void __launch_bounds__(kThreads) attention_backward_group_sum_kernel(
                 k_row * bp.dk_strides.row;
   Element* dv = static_cast<Element*>(bp.dv) + batch * bp.dv_strides.batch + kv_head * bp.dv_strides.head +
                 k_row * bp.dv_strides.row;
-  for (int index = threadIdx.x; index < valid_keys * columns; index += blockDim.x) {
+  for (int index = threadIdx.x; index < valid_keys * columns; index += kThreads) {
     const int r = index / columns;
     const int column = index % columns;
     float key_sum = 0.0f;
@@ -304,6 +350,47 @@ __global__ void __launch_bounds__(kThreads) attention_backward_group_sum_kernel(
   }
 }
 
+// FlashAttention 2's preprocessing: delta = rowsum(dO * out) in float32 for every row of out
+// (all of the tensor, whatever the metadata says), one warp per row. Rows are numbered
+// (sequence, head, row) over B sequences of Sq rows, or one packed "sequence" of Tq rows
+// (batch strides 0); warps step through them by the grid's width.
+constexpr int64_t kDeltaMaxBlocks = 4096;
+
+__host__ __device__ inline int64_t delta_rows(const AttentionParams& p) {
+  const int64_t rows_per_head = p.cu_seqlens_q != nullptr ? p.total_q : p.seqlen_q;
+  const int64_t sequences = p.cu_seqlens_q != nullptr ? 1 : p.batch;
+  return sequences * p.heads_q * rows_per_head;
+}
+inline int64_t delta_grid_blocks(const AttentionParams& p) {
+  const int64_t blocks = (delta_rows(p) + kWarps - 1) / kWarps;
+  return blocks < kDeltaMaxBlocks ? blocks : kDeltaMaxBlocks;
+}
+
+template <typename Element>
+__global__ void __launch_bounds__(kThreads) attention_backward_delta_kernel(const AttentionBackwardParams bp) {
+  const AttentionParams& p = bp.forward;
+  const int64_t rows_per_head = p.cu_seqlens_q != nullptr ? p.total_q : p.seqlen_q;
+  const int64_t rows = delta_rows(p);
+  const int lane = threadIdx.x % 32;
+  const int64_t stride = int64_t{gridDim.x} * kWarps;
+  for (int64_t row = int64_t{blockIdx.x} * kWarps + threadIdx.x / 32; row < rows; row += stride) {
+    const int64_t position = row % rows_per_head;
+    const int64_t head = row / rows_per_head % p.heads_q;
+    const int64_t sequence = row / rows_per_head / p.heads_q;
+    const Element* out_row = static_cast<const Element*>(p.out) + sequence * p.out_strides.batch +
+                             head * p.out_strides.head + position * p.out_strides.row;
+    const Element* grad_out_row = static_cast<const Element*>(bp.grad_out) + sequence * bp.grad_out_strides.batch +
+                                  head * bp.grad_out_strides.head + position * bp.grad_out_strides.row;
+    float sum = 0.0f;
+    for (int column = lane; column < p.head_dim_v; column += 32)
+      sum += to_float(out_row[column]) * to_float(grad_out_row[column]);
+    sum = warp_sum(sum);
+    if (lane == 0)
+      bp.delta[sequence * bp.delta_strides.batch + head * bp.delta_strides.head + position * bp.delta_strides.row] =
+          sum;
+  }
+}
+
 // Blocks of the backward grid, as flat_grid_blocks (the launcher and the CPU emulation).
 template <typename Element, int kHeadDim>
 int64_t backward_grid_blocks(const AttentionParams& p) {
@@ -314,12 +401,23 @@ inline int64_t group_sum_grid_blocks(const AttentionParams& p) {
 }
 
 #if defined(__CUDACC__)  // launchers: nvcc only (the CPU emulation launches kernels itself)
+// delta for the backward kernels (attention_backward_delta_kernel), first on the stream.
+template <typename Element>
+const char* launch_attention_backward_delta(const AttentionBackwardParams& bp, cudaStream_t stream) {
+  const int64_t blocks = delta_grid_blocks(bp.forward);
+  if (blocks == 0) return nullptr;
+  attention_backward_delta_kernel<Element><<<dim3(static_cast<unsigned>(blocks)), kThreads, 0, stream>>>(bp);
+  const cudaError_t error = cudaGetLastError();
+  return error == cudaSuccess ? nullptr : cudaGetErrorString(error);
+}
+
 template <typename Element, int kHeadDim>
 const char* launch_attention_backward(const AttentionBackwardParams& bp, cudaStream_t stream) {
   using Config = BackwardConfig<Element, kHeadDim>;
   const int64_t blocks = backward_grid_blocks<Element, kHeadDim>(bp.forward);
   if (blocks == 0) return nullptr;
   if (blocks < 0) return "fusedattn cuda: more than 2^31 - 1 key tiles x query heads x sequences";
+  if (const char* delta_error = launch_attention_backward_delta<Element>(bp, stream)) return delta_error;
   auto kernel = attention_backward_kernel<Element, kHeadDim>;
   cudaError_t error =
       cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Config::kSharedBytes);

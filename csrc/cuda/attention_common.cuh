@@ -144,14 +144,16 @@ struct GridBlock {
 };
 
 // This block's (tile, head, sequence) in a grid of flat_grid_blocks(tiles, heads, batch).
-__device__ __forceinline__ GridBlock grid_block(int tiles, int heads) {
-  const int index = static_cast<int>(blockIdx.x);
+__device__ __forceinline__ GridBlock grid_block(int tiles, int heads, int index) {
   const int rest = index / tiles;
   GridBlock block;
   block.tile = index - rest * tiles;
   block.head = rest % heads;
   block.batch = rest / heads;
   return block;
+}
+__device__ __forceinline__ GridBlock grid_block(int tiles, int heads) {
+  return grid_block(tiles, heads, static_cast<int>(blockIdx.x));
 }
 
 // ---- one sequence of a (dense or packed) batch ----------------------------------------------

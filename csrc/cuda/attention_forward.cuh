@@ -13,11 +13,12 @@
 namespace fusedattn::cuda {
 
 // Tile sizes per element type and head-dim bucket, chosen so one block fits the sm_80
-// shared-memory limit (asserted below).
+// shared-memory limit (asserted below) and, at D <= 128, two blocks an sm_90 SM (checked by
+// scripts/cuda_resource_report.py).
 template <typename Element, int kHeadDim>
 struct ForwardConfig {
   static constexpr bool kWide = sizeof(Element) == 4;
-  static constexpr int kBlockM = (kWide && kHeadDim > 128) ? 32 : 64;  // query rows
+  static constexpr int kBlockM = (kWide && kHeadDim > 96) ? 32 : 64;  // query rows
   static constexpr int kBlockN = kHeadDim <= (kWide ? 64 : 128) ? 64 : 32;  // keys
   static constexpr int kInputPitch = padded_pitch<Element>(kHeadDim);  // Q, K, V tiles
   static constexpr int kScorePitch = padded_pitch<float>(kBlockN);

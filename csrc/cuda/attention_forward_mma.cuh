@@ -33,8 +33,9 @@ struct MmaForwardConfig {
   static constexpr int kBlockM = 16 * kWarps;
   static constexpr int kBlockN = mma_forward_block_n(kHeadDim);
   static constexpr int kStages = 2;
-  // Registers decide: a cap of 128 per thread (two blocks of 256 threads per SM) spills
-  // from D 64 up (measured with nvcc 13, sm_90), so no minimum is asked.
+  // Registers decide: a cap of 128 per thread (__launch_bounds__(256, 2), two blocks per SM)
+  // spills 8-344 bytes of stack at every head dim on sm_90 and all but D 64 on sm_80
+  // (measured with nvcc 13), so no minimum is asked: one block of 8 warps per SM.
   static constexpr int kMinBlocksPerSM = 1;
   // 16 bytes of padding per row: the 8 rows of an ldmatrix matrix (and of a cp.async wave)
   // start 4 banks apart, so they hit all 32 banks once.
@@ -76,6 +77,9 @@ __device__ __forceinline__ void load_tile_async(Element* tile, const Element* so
     }
     return;
   }
+  // Rolled: unrolled, the element loads in flight took the registers the backward's
+  // accumulators need (this path serves only rows that are not 16-byte aligned).
+#pragma unroll 1
   for (int index = threadIdx.x; index < kRows * kColumns; index += kThreadCount) {
     const int row = index / kColumns;
     const int column = index % kColumns;

@@ -305,16 +305,18 @@ void attention_backward_op(const at::Tensor& grad_out_in, const at::Tensor& q_in
   require_shape(dv, call.v.sizes(), "dv");
   AttentionBackwardParams bp;
   bp.forward = call.params;
-  bp.forward.out = const_cast<void*>(out.data_ptr());
-  bp.forward.out_strides = row_strides(out, varlen);
+  const at::Tensor out_rows = with_contiguous_rows(out);  // read by the delta kernel
+  bp.forward.out = const_cast<void*>(out_rows.data_ptr());
+  bp.forward.out_strides = row_strides(out_rows, varlen);
   bp.forward.lse = const_cast<float*>(lse.data_ptr<float>());
   bp.forward.lse_strides = lse_strides(lse, varlen);
   bp.forward.vector_loads = call.params.vector_loads && rows_are_vector_aligned(grad_out, 16 / q.element_size());
 
-  // delta_i = sum_c dO_ic out_ic in float32: (B, Hq, Sq) dense, (Tq, Hq) packed. delta and
+  // delta_i = sum_c dO_ic out_ic in float32, (B, Hq, Sq) dense, (Tq, Hq) packed: written for
+  // every row of out by the launch's first kernel (attention_backward_delta_kernel). delta and
   // dq_accum are sized by the tensors, never by metadata (the kernels index them by rows
   // inside the clamped sequences).
-  const at::Tensor delta = (grad_out.to(at::kFloat) * out.to(at::kFloat)).sum(-1);
+  const at::Tensor delta = at::empty(with_last(out.sizes(), 1), q.options().dtype(at::kFloat)).squeeze(-1);
   const at::Tensor dq_accum = at::zeros(q.sizes(), q.options().dtype(at::kFloat));
   bp.grad_out = grad_out.data_ptr();
   bp.grad_out_strides = row_strides(grad_out, varlen);

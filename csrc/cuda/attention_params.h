@@ -121,7 +121,7 @@ struct AttentionBackwardParams {
 
   const void* grad_out = nullptr;  // like out
   RowStrides grad_out_strides;
-  const float* delta = nullptr;  // rowsum(grad_out * out) in float32, indexed like lse
+  float* delta = nullptr;  // rowsum(grad_out * out) in float32, indexed like lse; written by the launch
   RowStrides delta_strides;
   float* dq_accum = nullptr;  // float32 like q, zero-filled; the kernels add into it
   RowStrides dq_accum_strides;

@@ -1,10 +1,11 @@
-// Backward kernels for bfloat16 inputs, every head-dim bucket (see attention_backward.cuh).
-#include "attention_backward.cuh"
+// Backward kernels for bfloat16 inputs, every head-dim bucket: the mma kernel up to D 128
+// (attention_backward_mma.cuh), the legacy kernel above (attention_backward.cuh).
+#include "attention_backward_mma.cuh"
 
 namespace fusedattn::cuda {
 
 const char* attention_backward_bfloat16(const AttentionBackwardParams& params, void* stream) {
-  return attention_backward_for<__nv_bfloat16>(params, stream);
+  return attention_backward_mma_for<__nv_bfloat16>(params, stream);
 }
 
 }  // namespace fusedattn::cuda

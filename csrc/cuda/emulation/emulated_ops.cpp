@@ -4,13 +4,14 @@
 // with the schemas of the real operators: the same attention_ops.h bodies, the same
 // kernels, launched block by block by host_emulation.h on the grids of the real launchers
 // (mma_forward_grid_blocks and combine_grid_blocks for fp16/bf16, forward_grid_blocks for
-// fp32, backward_grid_blocks and group_sum_grid_blocks), with an H100's SM count for the
-// split-KV choice. Also
+// fp32, mma_backward_grid_blocks for fp16/bf16 up to D 128 or else backward_grid_blocks, and
+// group_sum_grid_blocks), with an H100's SM count for the split-KV choice. Also
 // primitive_check (emulation/primitive_checks.h), the one-warp test of warp_mma.cuh. Built
 // on demand by the tests with torch.utils.cpp_extension; never part of fusedattn._C.
 #include "host_emulation.h"
 // clang-format off: the kernels need the emulation vocabulary first
 #include "../attention_backward.cuh"
+#include "../attention_backward_mma.cuh"
 #include "../attention_forward.cuh"
 #include "../attention_forward_mma.cuh"
 #include "../attention_ops.h"
@@ -110,12 +111,40 @@ const char* emulate_backward(const AttentionBackwardParams& bp) {
     std::fill_n(bp.dk_partial, count, 0.0f);
     std::fill_n(bp.dv_partial, count, 0.0f);
   }
+  if (sampled_blocks.empty()) {
+    const char* error = launch(attention_backward_delta_kernel<Element>, delta_grid_blocks(p), 0, bp);
+    if (error != nullptr) return error;
+  } else {
+    // A sample of the backward grid's indices says nothing about the delta kernel's grid:
+    // sampled launches (grids too large to emulate whole) get delta from this host loop.
+    const int64_t rows_per_head = p.cu_seqlens_q != nullptr ? p.total_q : p.seqlen_q;
+    for (int64_t row = 0; row < delta_rows(p); ++row) {
+      const int64_t position = row % rows_per_head, head = row / rows_per_head % p.heads_q;
+      const int64_t sequence = row / rows_per_head / p.heads_q;
+      const Element* out_row = static_cast<const Element*>(p.out) + sequence * p.out_strides.batch +
+                               head * p.out_strides.head + position * p.out_strides.row;
+      const Element* grad_out_row = static_cast<const Element*>(bp.grad_out) + sequence * bp.grad_out_strides.batch +
+                                    head * bp.grad_out_strides.head + position * bp.grad_out_strides.row;
+      float sum = 0.0f;
+      for (int column = 0; column < p.head_dim_v; ++column)
+        sum += to_float(out_row[column]) * to_float(grad_out_row[column]);
+      const int64_t at = sequence * bp.delta_strides.batch + head * bp.delta_strides.head;
+      bp.delta[at + position * bp.delta_strides.row] = sum;
+    }
+  }
   switch (head_dim_bucket(p.head_dim, p.head_dim_v)) {
 #define FUSEDATTN_EMULATED_BACKWARD(HEAD_DIM)                                                               \
   case HEAD_DIM: {                                                                                          \
-    const char* error = launch(attention_backward_kernel<Element, HEAD_DIM>,                                \
-                               backward_grid_blocks<Element, HEAD_DIM>(p),                                  \
-                               BackwardConfig<Element, HEAD_DIM>::kSharedBytes, bp);                        \
+    const char* error = nullptr;                                                                            \
+    if constexpr (!kIsFloat32<Element> && HEAD_DIM <= kMmaBackwardLargestHeadDim) {                         \
+      using Config = MmaBackwardConfig<Element, HEAD_DIM>;                                                  \
+      error = launch(attention_backward_mma_kernel<Element, HEAD_DIM>,                                      \
+                     mma_backward_grid_blocks<Element, HEAD_DIM>(p), Config::kSharedBytes, bp,              \
+                     Config::kThreads);                                                                     \
+    } else {                                                                                                \
+      error = launch(attention_backward_kernel<Element, HEAD_DIM>, backward_grid_blocks<Element, HEAD_DIM>(p), \
+                     BackwardConfig<Element, HEAD_DIM>::kSharedBytes, bp);                                  \
+    }                                                                                                       \
     if (error != nullptr || p.heads_q == p.heads_kv) return error;                                          \
     return launch(attention_backward_group_sum_kernel<Element>, group_sum_grid_blocks(p), 0, bp);           \
   }

@@ -5,6 +5,7 @@
 #include "host_emulation.h"
 // clang-format off: the kernels need the emulation vocabulary first
 #include "../attention_backward.cuh"
+#include "../attention_backward_mma.cuh"
 #include "../attention_forward.cuh"
 #include "../attention_forward_mma.cuh"
 // clang-format on
@@ -13,6 +14,17 @@
 
 namespace fusedattn::cuda {
 alignas(128) unsigned char shared[1];  // the kernels' `extern __shared__` buffer (never run here)
+}
+
+template <int kHeadDim, typename Row>
+void mma_backward_rows(Row& row) {
+  using namespace fusedattn::cuda;
+  if constexpr (kHeadDim <= kMmaBackwardLargestHeadDim) {
+    row("attention_backward_mma_kernel", "__half", kHeadDim, MmaBackwardConfig<__half, kHeadDim>::kThreads,
+        MmaBackwardConfig<__half, kHeadDim>::kSharedBytes);
+    row("attention_backward_mma_kernel", "__nv_bfloat16", kHeadDim,
+        MmaBackwardConfig<__nv_bfloat16, kHeadDim>::kThreads, MmaBackwardConfig<__nv_bfloat16, kHeadDim>::kSharedBytes);
+  }
 }
 
 int main() {
@@ -33,7 +45,8 @@ int main() {
   row("attention_backward_kernel", "__half", HEAD_DIM, kThreads, BackwardConfig<__half, HEAD_DIM>::kSharedBytes); \
   row("attention_backward_kernel", "__nv_bfloat16", HEAD_DIM, kThreads,                                         \
       BackwardConfig<__nv_bfloat16, HEAD_DIM>::kSharedBytes);                                                   \
-  row("attention_backward_kernel", "float", HEAD_DIM, kThreads, BackwardConfig<float, HEAD_DIM>::kSharedBytes);
+  row("attention_backward_kernel", "float", HEAD_DIM, kThreads, BackwardConfig<float, HEAD_DIM>::kSharedBytes);  \
+  mma_backward_rows<HEAD_DIM>(row);
   FUSEDATTN_FOR_EACH_HEAD_DIM(FUSEDATTN_SIZES)
 #undef FUSEDATTN_SIZES
   std::printf("\n]\n");

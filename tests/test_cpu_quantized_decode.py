@@ -1,6 +1,7 @@
 """The CPU decode of bfloat16 queries from an 8-bit cache, on every instruction-set variant:
-on AVX512-BF16 each K/V tile becomes bfloat16 rows (csrc/cpu/attention_kernel/decode.inc,
-bfloat16_vector), elsewhere float32 rows. Both conversions must be exact for every byte."""
+on AVX512-BF16 K and V rows become bfloat16 in registers (decode_converted in
+csrc/cpu/attention_kernel/decode_step.inc, bfloat16_vector in decode.inc), elsewhere float32
+rows. Both conversions must be exact for every byte."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import pytest
 import torch
 from fusedattn._native import build_info, native
 from fusedattn.backends.cpu import selected_isa
-from fusedattn.testing import assert_backend_matches
+from fusedattn.testing import assert_backend_matches, paged_case
 
 pytestmark = pytest.mark.skipif(native() is None, reason="fusedattn._C is not built")
 
@@ -76,3 +77,69 @@ def test_decode_matches_the_float64_oracle(isa, kv_dtype, heads_q, heads_kv, seq
     key_cache, k_descale = fusedattn.quantize_kv(k, kv_dtype)
     value_cache, v_descale = fusedattn.quantize_kv(v, kv_dtype)
     assert_backend_matches("cpu", q, key_cache, value_cache, k_descale=k_descale, v_descale=v_descale, **options)
+
+
+@pytest.mark.parametrize("kv_dtype", KV_DTYPES, ids=str)
+@pytest.mark.parametrize(
+    ("heads_q", "heads_kv", "seqlen_q", "options"),
+    [
+        (3, 3, 1, {}),  # 1 row per KV head: 16 keys per fold
+        (4, 2, 1, {"dropout_p": 0.3}),  # 2 rows: 8 keys per fold
+        (6, 2, 1, {"alibi_slopes": "per_head"}),  # 3 rows: 4 keys per fold, one sum unused
+        (4, 1, 2, {"causal": True}),  # 8 rows: two groups of 4 rows
+    ],
+)
+def test_every_row_count_of_the_converted_decode(isa, kv_dtype, heads_q, heads_kv, seqlen_q, options):
+    # 333 keys: a last tile of 13 keys, not a whole group of 4, 8 or 16.
+    torch.manual_seed(1)
+    q = torch.randn(2, heads_q, seqlen_q, 64, dtype=torch.bfloat16)
+    k = torch.randn(2, heads_kv, 333, 64, dtype=torch.bfloat16)
+    v = torch.randn(2, heads_kv, 333, 64, dtype=torch.bfloat16)
+    if options.get("alibi_slopes") == "per_head":
+        options = {**options, "alibi_slopes": torch.rand(heads_q)}
+    key_cache, k_descale = fusedattn.quantize_kv(k, kv_dtype)
+    value_cache, v_descale = fusedattn.quantize_kv(v, kv_dtype)
+    assert_backend_matches("cpu", q, key_cache, value_cache, k_descale=k_descale, v_descale=v_descale, **options)
+
+
+@pytest.mark.parametrize("kv_dtype", KV_DTYPES, ids=str)
+def test_key_splits_across_threads(isa, kv_dtype):
+    # One sequence and one KV head on two threads: the keys are split (partials merged by
+    # their log-sum-exp); a NaN key makes its row NaN whichever split holds it.
+    torch.manual_seed(2)
+    q = torch.randn(1, 4, 1, 128, dtype=torch.bfloat16)
+    k = torch.randn(1, 1, 1500, 128, dtype=torch.bfloat16)
+    v = torch.randn(1, 1, 1500, 128, dtype=torch.bfloat16)
+    key_cache, k_descale = fusedattn.quantize_kv(k, kv_dtype)
+    value_cache, v_descale = fusedattn.quantize_kv(v, kv_dtype)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert_backend_matches("cpu", q, key_cache, value_cache, k_descale=k_descale, v_descale=v_descale)
+        k_descale = k_descale.clone()
+        k_descale.view(-1)[1400] = float("nan")
+        out = fusedattn.attention(q, key_cache, value_cache, backend="cpu", k_descale=k_descale, v_descale=v_descale)
+        assert out.isnan().all()
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("kv_dtype", KV_DTYPES, ids=str)
+def test_paged_cache_and_wider_values(isa, kv_dtype):
+    # Rows read through a block table (block size 24: tiles cross blocks), and Dv 192 > D 32.
+    generator = torch.Generator().manual_seed(3)
+    (q, key_cache, value_cache), arguments = paged_case(
+        (1, 2, 1), (150, 61, 1), block_size=24, heads_q=8, heads_kv=2, head_dim=32, head_dim_v=192,
+        dtype=torch.bfloat16, generator=generator,
+    )  # fmt: skip
+    key_cache, k_descale = fusedattn.quantize_kv(key_cache, kv_dtype)
+    value_cache, v_descale = fusedattn.quantize_kv(value_cache, kv_dtype)
+    out = fusedattn.attention_paged(
+        q, key_cache, value_cache, k_descale=k_descale, v_descale=v_descale, backend="cpu", causal=True, **arguments
+    )
+    expected = fusedattn.attention_paged(
+        q.double(), key_cache, value_cache, k_descale=k_descale, v_descale=v_descale, backend="reference",
+        causal=True, **arguments,
+    )  # fmt: skip
+    assert not out.isnan().any()
+    torch.testing.assert_close(out.double(), expected, rtol=2e-2, atol=2e-2)

@@ -5,11 +5,12 @@ Three groups:
     dispatcher treats it where it cannot run (CPU tensors, no GPU, no CUDA build);
   * the kernels on the CPU, everywhere: csrc/cuda/emulation builds the real kernels and
     operator bodies against a host emulation of CUDA (fibers for CUDA threads, scheduled
-    in random order between barriers; mma.sync, ldmatrix, cp.async and wmma emulated by
+    in random order between barriers; mma.sync, ldmatrix and cp.async emulated by
     their documented layouts and rules) and registers them as a test backend
     "cuda_emulated": the fp16/bf16 forward runs the mma kernel (more of it in
-    tests/test_cuda_emulated_forward.py), the backward its mma kernel up to D 128 (more in
-    tests/test_cuda_emulated_backward.py) and the WMMA kernel above, fp32 the FMA path. The launchers and the real hardware are all it leaves out;
+    tests/test_cuda_emulated_forward.py), the backward its mma kernel (more in
+    tests/test_cuda_emulated_backward.py), fp32 the FMA path. The launchers and the real
+    hardware are all it leaves out;
   * marked gpu: the compiled kernels on a GPU for every claimed feature, forward and
     backward, skipped unless the backend is available (fusedattn._C built with CUDA).
 Both kernel groups go through fusedattn.testing.assert_backend_matches. At the end, the

@@ -1,5 +1,5 @@
-// Flash attention backward for fp32, and for fp16/bf16 above D 128 (attention_backward_mma.cuh
-// has the fp16/bf16 kernel up to D 128): one block per (key tile, query head, sequence),
+// Flash attention backward for fp32 (attention_backward_mma.cuh has the fp16/bf16 kernel,
+// which shares this file's grid, delta and group-sum pieces): one block per (key tile, query head, sequence),
 // flattened onto grid.x (grid_block). The block keeps its K and V tiles and the dK, dV accumulators in
 // shared memory and walks every query tile that can see its keys:
 //
@@ -24,10 +24,8 @@ namespace fusedattn::cuda {
 // Tiles: at D <= 128, small enough for two blocks per sm_90 SM (scripts/cuda_resource_report.py).
 template <typename Element, int kHeadDim>
 struct BackwardConfig {
-  static constexpr bool kWide = sizeof(Element) == 4;
-  static constexpr int kBlockM = kWide ? (kHeadDim <= 96 ? 32 : 16) : 32;  // queries
-  static constexpr int kBlockN = kWide ? (kHeadDim <= 128 ? 32 : 16)
-                                       : (kHeadDim <= 64 ? 64 : 32);  // keys
+  static constexpr int kBlockM = kHeadDim <= 96 ? 32 : 16;   // queries
+  static constexpr int kBlockN = kHeadDim <= 128 ? 32 : 16;  // keys
   static constexpr int kInputPitch = padded_pitch<Element>(kHeadDim);  // K, V, Q, dO tiles
   static constexpr int kScorePitch = padded_pitch<float>(kBlockN);
   static constexpr int kProbabilityPitch = padded_pitch<Element>(kBlockN);
@@ -43,11 +41,11 @@ struct BackwardConfig {
   static constexpr int kGradScoreOffset = kProbabilityOffset + region_bytes<Element>(kBlockM, kProbabilityPitch);
   static constexpr int kGradKeyOffset = kGradScoreOffset + region_bytes<Element>(kBlockM, kProbabilityPitch);
   static constexpr int kGradValueOffset = kGradKeyOffset + region_bytes<float>(kBlockN, kGradientPitch);
-  static constexpr int kScratchOffset = kGradValueOffset + region_bytes<float>(kBlockN, kGradientPitch);
-  static constexpr int kRowLseOffset = kScratchOffset + region_bytes<float>(kWarps * kTile, kTile);
+  static constexpr int kRowLseOffset = kGradValueOffset + region_bytes<float>(kBlockN, kGradientPitch);
   static constexpr int kRowDeltaOffset = kRowLseOffset + region_bytes<float>(kBlockM, 1);
   static constexpr int kSharedBytes = kRowDeltaOffset + region_bytes<float>(kBlockM, 1);
 
+  static_assert(kIsFloat32<Element>, "fp16/bf16 take attention_backward_mma.cuh");
   static_assert(kBlockM % kTile == 0 && kBlockN % kTile == 0, "tiles are made of 16x16 warp tiles");
   static_assert(kHeadDim % 32 == 0, "head-dim buckets are multiples of 32");
   static_assert(kSharedBytes <= kMaxSharedBytes, "backward tile does not fit sm_80 shared memory");
@@ -103,13 +101,11 @@ __global__ void __launch_bounds__(kThreads) attention_backward_kernel(const Atte
   Element* grad_scores = reinterpret_cast<Element*>(shared + Config::kGradScoreOffset);
   float* grad_key = reinterpret_cast<float*>(shared + Config::kGradKeyOffset);
   float* grad_value = reinterpret_cast<float*>(shared + Config::kGradValueOffset);
-  float* scratch = reinterpret_cast<float*>(shared + Config::kScratchOffset);
   float* row_lse = reinterpret_cast<float*>(shared + Config::kRowLseOffset);
   float* row_delta = reinterpret_cast<float*>(shared + Config::kRowDeltaOffset);
 
   const int warp = threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
-  float* warp_scratch = scratch + warp * kTile * kTile;
   const BackwardKeyBlock owned = backward_key_block(p, kBlockN, static_cast<int>(blockIdx.x));
   const int head = owned.block.head;
   const int batch = owned.block.batch;
@@ -183,11 +179,11 @@ __global__ void __launch_bounds__(kThreads) attention_backward_kernel(const Atte
         if (!is_grad) {
           tile_product<Element, true, false, TileOutput::Overwrite>(query_tile + offset_a, kInputPitch,
                                                                     key_tile + offset_b, kInputPitch, qk_tiles,
-                                                                    {scores + offset_c, kScorePitch, 0, 0}, nullptr);
+                                                                    {scores + offset_c, kScorePitch, 0, 0});
         } else {
           tile_product<Element, true, false, TileOutput::Overwrite>(
               grad_out_tile + offset_a, kInputPitch, value_tile + offset_b, kInputPitch, value_tiles,
-              {grad_probabilities + offset_c, kScorePitch, 0, 0}, nullptr);
+              {grad_probabilities + offset_c, kScorePitch, 0, 0});
         }
       }
       __syncthreads();
@@ -235,16 +231,14 @@ __global__ void __launch_bounds__(kThreads) attention_backward_kernel(const Atte
           const int tile_d = tile % value_tiles;
           tile_product<Element, false, true, TileOutput::Accumulate>(
               probabilities + tile_n * kTile, kProbabilityPitch, grad_out_tile + tile_d * kTile, kInputPitch,
-              kBlockM / kTile, {grad_value + tile_n * kTile * kGradientPitch + tile_d * kTile, kGradientPitch, 0, 0},
-              nullptr);
+              kBlockM / kTile, {grad_value + tile_n * kTile * kGradientPitch + tile_d * kTile, kGradientPitch, 0, 0});
         } else if (tile < value_grad_tiles + key_grad_tiles) {
           const int index = tile - value_grad_tiles;
           const int tile_n = index / qk_tiles;
           const int tile_d = index % qk_tiles;
           tile_product<Element, false, true, TileOutput::Accumulate>(
               grad_scores + tile_n * kTile, kProbabilityPitch, query_tile + tile_d * kTile, kInputPitch,
-              kBlockM / kTile, {grad_key + tile_n * kTile * kGradientPitch + tile_d * kTile, kGradientPitch, 0, 0},
-              nullptr);
+              kBlockM / kTile, {grad_key + tile_n * kTile * kGradientPitch + tile_d * kTile, kGradientPitch, 0, 0});
         } else {
           const int index = tile - value_grad_tiles - key_grad_tiles;
           const int tile_m = index / qk_tiles;
@@ -255,7 +249,7 @@ __global__ void __launch_bounds__(kThreads) attention_backward_kernel(const Atte
           if (destination.valid_rows > 0)
             tile_product<Element, true, true, TileOutput::AtomicGlobal>(
                 grad_scores + tile_row * kProbabilityPitch, kProbabilityPitch, key_tile + tile_d * kTile, kInputPitch,
-                kBlockN / kTile, destination, warp_scratch);
+                kBlockN / kTile, destination);
         }
       }
     }

@@ -1,8 +1,12 @@
-// Flash attention backward for fp16/bf16 in FlashAttention 2's structure, head dims up to
-// kMmaBackwardLargestHeadDim (larger ones keep the kernel of attention_backward.cuh). One
-// block of 4 warps per (key tile, query head, sequence), flattened onto grid.x like the
-// legacy backward (backward_key_block); each warp owns 16 keys, whose dK and dV accumulate in
-// registers for the whole call. The block walks the query tiles that can see its keys:
+// Flash attention backward for fp16/bf16 in FlashAttention 2's structure, every head-dim
+// bucket (fp32 keeps the FMA kernel of attention_backward.cuh). One block per (key tile of 64,
+// query head, sequence), flattened onto grid.x like the fp32 backward (backward_key_block);
+// each warp owns 16 keys, whose dK and dV accumulate in registers for the whole call. Above
+// D 128 (kDimSplit 2) two warps share each 16 keys, one per half of the head dim: dK and dV
+// of 16 keys x 256 dims are 256 floats per thread, too many for one warp; each warp of the
+// pair then computes S^T and dP^T over its half of the dims, and the pair adds its two
+// partial products through shared memory (both warps get the same sums, float addition being
+// commutative) before the score step. The block walks the query tiles that can see its keys:
 //
 //   * Q and dO of the next tile are in flight (cp.async, two shared-memory stages); lse,
 //     delta = rowsum(dO * out) and the dropout row hash of the next tile wait in registers;
@@ -15,7 +19,7 @@
 //   * dS^T goes to shared memory once; after a barrier each warp computes dQ = dS K for 16
 //     queries of the tile (dS by ldmatrix.trans) and adds it into the float32 dq_accum with
 //     atomicAdd (every key block of the sequence adds into the same rows).
-// GQA: as in the legacy backward, a block per query head; with Hq > Hkv the float dK, dV go
+// GQA: as in the fp32 backward, a block per query head; with Hq > Hkv the float dK, dV go
 // to per-query-head partials which attention_backward_group_sum_kernel adds in head order
 // (deterministic; (B, Hq, Sk, max(D, Dv)) floats written and read once each, 2 x 4 bytes per
 // element of dK and dV per query head, against atomics' nondeterministic order).
@@ -27,20 +31,26 @@
 
 namespace fusedattn::cuda {
 
-constexpr int kMmaBackwardLargestHeadDim = 128;
+constexpr int kMmaBackwardLargestHeadDim = 256;
 
-// 64 keys over 4 warps. Queries per step: the most that leave no spill at 255 registers
-// (nvcc 13.0, sm_80 and sm_90; scripts/cuda_resource_report.py fails on any): 64 at D 32, 32
-// at D 64 and 96, 16 at D 128 (the dK, dV accumulators alone are D registers per thread).
-// Shared memory stays under 66 KB per block; registers allow two blocks per SM.
+// 64 keys over 4 warps up to D 128, 8 warps above (kDimSplit: two per 16 keys, one per half of
+// the head dim). Queries per step: the most that leave no spill at 255 registers (nvcc 13.0,
+// sm_80 and sm_90; scripts/cuda_resource_report.py fails on any): 64 at D 32, 32 at D 64 and
+// 96, 16 at D 128 and above (the dK, dV accumulators alone are D / kDimSplit registers per
+// thread). Up to D 128 shared memory stays under 66 KB per block and registers allow two
+// blocks per SM; above, one block of 8 warps per SM (256 threads x 255 registers), about
+// 121 KB of shared memory at D 256 (sm_80 allows 163 KB).
 template <typename Element, int kHeadDim>
 struct MmaBackwardConfig {
-  static constexpr int kWarps = 4;
+  static constexpr int kDimSplit = kHeadDim > 128 ? 2 : 1;
+  static constexpr int kSplitHeadDim = kHeadDim / kDimSplit;  // dims of dK, dV per warp
+  static constexpr int kKeyWarps = 4;
+  static constexpr int kWarps = kKeyWarps * kDimSplit;
   static constexpr int kThreads = 32 * kWarps;
-  static constexpr int kBlockN = 16 * kWarps;  // keys
+  static constexpr int kBlockN = 16 * kKeyWarps;  // keys
   static constexpr int kBlockM = kHeadDim <= 32 ? 64 : kHeadDim <= 96 ? 32 : 16;  // queries per step
   static constexpr int kStages = 2;
-  static constexpr int kMinBlocksPerSM = 2;
+  static constexpr int kMinBlocksPerSM = kDimSplit == 1 ? 2 : 1;
   static constexpr int kPitch = kHeadDim + 8;  // 16 bytes of padding: conflict-free ldmatrix rows
   static constexpr int kRowBytes = kPitch * static_cast<int>(sizeof(Element));
   static constexpr int kGradScorePitch = kBlockM + 8;
@@ -53,10 +63,14 @@ struct MmaBackwardConfig {
       kGradScoreOffset + kBlockN * kGradScorePitch * static_cast<int>(sizeof(Element));
   static constexpr int kRowDeltaOffset = kRowLseOffset + kStages * kBlockM * 4;
   static constexpr int kRowHashOffset = kRowDeltaOffset + kStages * kBlockM * 4;
-  static constexpr int kSharedBytes = kRowHashOffset + kStages * kBlockM * 4;
+  // kDimSplit 2: each warp's partial S^T and dP^T in fragment order (float, lane-minor).
+  static constexpr int kPartialOffset = kRowHashOffset + kStages * kBlockM * 4;
+  static constexpr int kPartialFloatsPerWarp = 2 * (kBlockM / 8) * 4 * 32;
+  static constexpr int kSharedBytes = kPartialOffset + (kDimSplit > 1 ? kWarps * kPartialFloatsPerWarp * 4 : 0);
 
   static_assert(sizeof(Element) == 2, "the mma backward is for fp16 and bf16");
-  static_assert(kHeadDim % 32 == 0 && kHeadDim <= kMmaBackwardLargestHeadDim, "head-dim buckets up to 128");
+  static_assert(kHeadDim % 32 == 0 && kHeadDim <= kMmaBackwardLargestHeadDim, "head-dim buckets up to 256");
+  static_assert(kSplitHeadDim % 16 == 0, "each warp's dims are whole k steps and pairs of m16n8 tiles");
   static_assert(kThreads >= kBlockM, "one thread per query row reads the row statistics");
   static_assert(kRowBytes % 16 == 0 && (kGradScorePitch * 2) % 16 == 0, "ldmatrix rows are 16-byte aligned");
   static_assert(kSharedBytes <= kMaxSharedBytes, "backward tile does not fit sm_80 shared memory");
@@ -73,8 +87,9 @@ __global__ void __launch_bounds__(MmaBackwardConfig<Element, kHeadDim>::kThreads
   constexpr int kGradScorePitch = Config::kGradScorePitch;
   constexpr int kThreadCount = Config::kThreads;
   constexpr int kScoreTiles = kBlockM / 8;    // m16n8 tiles of S^T, dP^T per warp (queries)
-  constexpr int kDimSteps = kHeadDim / 16;    // k steps of K Q^T and V dO^T
-  constexpr int kGradTiles = kHeadDim / 8;    // m16n8 tiles of dK, dV, dQ per warp (dims)
+  constexpr int kDimSteps = Config::kSplitHeadDim / 16;  // k steps of K Q^T and V dO^T per warp
+  constexpr int kGradTiles = Config::kSplitHeadDim / 8;  // m16n8 tiles of dK, dV per warp (dims)
+  constexpr int kQueryGradTiles = kHeadDim / 8;          // m16n8 tiles of a dQ row block (dims)
   constexpr int kQuerySteps = kBlockM / 16;   // k steps of P^T dO and dS^T Q
   constexpr int kKeySteps = kBlockN / 16;     // k steps of dS K
   const AttentionParams& p = bp.forward;
@@ -88,8 +103,13 @@ __global__ void __launch_bounds__(MmaBackwardConfig<Element, kHeadDim>::kThreads
   float* lse_stages = reinterpret_cast<float*>(shared + Config::kRowLseOffset);
   float* delta_stages = reinterpret_cast<float*>(shared + Config::kRowDeltaOffset);
   uint32_t* hash_stages = reinterpret_cast<uint32_t*>(shared + Config::kRowHashOffset);
+  float* partial_products = reinterpret_cast<float*>(shared + Config::kPartialOffset);
 
   const int warp_index = threadIdx.x / 32;
+  // Which 16 keys of the block, and which dims of dK, dV (kDimSplit 2; constants without it).
+  const int key_warp = Config::kDimSplit == 1 ? warp_index : warp_index % Config::kKeyWarps;
+  const int dim_half = Config::kDimSplit == 1 ? 0 : warp_index / Config::kKeyWarps;
+  const int first_dim = dim_half * Config::kSplitHeadDim;
   const int lane = threadIdx.x % 32;
   const int group = lane >> 2;           // the row (and row + 8) of this lane's fragments
   const int thread_in_group = lane % 4;  // its column pair
@@ -186,7 +206,7 @@ __global__ void __launch_bounds__(MmaBackwardConfig<Element, kHeadDim>::kThreads
   // This lane's keys: h = 0 row g, h = 1 row g + 8 of the warp's 16.
   int keys[2];
 #pragma unroll
-  for (int h = 0; h < 2; ++h) keys[h] = key_start + warp_index * 16 + group + 8 * h;
+  for (int h = 0; h < 2; ++h) keys[h] = key_start + key_warp * 16 + group + 8 * h;
 
   // ldmatrix row addresses of this lane (warp_mma.cuh; the forward's three patterns):
   // A, plain (K, V rows of the warp's keys): (rows 0-7 | 8-15) x (cols 0-7 | 8-15);
@@ -195,9 +215,12 @@ __global__ void __launch_bounds__(MmaBackwardConfig<Element, kHeadDim>::kThreads
   // A, .trans (dS from dS^T stored key-major): (queries 0-7 | 8-15) x (keys 0-7 | 8-15),
   // relative to a unit's 16 queries.
   const int matrix = lane / 8;
-  const int row_operand_offset = (warp_index * 16 + lane % 8 + 8 * (matrix % 2)) * kPitch + 8 * (matrix / 2);
-  const int column_operand_offset = (8 * (matrix / 2) + lane % 8) * kPitch + 8 * (matrix % 2);
-  const int transposed_operand_offset = (8 * (matrix % 2) + lane % 8) * kPitch + 8 * (matrix / 2);
+  // The first three start at the warp's first dim (first_dim): they address the operands of
+  // S^T, dP^T, dV and dK; dQ's K operand is addressed from transposed_operand_offset - first_dim.
+  const int row_operand_offset =
+      (key_warp * 16 + lane % 8 + 8 * (matrix % 2)) * kPitch + 8 * (matrix / 2) + first_dim;
+  const int column_operand_offset = (8 * (matrix / 2) + lane % 8) * kPitch + 8 * (matrix % 2) + first_dim;
+  const int transposed_operand_offset = (8 * (matrix % 2) + lane % 8) * kPitch + 8 * (matrix / 2) + first_dim;
   const int grad_score_offset = (8 * (matrix / 2) + lane % 8) * kGradScorePitch + 8 * (matrix % 2);
 
   for (int tile = 0; tile < query_tiles; ++tile) {
@@ -224,7 +247,7 @@ __global__ void __launch_bounds__(MmaBackwardConfig<Element, kHeadDim>::kThreads
     // or ALiBi (plain_rule), the score rule is the scale alone: the usual case, taken per
     // warp (the test is warp-uniform), decided before the products so that only the flag
     // stays live across them.
-    const int64_t warp_first_key = int64_t{key_start} + warp_index * 16;
+    const int64_t warp_first_key = int64_t{key_start} + key_warp * 16;
     const int64_t tile_last_row = int64_t{first_row} + kBlockM - 1;
     const bool interior = plain_rule && tile_last_row < view.seqlen_q && warp_first_key + 15 < view.key_limit &&
                           warp_first_key - tile_last_row >= view.lowest &&
@@ -266,6 +289,29 @@ __global__ void __launch_bounds__(MmaBackwardConfig<Element, kHeadDim>::kThreads
     // second barrier (the next tile's first barrier publishes them). Stored here, not at the
     // end of the tile, they are not live across the peak of the dK, dV products.
     if (tile + 1 < query_tiles) write_row_statistics(next_statistics, stage ^ 1);
+
+    // kDimSplit 2: the pair's partial products added. The buffer was last read before the
+    // previous tile's second barrier; this tile's first barrier ordered that.
+    if constexpr (Config::kDimSplit > 1) {
+      float* own = partial_products + warp_index * Config::kPartialFloatsPerWarp + lane;
+#pragma unroll
+      for (int n = 0; n < kScoreTiles; ++n)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          own[(n * 4 + i) * 32] = scores[n][i];
+          own[((kScoreTiles + n) * 4 + i) * 32] = grad_probabilities[n][i];
+        }
+      __syncthreads();
+      const int partner = (warp_index + Config::kKeyWarps) % Config::kWarps;
+      const float* other = partial_products + partner * Config::kPartialFloatsPerWarp + lane;
+#pragma unroll
+      for (int n = 0; n < kScoreTiles; ++n)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          scores[n][i] += other[(n * 4 + i) * 32];
+          grad_probabilities[n][i] += other[((kScoreTiles + n) * 4 + i) * 32];
+        }
+    }
 
     // P^T (kept by dropout, unscaled: dV is scaled once at the end) and dS^T, in place;
     // scores[n][i] is (key keys[i / 2], query first_row + 8 n + 2 thread_in_group + i % 2).
@@ -310,7 +356,8 @@ __global__ void __launch_bounds__(MmaBackwardConfig<Element, kHeadDim>::kThreads
     }
 
     // P^T and dS^T as the A operands of dV += P^T dO and dK += dS^T Q (the floats die here:
-    // 32 registers fewer across the products), and dS^T to shared memory for dQ.
+    // 32 registers fewer across the products), and dS^T to shared memory for dQ (by the
+    // first warp of a pair: both hold the same dS^T).
     uint32_t probability_operands[kQuerySteps][4];
     uint32_t grad_score_operands[kQuerySteps][4];
 #pragma unroll
@@ -325,10 +372,11 @@ __global__ void __launch_bounds__(MmaBackwardConfig<Element, kHeadDim>::kThreads
               warp::pack_pair(from_float<Element>(probability[2 * h]), from_float<Element>(probability[2 * h + 1]));
           grad_score_operands[step][2 * half + h] =
               warp::pack_pair(from_float<Element>(grad_score[2 * h]), from_float<Element>(grad_score[2 * h + 1]));
-          const int key_row = warp_index * 16 + group + 8 * h;
+          const int key_row = key_warp * 16 + group + 8 * h;
           const int query_column = 16 * step + 8 * half + 2 * thread_in_group;
-          *reinterpret_cast<uint32_t*>(grad_scores + key_row * kGradScorePitch + query_column) =
-              grad_score_operands[step][2 * half + h];
+          if (dim_half == 0)
+            *reinterpret_cast<uint32_t*>(grad_scores + key_row * kGradScorePitch + query_column) =
+                grad_score_operands[step][2 * half + h];
         }
 
 #pragma unroll
@@ -351,10 +399,12 @@ __global__ void __launch_bounds__(MmaBackwardConfig<Element, kHeadDim>::kThreads
     __syncthreads();  // dS^T of every warp is in shared memory
 
     // dQ = dS K, added into dq_accum: units of 16 queries x 32 columns (16 accumulators: dK
-    // and dV hold the other registers) handed to the warps round-robin.
+    // and dV hold the other registers; 16 columns with kDimSplit 2) handed to the warps
+    // round-robin.
     constexpr int kQueryGroups = kBlockM / 16;
-    constexpr int kQueryGradChunk = 4;  // m16n8 tiles of dQ per unit
-    constexpr int kUnits = kQueryGroups * (kGradTiles / kQueryGradChunk);
+    // m16n8 tiles of dQ per unit: 2 with kDimSplit 2 (4 spilled 8 bytes at D 256 on sm_90)
+    constexpr int kQueryGradChunk = Config::kDimSplit > 1 ? 2 : 4;
+    constexpr int kUnits = kQueryGroups * (kQueryGradTiles / kQueryGradChunk);
 #pragma unroll 1
     for (int unit = warp_index; unit < kUnits; unit += Config::kWarps) {
       const int query_group = unit % kQueryGroups;
@@ -373,7 +423,7 @@ __global__ void __launch_bounds__(MmaBackwardConfig<Element, kHeadDim>::kThreads
         for (int n = 0; n < kQueryGradChunk; n += 2) {
           uint32_t b[4];
           warp::ldmatrix_x4<true>(
-              b, key_tile + transposed_operand_offset + step * 16 * kPitch + first_column + n * 8);
+              b, key_tile + transposed_operand_offset - first_dim + step * 16 * kPitch + first_column + n * 8);
           const uint32_t b_low[2] = {b[0], b[1]};
           const uint32_t b_high[2] = {b[2], b[3]};
           warp::mma_m16n8k16<Element>(grad_query[n], a, b_low);
@@ -404,7 +454,7 @@ __global__ void __launch_bounds__(MmaBackwardConfig<Element, kHeadDim>::kThreads
   const int columns = max(p.head_dim, p.head_dim_v);
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
-    const int key_row = warp_index * 16 + group + 8 * h;
+    const int key_row = key_warp * 16 + group + 8 * h;
     if (key_row >= owned.valid_keys) continue;
     const int64_t row = owned.k_row + key_row;
     if (owned.group > 1) {
@@ -414,7 +464,7 @@ __global__ void __launch_bounds__(MmaBackwardConfig<Element, kHeadDim>::kThreads
       for (int n = 0; n < kGradTiles; ++n)
 #pragma unroll
         for (int j = 0; j < 2; ++j) {
-          const int column = 8 * n + 2 * thread_in_group + j;
+          const int column = first_dim + 8 * n + 2 * thread_in_group + j;
           if (column < columns) {
             bp.dk_partial[at + column] = grad_key[n][2 * h + j];
             bp.dv_partial[at + column] = grad_value[n][2 * h + j] * value_scale;
@@ -430,7 +480,7 @@ __global__ void __launch_bounds__(MmaBackwardConfig<Element, kHeadDim>::kThreads
     for (int n = 0; n < kGradTiles; ++n)
 #pragma unroll
       for (int j = 0; j < 2; ++j) {
-        const int column = 8 * n + 2 * thread_in_group + j;
+        const int column = first_dim + 8 * n + 2 * thread_in_group + j;
         if (column < p.head_dim) dk[column] = from_float<Element>(grad_key[n][2 * h + j]);
         if (column < p.head_dim_v) dv[column] = from_float<Element>(grad_value[n][2 * h + j] * value_scale);
       }
@@ -466,19 +516,14 @@ const char* launch_attention_backward_mma(const AttentionBackwardParams& bp, cud
   return error == cudaSuccess ? nullptr : cudaGetErrorString(error);
 }
 
-// The head-dim switch of the fp16/bf16 backward: the mma kernel up to D 128, the legacy
-// kernel of attention_backward.cuh above.
+// The head-dim switch of the fp16/bf16 backward: the mma kernel in every bucket.
 template <typename Element>
 const char* attention_backward_mma_for(const AttentionBackwardParams& bp, void* stream) {
   const cudaStream_t cuda_stream = static_cast<cudaStream_t>(stream);
   switch (head_dim_bucket(bp.forward.head_dim, bp.forward.head_dim_v)) {
-#define FUSEDATTN_BACKWARD_MMA_CASE(HEAD_DIM)                                  \
-  case HEAD_DIM:                                                               \
-    if constexpr (HEAD_DIM <= kMmaBackwardLargestHeadDim) {                    \
-      return launch_attention_backward_mma<Element, HEAD_DIM>(bp, cuda_stream); \
-    } else {                                                                   \
-      return launch_attention_backward<Element, HEAD_DIM>(bp, cuda_stream);    \
-    }
+#define FUSEDATTN_BACKWARD_MMA_CASE(HEAD_DIM) \
+  case HEAD_DIM:                              \
+    return launch_attention_backward_mma<Element, HEAD_DIM>(bp, cuda_stream);
     FUSEDATTN_FOR_EACH_HEAD_DIM(FUSEDATTN_BACKWARD_MMA_CASE)
 #undef FUSEDATTN_BACKWARD_MMA_CASE
     default:

@@ -1,22 +1,21 @@
 // Building blocks shared by the forward and backward kernels: element conversions,
 // tile configurations, tile loads, the score rule of docs/semantics.md, the dropout hash,
-// and the 16x16 warp tile products (tensor cores for fp16/bf16 on sm_80+, FMA otherwise).
+// and the 16x16 warp tile products (FMA) of the fp32 kernels.
 //
-// The fp16/bf16 forward (attention_forward_mma.cuh) keeps its tiles in registers and uses
-// only the element, grid, sequence, score-rule and dropout pieces of this file. For the fp32
-// forward and the backward:
+// The fp16/bf16 kernels (attention_forward_mma.cuh, attention_backward_mma.cuh) keep their
+// tiles in registers and use only the element, grid, sequence, score-rule and dropout pieces
+// of this file. For the fp32 forward and backward:
 // Design: every tile lives in shared memory. Matrix products are split into 16x16 output
-// tiles handed to warps round-robin; each tile is computed by one warp (WMMA fragments or
-// FMA) and written back to shared memory as float. All elementwise work (masking, softmax,
-// dropout, gradients of the score rule) then reads and writes plain shared-memory arrays with
-// a known (row, column) layout, so no code depends on the opaque WMMA fragment layout.
+// tiles handed to warps round-robin; each tile is computed by one warp (FMA) and written
+// back to shared memory as float. All elementwise work (masking, softmax, dropout, gradients
+// of the score rule) then reads and writes plain shared-memory arrays with a known (row,
+// column) layout.
 #pragma once
 
 #if defined(__CUDACC__)
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
-#include <mma.h>
 #endif
 // Without nvcc, the includer supplies the CUDA vocabulary (tests/cuda_emulation/ runs these
 // kernels on the CPU, one std::thread per CUDA thread, to test them where no GPU exists).
@@ -31,7 +30,7 @@ namespace fusedattn::cuda {
 
 constexpr int kWarps = 4;
 constexpr int kThreads = kWarps * 32;
-constexpr int kTile = 16;  // WMMA tile edge (m16n16k16)
+constexpr int kTile = 16;  // warp tile edge of the fp32 kernels
 // Largest dynamic shared memory one block may opt into on sm_80 (A100: 163 KB); sm_90 allows more.
 constexpr int kMaxSharedBytes = 163 * 1024;
 
@@ -73,14 +72,13 @@ constexpr bool kIsFloat32 = std::is_same<Element, float>::value;
 constexpr int round_up(int value, int multiple) { return (value + multiple - 1) / multiple * multiple; }
 
 // Row pitch (elements) of a shared tile of `columns` elements: 16 extra bytes keep every row
-// 16-byte aligned (vector copies, WMMA ldm rules) and shift consecutive rows across banks.
+// 16-byte aligned (vector copies) and shift consecutive rows across banks.
 template <typename Element>
 constexpr int padded_pitch(int columns) {
   return columns + 16 / static_cast<int>(sizeof(Element));
 }
 
-// Bytes of one shared region, rounded so the next region starts 128-byte aligned
-// (WMMA pointers must be 32-byte aligned).
+// Bytes of one shared region, rounded so the next region starts 128-byte aligned.
 template <typename Element>
 constexpr int region_bytes(int rows, int pitch) {
   return round_up(rows * pitch * static_cast<int>(sizeof(Element)), 128);
@@ -341,10 +339,10 @@ __device__ __forceinline__ int64_t b_index(int k, int n, int ldb) {
   return kRowMajor ? static_cast<int64_t>(k) * ldb + n : static_cast<int64_t>(n) * ldb + k;
 }
 
-// FMA version: lane owns column lane % 16 and rows lane / 16 + 2 t, t = 0..7.
+// Lane owns column lane % 16 and rows lane / 16 + 2 t, t = 0..7 (FMA: only fp32 uses these).
 template <typename Element, bool kARowMajor, bool kBRowMajor, TileOutput kOutput>
-__device__ __forceinline__ void tile_product_fma(const Element* a, int lda, const Element* b, int ldb, int k_steps,
-                                                 const TileDestination& destination) {
+__device__ __forceinline__ void tile_product(const Element* a, int lda, const Element* b, int ldb, int k_steps,
+                                             const TileDestination& destination) {
   const int lane = threadIdx.x % 32;
   const int column = lane % 16;
   const int first_row = lane / 16;
@@ -372,62 +370,6 @@ __device__ __forceinline__ void tile_product_fma(const Element* a, int lda, cons
       destination.data[row * destination.pitch + column] = accumulator[t];
     }
   }
-}
-
-// Tensor cores on sm_80+ device code (the CPU emulation sets it too, with its own wmma).
-#if !defined(FUSEDATTN_TENSOR_CORES)
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-#define FUSEDATTN_TENSOR_CORES 1
-#else
-#define FUSEDATTN_TENSOR_CORES 0
-#endif
-#endif
-
-// Tensor-core version (fp16/bf16 on sm_80+). `scratch` is this warp's 16x16 float buffer,
-// used to turn the fragment into addressable values for AtomicGlobal.
-template <typename Element, bool kARowMajor, bool kBRowMajor, TileOutput kOutput>
-__device__ __forceinline__ void tile_product(const Element* a, int lda, const Element* b, int ldb, int k_steps,
-                                             const TileDestination& destination, float* scratch) {
-#if FUSEDATTN_TENSOR_CORES
-  if constexpr (!kIsFloat32<Element>) {
-    namespace wmma = nvcuda::wmma;
-    using ALayout = typename std::conditional<kARowMajor, wmma::row_major, wmma::col_major>::type;
-    using BLayout = typename std::conditional<kBRowMajor, wmma::row_major, wmma::col_major>::type;
-    wmma::fragment<wmma::matrix_a, kTile, kTile, kTile, Element, ALayout> a_fragment;
-    wmma::fragment<wmma::matrix_b, kTile, kTile, kTile, Element, BLayout> b_fragment;
-    wmma::fragment<wmma::accumulator, kTile, kTile, kTile, float> accumulator;
-    if constexpr (kOutput == TileOutput::Accumulate) {
-      wmma::load_matrix_sync(accumulator, destination.data, static_cast<unsigned>(destination.pitch),
-                             wmma::mem_row_major);
-    } else {
-      wmma::fill_fragment(accumulator, 0.0f);
-    }
-    for (int step = 0; step < k_steps; ++step) {
-      const int k = step * kTile;
-      wmma::load_matrix_sync(a_fragment, a + a_index<kARowMajor>(0, k, lda), static_cast<unsigned>(lda));
-      wmma::load_matrix_sync(b_fragment, b + b_index<kBRowMajor>(k, 0, ldb), static_cast<unsigned>(ldb));
-      wmma::mma_sync(accumulator, a_fragment, b_fragment, accumulator);
-    }
-    if constexpr (kOutput == TileOutput::AtomicGlobal) {
-      const int lane = threadIdx.x % 32;
-      wmma::store_matrix_sync(scratch, accumulator, kTile, wmma::mem_row_major);
-      __syncwarp();
-      for (int index = lane; index < kTile * kTile; index += 32) {
-        const int row = index / kTile;
-        const int column = index % kTile;
-        if (row < destination.valid_rows && column < destination.valid_columns)
-          atomicAdd(destination.data + row * destination.pitch + column, scratch[index]);
-      }
-      __syncwarp();
-    } else {
-      wmma::store_matrix_sync(destination.data, accumulator, static_cast<unsigned>(destination.pitch),
-                              wmma::mem_row_major);
-    }
-    return;
-  }
-#endif
-  (void)scratch;
-  tile_product_fma<Element, kARowMajor, kBRowMajor, kOutput>(a, lda, b, ldb, k_steps, destination);
 }
 
 // Head-dim buckets: one kernel per bucket, the smallest multiple of 32 holding max(D, Dv).

@@ -116,7 +116,7 @@ __global__ void __launch_bounds__(kThreads) attention_forward_kernel(const Atten
       const int tile_n = tile % kScoreTilesN;
       tile_product<Element, true, false, TileOutput::Overwrite>(
           query_tile + tile_m * kTile * kInputPitch, kInputPitch, key_tile + tile_n * kTile * kInputPitch,
-          kInputPitch, qk_steps, {scores + tile_m * kTile * kScorePitch + tile_n * kTile, kScorePitch, 0, 0}, nullptr);
+          kInputPitch, qk_steps, {scores + tile_m * kTile * kScorePitch + tile_n * kTile, kScorePitch, 0, 0});
     }
     __syncthreads();
 
@@ -180,8 +180,7 @@ __global__ void __launch_bounds__(kThreads) attention_forward_kernel(const Atten
       const int tile_n = tile % value_tiles;
       tile_product<Element, true, true, TileOutput::Accumulate>(
           probabilities + tile_m * kTile * kProbabilityPitch, kProbabilityPitch, value_tile + tile_n * kTile,
-          kInputPitch, kBlockN / kTile, {output + tile_m * kTile * kOutputPitch + tile_n * kTile, kOutputPitch, 0, 0},
-          nullptr);
+          kInputPitch, kBlockN / kTile, {output + tile_m * kTile * kOutputPitch + tile_n * kTile, kOutputPitch, 0, 0});
     }
   }
   __syncthreads();

@@ -1,5 +1,5 @@
-// Backward kernels for bfloat16 inputs, every head-dim bucket: the mma kernel up to D 128
-// (attention_backward_mma.cuh), the legacy kernel above (attention_backward.cuh).
+// Backward kernels for bfloat16 inputs, every head-dim bucket: the mma kernel
+// (attention_backward_mma.cuh).
 #include "attention_backward_mma.cuh"
 
 namespace fusedattn::cuda {

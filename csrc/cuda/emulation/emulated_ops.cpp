@@ -4,7 +4,7 @@
 // with the schemas of the real operators: the same attention_ops.h bodies, the same
 // kernels, launched block by block by host_emulation.h on the grids of the real launchers
 // (mma_forward_grid_blocks and combine_grid_blocks for fp16/bf16, forward_grid_blocks for
-// fp32, mma_backward_grid_blocks for fp16/bf16 up to D 128 or else backward_grid_blocks, and
+// fp32, mma_backward_grid_blocks for fp16/bf16, backward_grid_blocks for fp32, and
 // group_sum_grid_blocks), with an H100's SM count for the split-KV choice. Also
 // primitive_check (emulation/primitive_checks.h), the one-warp test of warp_mma.cuh. Built
 // on demand by the tests with torch.utils.cpp_extension; never part of fusedattn._C.
@@ -136,7 +136,7 @@ const char* emulate_backward(const AttentionBackwardParams& bp) {
 #define FUSEDATTN_EMULATED_BACKWARD(HEAD_DIM)                                                               \
   case HEAD_DIM: {                                                                                          \
     const char* error = nullptr;                                                                            \
-    if constexpr (!kIsFloat32<Element> && HEAD_DIM <= kMmaBackwardLargestHeadDim) {                         \
+    if constexpr (!kIsFloat32<Element>) {                                                                   \
       using Config = MmaBackwardConfig<Element, HEAD_DIM>;                                                  \
       error = launch(attention_backward_mma_kernel<Element, HEAD_DIM>,                                      \
                      mma_backward_grid_blocks<Element, HEAD_DIM>(p), Config::kSharedBytes, bp,              \
@@ -161,7 +161,7 @@ int64_t largest_shared_bytes() {
   int64_t largest = 0;
 #define FUSEDATTN_LARGEST_SHARED_BYTES(HEAD_DIM)                                                           \
   largest = std::max<int64_t>({largest, MmaForwardConfig<__half, HEAD_DIM>::kSharedBytes,                 \
-                               BackwardConfig<__half, HEAD_DIM>::kSharedBytes,                             \
+                               MmaBackwardConfig<__half, HEAD_DIM>::kSharedBytes,                          \
                                ForwardConfig<float, HEAD_DIM>::kSharedBytes,                               \
                                BackwardConfig<float, HEAD_DIM>::kSharedBytes});
   FUSEDATTN_FOR_EACH_HEAD_DIM(FUSEDATTN_LARGEST_SHARED_BYTES)

@@ -4,10 +4,8 @@
 // a fiber runs until it reaches __syncthreads, __syncwarp or a warp shuffle, which are
 // barriers that switch to the next runnable fiber. Blocks run one after another, sharing
 // one shared-memory buffer. fp16 is emulated with _Float16, bf16 with round-to-nearest-even
-// bit arithmetic. nvcuda::wmma is emulated too (every lane holds the whole 16x16 tile),
-// with its documented layout, ldm and 256-bit pointer alignment rules checked on every
-// call (the backward's tensor-core path). The primitives of warp_mma.cuh (the fp16/bf16
-// forward) are emulated instruction by instruction, at the end of this file: mma.sync
+// bit arithmetic. The primitives of warp_mma.cuh (the fp16/bf16 forward and backward) are
+// emulated instruction by instruction, at the end of this file: mma.sync
 // m16n8k16 and ldmatrix compute each lane's registers from the fragment layouts of the PTX
 // ISA, and cp.async writes shared memory only at the cp.async.wait_group that retires it,
 // reporting a read of bytes still in flight (report_error: the launch then fails).
@@ -245,86 +243,6 @@ inline float atomicAdd(float* address, float value) {  // fibers never interleav
 }
 using std::max;
 using std::min;
-
-// ---- nvcuda::wmma, m16n16k16 only -------------------------------------------------------------
-#define FUSEDATTN_TENSOR_CORES 1
-
-namespace nvcuda::wmma {
-struct matrix_a {};
-struct matrix_b {};
-struct accumulator {};
-struct row_major {};
-struct col_major {};
-enum layout_t { mem_row_major, mem_col_major };
-
-template <typename Use, int M, int N, int K, typename T, typename Layout = void>
-struct fragment {
-  static_assert(M == 16 && N == 16 && K == 16, "the emulation knows m16n16k16 only");
-  float element[16][16];  // (row, column) of the A, B or C tile
-};
-
-inline float value_of(float x) { return x; }
-inline float value_of(__half x) { return __half2float(x); }
-inline float value_of(__nv_bfloat16 x) { return __bfloat162float(x); }
-
-// The wmma operations are warp-collective: every lane's load happens before any lane's
-// store. Fibers run one at a time, so each load and store ends with a warp barrier.
-
-// The rules of the CUDA programming guide: 256-bit aligned pointers, ldm a multiple of 16 bytes.
-template <typename T>
-void check_operand(const T* pointer, unsigned ldm, const char* what) {
-  if (reinterpret_cast<uintptr_t>(pointer) % 32 != 0 || (ldm * sizeof(T)) % 16 != 0) {
-    std::fprintf(stderr, "fusedattn CUDA emulation: wmma %s with a misaligned pointer or ldm %u\n", what, ldm);
-    std::abort();
-  }
-}
-
-template <typename Use, typename T, typename Layout>
-void load_matrix_sync(fragment<Use, 16, 16, 16, T, Layout>& tile, const T* pointer, unsigned ldm) {
-  check_operand(pointer, ldm, "load");
-  constexpr bool kRowMajor = std::is_same<Layout, row_major>::value;
-  for (int row = 0; row < 16; ++row)
-    for (int column = 0; column < 16; ++column)
-      tile.element[row][column] = value_of(kRowMajor ? pointer[row * ldm + column] : pointer[column * ldm + row]);
-  __syncwarp();
-}
-
-inline void load_matrix_sync(fragment<accumulator, 16, 16, 16, float>& tile, const float* pointer, unsigned ldm,
-                             layout_t layout) {
-  check_operand(pointer, ldm, "accumulator load");
-  for (int row = 0; row < 16; ++row)
-    for (int column = 0; column < 16; ++column)
-      tile.element[row][column] = layout == mem_row_major ? pointer[row * ldm + column] : pointer[column * ldm + row];
-  __syncwarp();
-}
-
-inline void store_matrix_sync(float* pointer, const fragment<accumulator, 16, 16, 16, float>& tile, unsigned ldm,
-                              layout_t layout) {
-  check_operand(pointer, ldm, "store");
-  for (int row = 0; row < 16; ++row)
-    for (int column = 0; column < 16; ++column)
-      (layout == mem_row_major ? pointer[row * ldm + column] : pointer[column * ldm + row]) = tile.element[row][column];
-  __syncwarp();
-}
-
-inline void fill_fragment(fragment<accumulator, 16, 16, 16, float>& tile, float value) {
-  for (auto& row : tile.element)
-    for (float& element : row) element = value;
-}
-
-template <typename T, typename ALayout, typename BLayout>
-void mma_sync(fragment<accumulator, 16, 16, 16, float>& d, const fragment<matrix_a, 16, 16, 16, T, ALayout>& a,
-              const fragment<matrix_b, 16, 16, 16, T, BLayout>& b, const fragment<accumulator, 16, 16, 16, float>& c) {
-  fragment<accumulator, 16, 16, 16, float> result;
-  for (int row = 0; row < 16; ++row)
-    for (int column = 0; column < 16; ++column) {
-      float sum = c.element[row][column];
-      for (int k = 0; k < 16; ++k) sum += a.element[row][k] * b.element[k][column];
-      result.element[row][column] = sum;
-    }
-  d = result;
-}
-}  // namespace nvcuda::wmma
 
 // ---- mma.sync m16n8k16, ldmatrix, cp.async (csrc/cuda/warp_mma.cuh) ----------------------------
 // Warp-collective like the instructions: every lane deposits its registers (or its row

@@ -19,12 +19,10 @@ alignas(128) unsigned char shared[1];  // the kernels' `extern __shared__` buffe
 template <int kHeadDim, typename Row>
 void mma_backward_rows(Row& row) {
   using namespace fusedattn::cuda;
-  if constexpr (kHeadDim <= kMmaBackwardLargestHeadDim) {
-    row("attention_backward_mma_kernel", "__half", kHeadDim, MmaBackwardConfig<__half, kHeadDim>::kThreads,
-        MmaBackwardConfig<__half, kHeadDim>::kSharedBytes);
-    row("attention_backward_mma_kernel", "__nv_bfloat16", kHeadDim,
-        MmaBackwardConfig<__nv_bfloat16, kHeadDim>::kThreads, MmaBackwardConfig<__nv_bfloat16, kHeadDim>::kSharedBytes);
-  }
+  row("attention_backward_mma_kernel", "__half", kHeadDim, MmaBackwardConfig<__half, kHeadDim>::kThreads,
+      MmaBackwardConfig<__half, kHeadDim>::kSharedBytes);
+  row("attention_backward_mma_kernel", "__nv_bfloat16", kHeadDim,
+      MmaBackwardConfig<__nv_bfloat16, kHeadDim>::kThreads, MmaBackwardConfig<__nv_bfloat16, kHeadDim>::kSharedBytes);
 }
 
 int main() {
@@ -42,9 +40,6 @@ int main() {
   row("attention_forward_mma_kernel", "__nv_bfloat16", HEAD_DIM, MmaForwardConfig<__nv_bfloat16, HEAD_DIM>::kThreads, \
       MmaForwardConfig<__nv_bfloat16, HEAD_DIM>::kSharedBytes);                                                 \
   row("attention_forward_kernel", "float", HEAD_DIM, kThreads, ForwardConfig<float, HEAD_DIM>::kSharedBytes);    \
-  row("attention_backward_kernel", "__half", HEAD_DIM, kThreads, BackwardConfig<__half, HEAD_DIM>::kSharedBytes); \
-  row("attention_backward_kernel", "__nv_bfloat16", HEAD_DIM, kThreads,                                         \
-      BackwardConfig<__nv_bfloat16, HEAD_DIM>::kSharedBytes);                                                   \
   row("attention_backward_kernel", "float", HEAD_DIM, kThreads, BackwardConfig<float, HEAD_DIM>::kSharedBytes);  \
   mma_backward_rows<HEAD_DIM>(row);
   FUSEDATTN_FOR_EACH_HEAD_DIM(FUSEDATTN_SIZES)

@@ -4,11 +4,11 @@ The fallback GPU path for when Triton is missing or cannot compile for the GPU. 
 fp16/bf16 forward has FlashAttention 2's structure (csrc/cuda/attention_forward_mma.cuh):
 mma.sync with S and O in registers, ldmatrix, cp.async double-buffered K/V tiles, and a
 split over keys with an lse combine for decode-sized grids (chosen by the launcher,
-attention_params.h forward_split_count). The fp16/bf16 backward up to head dim 128 has the
-same structure (csrc/cuda/attention_backward_mma.cuh: dK and dV in registers, Q/dO tiles
-double-buffered by cp.async, dQ added into a float32 buffer by atomics); above 128 it
-streams tiles through shared memory (WMMA). One block per key tile and query head (GQA
-groups summed after); fp32 runs on FMA units both ways (exact fp32, no TF32). Every feature
+attention_params.h forward_split_count). The fp16/bf16 backward has the same structure
+(csrc/cuda/attention_backward_mma.cuh: dK and dV in registers, split over two warps per 16
+keys above head dim 128, Q/dO tiles double-buffered by cp.async, dQ added into a float32
+buffer by atomics). One block per key tile and query head (GQA groups summed after); fp32
+runs on FMA units both ways (exact fp32, no TF32). Every feature
 of semantics.py is served, including dropout (the same counter-based hash, recomputed in
 the kernels) and boolean/additive masks read through their broadcast strides.
 
@@ -35,10 +35,10 @@ from ..ops import native_option_values
 from ..semantics import AttentionCall
 from .base import Backend, CallProfile, Capabilities, allocate_output
 
-# Shared memory per block of the largest tile configuration in csrc/cuda (the fp16/bf16
-# backward for head dims 225..256). Every configuration fits sm_80's 163 KB (a
-# static_assert there); GPUs that offer less (sm_86/sm_89: 99 KB) are refused.
-_SHARED_BYTES_NEEDED = 152_832
+# Shared memory per block of the largest tile configuration in csrc/cuda (the fp32 forward
+# for head dims 225..256). Every configuration fits sm_80's 163 KB (a static_assert there);
+# GPUs that offer less (sm_86/sm_89: 99 KB) are refused.
+_SHARED_BYTES_NEEDED = 142_592
 
 
 def _native_ops() -> object | None:

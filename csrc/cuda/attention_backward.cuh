@@ -317,8 +317,12 @@ __global__ void __launch_bounds__(kThreads) attention_backward_group_sum_kernel(
   const int batch = block.batch;
   const SequenceView view = sequence_view(p, batch);
   const int key_start = block.tile * kGroupSumKeys;
-  if (key_start >= view.seqlen_k) return;
-  const int valid_keys = min(kGroupSumKeys, view.seqlen_k - key_start);
+  // The backward grid covers max_seqlen_k (p.seqlen_k) keys per sequence, rounded up to its
+  // own key tile (32 or 16 in fp32, 64 in the mma kernel): a longer sequence (metadata that
+  // skipped validation) has no partial rows past that, so only keys below both are summed.
+  const int summed_keys = min(view.seqlen_k, p.seqlen_k);
+  if (key_start >= summed_keys) return;
+  const int valid_keys = min(kGroupSumKeys, summed_keys - key_start);
   const int group = p.heads_q / p.heads_kv;
   const int64_t k_row = int64_t{view.k_row_base} + key_start;
   const int columns = p.head_dim > p.head_dim_v ? p.head_dim : p.head_dim_v;

@@ -21,6 +21,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <limits>
 #include <string>
 #include <vector>
 
@@ -103,13 +104,16 @@ const char* emulate_forward(const AttentionParams& p) {
 template <typename Element>
 const char* emulate_backward(const AttentionBackwardParams& bp) {
   const AttentionParams& p = bp.forward;
-  if (!sampled_blocks.empty() && bp.dk_partial != nullptr) {
+  if (bp.dk_partial != nullptr) {
     // A sample of the grid leaves most GQA partials unwritten; they read as 0 in the group
-    // sum (the tests add up only the sampled query heads). Full launches write every row read.
+    // sum (the tests add up only the sampled query heads). Full launches must write every
+    // row the group sum reads: their partials start as NaN (as the GPU's uninitialized
+    // memory may be), so a row read unwritten shows in dK or dV.
     const int64_t rows = p.cu_seqlens_q != nullptr ? p.total_k : int64_t{p.batch} * p.seqlen_k;
     const int64_t count = rows * p.heads_q * std::max(p.head_dim, p.head_dim_v);
-    std::fill_n(bp.dk_partial, count, 0.0f);
-    std::fill_n(bp.dv_partial, count, 0.0f);
+    const float fill = sampled_blocks.empty() ? std::numeric_limits<float>::quiet_NaN() : 0.0f;
+    std::fill_n(bp.dk_partial, count, fill);
+    std::fill_n(bp.dv_partial, count, fill);
   }
   if (sampled_blocks.empty()) {
     const char* error = launch(attention_backward_delta_kernel<Element>, delta_grid_blocks(p), 0, bp);

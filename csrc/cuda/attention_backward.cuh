@@ -409,19 +409,17 @@ const char* launch_attention_backward_delta(const AttentionBackwardParams& bp, c
   return error == cudaSuccess ? nullptr : cudaGetErrorString(error);
 }
 
-template <typename Element, int kHeadDim>
-const char* launch_attention_backward(const AttentionBackwardParams& bp, cudaStream_t stream) {
-  using Config = BackwardConfig<Element, kHeadDim>;
-  const int64_t blocks = backward_grid_blocks<Element, kHeadDim>(bp.forward);
+// One backward launch, whichever kernel: delta first, then the kernel's grid of `blocks`
+// blocks, then (GQA) the group sum of the per-query-head partials.
+template <typename Element, typename Kernel>
+const char* launch_backward_grid(Kernel kernel, int64_t blocks, int threads, int shared_bytes,
+                                 const AttentionBackwardParams& bp, cudaStream_t stream) {
   if (blocks == 0) return nullptr;
   if (blocks < 0) return "fusedattn cuda: more than 2^31 - 1 key tiles x query heads x sequences";
   if (const char* delta_error = launch_attention_backward_delta<Element>(bp, stream)) return delta_error;
-  auto kernel = attention_backward_kernel<Element, kHeadDim>;
-  cudaError_t error =
-      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Config::kSharedBytes);
+  cudaError_t error = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, shared_bytes);
   if (error != cudaSuccess) return cudaGetErrorString(error);
-  const dim3 grid(static_cast<unsigned>(blocks));
-  kernel<<<grid, kThreads, Config::kSharedBytes, stream>>>(bp);
+  kernel<<<dim3(static_cast<unsigned>(blocks)), threads, shared_bytes, stream>>>(bp);
   error = cudaGetLastError();
   if (error != cudaSuccess || bp.forward.heads_q == bp.forward.heads_kv)
     return error == cudaSuccess ? nullptr : cudaGetErrorString(error);
@@ -429,6 +427,14 @@ const char* launch_attention_backward(const AttentionBackwardParams& bp, cudaStr
       <<<dim3(static_cast<unsigned>(group_sum_grid_blocks(bp.forward))), kThreads, 0, stream>>>(bp);
   error = cudaGetLastError();
   return error == cudaSuccess ? nullptr : cudaGetErrorString(error);
+}
+
+template <typename Element, int kHeadDim>
+const char* launch_attention_backward(const AttentionBackwardParams& bp, cudaStream_t stream) {
+  using Config = BackwardConfig<Element, kHeadDim>;
+  return launch_backward_grid<Element>(attention_backward_kernel<Element, kHeadDim>,
+                                       backward_grid_blocks<Element, kHeadDim>(bp.forward), kThreads,
+                                       Config::kSharedBytes, bp, stream);
 }
 
 // The head-dim switch for one element type (each element type is its own source file).

@@ -498,22 +498,9 @@ int64_t mma_backward_grid_blocks(const AttentionParams& p) {
 template <typename Element, int kHeadDim>
 const char* launch_attention_backward_mma(const AttentionBackwardParams& bp, cudaStream_t stream) {
   using Config = MmaBackwardConfig<Element, kHeadDim>;
-  const int64_t blocks = mma_backward_grid_blocks<Element, kHeadDim>(bp.forward);
-  if (blocks == 0) return nullptr;
-  if (blocks < 0) return "fusedattn cuda: more than 2^31 - 1 key tiles x query heads x sequences";
-  if (const char* delta_error = launch_attention_backward_delta<Element>(bp, stream)) return delta_error;
-  auto kernel = attention_backward_mma_kernel<Element, kHeadDim>;
-  cudaError_t error =
-      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Config::kSharedBytes);
-  if (error != cudaSuccess) return cudaGetErrorString(error);
-  kernel<<<dim3(static_cast<unsigned>(blocks)), Config::kThreads, Config::kSharedBytes, stream>>>(bp);
-  error = cudaGetLastError();
-  if (error != cudaSuccess || bp.forward.heads_q == bp.forward.heads_kv)
-    return error == cudaSuccess ? nullptr : cudaGetErrorString(error);
-  attention_backward_group_sum_kernel<Element>
-      <<<dim3(static_cast<unsigned>(group_sum_grid_blocks(bp.forward))), kThreads, 0, stream>>>(bp);
-  error = cudaGetLastError();
-  return error == cudaSuccess ? nullptr : cudaGetErrorString(error);
+  return launch_backward_grid<Element>(attention_backward_mma_kernel<Element, kHeadDim>,
+                                       mma_backward_grid_blocks<Element, kHeadDim>(bp.forward), Config::kThreads,
+                                       Config::kSharedBytes, bp, stream);
 }
 
 // The head-dim switch of the fp16/bf16 backward: the mma kernel in every bucket.

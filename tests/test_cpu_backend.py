@@ -11,7 +11,7 @@ import pytest
 import torch
 from fusedattn import semantics
 from fusedattn.backends.base import poisoned_outputs
-from fusedattn.backends.cpu import BACKEND, selected_isa
+from fusedattn.backends.cpu import BACKEND
 from fusedattn.backends.reference import reference_attention
 from fusedattn.testing import FEATURE_CASES, assert_backend_matches, feature_case
 from fusedattn.validation import validate_attention
@@ -186,17 +186,8 @@ def test_sliding_window_long() -> None:
 
 
 @pytest.mark.parametrize("isa", ["generic", "avx2", "avx512", "avx512bf16"])
-def test_every_instruction_set_variant(isa: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    import fusedattn
-
-    variants = [s.split()[0] for s in fusedattn._native.build_info().get("simd", []) if "runtime" in s]
-    if isa not in variants:
-        pytest.skip(f"{isa} variant not compiled")
-    monkeypatch.setenv("FUSEDATTN_CPU_ISA", isa)
-    try:
-        assert selected_isa() == isa
-    except RuntimeError as error:  # this CPU lacks the instructions
-        pytest.skip(str(error))
+def test_every_instruction_set_variant(isa: str, cpu_variant) -> None:
+    cpu_variant(isa)
     for dtype in DTYPES:
         q, k, v = make_qkv(batch=1, heads_q=4, heads_kv=2, seqlen_q=70, seqlen_k=75, dim=40, dim_v=24, dtype=dtype)
         assert_backend_matches("cpu", q, k, v, causal=True, softcap=5.0, alibi_slopes=torch.rand(4), dropout_p=0.1)

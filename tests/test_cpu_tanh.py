@@ -16,7 +16,7 @@ import math
 import fusedattn
 import pytest
 import torch
-from fusedattn.backends.cpu import BACKEND, selected_isa
+from fusedattn.backends.cpu import BACKEND
 
 available, why = BACKEND.availability()
 pytestmark = pytest.mark.skipif(not available, reason=f"cpu backend unavailable: {why}")
@@ -56,15 +56,8 @@ def check(ratios: torch.Tensor, cap: float, second_key: bool) -> None:
 
 
 @pytest.mark.parametrize("isa", ["generic", "avx2", "avx512", "avx512bf16"])
-def test_softcap_tanh_is_relatively_exact(isa: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    variants = [s.split()[0] for s in fusedattn._native.build_info().get("simd", []) if "runtime" in s]
-    if isa not in variants:
-        pytest.skip(f"{isa} variant not compiled")
-    monkeypatch.setenv("FUSEDATTN_CPU_ISA", isa)
-    try:
-        assert selected_isa() == isa
-    except RuntimeError as error:  # this CPU lacks the instructions
-        pytest.skip(str(error))
+def test_softcap_tanh_is_relatively_exact(isa: str, cpu_variant) -> None:
+    cpu_variant(isa)
     magnitudes = torch.logspace(-6, math.log10(30.0), 400, dtype=torch.float64)
     steps = torch.linspace(-9.5, 9.5, 381, dtype=torch.float64)
     ratios = torch.cat([magnitudes, -magnitudes, steps[steps != 0]])

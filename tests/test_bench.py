@@ -342,6 +342,24 @@ def test_peak_memory_is_measured_on_cpu():
     assert small < size // 4
 
 
+def test_timed_calls_after_a_peak_measurement_reuse_heap_memory():
+    # The peak measurement's fixed 128 KiB mmap threshold would make every 4 MiB output of a
+    # later timed call fresh memory (1024 page faults per call, for every provider): after
+    # it, blocks below 32 MiB come from the heap again.
+    import resource
+
+    supported, reason = measure.cpu_peak_supported()
+    if not supported:
+        pytest.skip(reason)
+    measure.measure_peak_memory(lambda: torch.ones(1024), torch.device("cpu"))
+    for _ in range(3):
+        torch.empty(2**20).fill_(1.0)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(5):
+        torch.empty(2**20).fill_(1.0)  # 4 MiB
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before < 1024
+
+
 # ---- CLI errors ----------------------------------------------------------------------
 @pytest.mark.parametrize(
     "arguments",
@@ -447,3 +465,15 @@ def test_models_benchmark_skips_eager_where_its_weights_would_not_fit(monkeypatc
     assert "attention weights" in next(r["reason"] for r in results if r["implementation"] == "eager")
     assert next(r for r in results if r["implementation"] == "fusedattn")["prefill_vs_eager"] is None
     assert fusedattn_main(["bench", "models", "--models", "nope"]) == 2  # unknown model: a usage error
+
+
+def test_models_preset_shapes_build_their_configs():
+    transformers = pytest.importorskip("transformers")
+    from fusedattn.bench.models import MODELS
+
+    assert {"llama", "qwen", "gemma", "gemma3"} <= set(MODELS)
+    for shape in MODELS.values():
+        config = getattr(transformers, shape.config_class)(vocab_size=64, **shape.options)
+        assert config.num_hidden_layers == shape.options["num_hidden_layers"]
+    gemma3 = getattr(transformers, MODELS["gemma3"].config_class)(**MODELS["gemma3"].options)
+    assert gemma3.layer_types.count("sliding_attention") == 5 and gemma3.layer_types[-1] == "full_attention"

@@ -12,14 +12,15 @@
 
 namespace fusedattn::cuda {
 
-// Tile sizes per element type and head-dim bucket, chosen so one block fits the sm_80
-// shared-memory limit (asserted below) and, at D <= 128, two blocks an sm_90 SM (checked by
+// Tile sizes per head-dim bucket of this float32 kernel (fp16/bf16 take the mma kernel of
+// attention_forward_mma.cuh), chosen so one block fits the sm_80 shared-memory limit
+// (asserted below) and, at D <= 128, two blocks an sm_90 SM (checked by
 // scripts/cuda_resource_report.py).
 template <typename Element, int kHeadDim>
 struct ForwardConfig {
-  static constexpr bool kWide = sizeof(Element) == 4;
-  static constexpr int kBlockM = (kWide && kHeadDim > 96) ? 32 : 64;  // query rows
-  static constexpr int kBlockN = kHeadDim <= (kWide ? 64 : 128) ? 64 : 32;  // keys
+  static_assert(kIsFloat32<Element>, "fp16/bf16 forwards use MmaForwardConfig");
+  static constexpr int kBlockM = kHeadDim > 96 ? 32 : 64;  // query rows
+  static constexpr int kBlockN = kHeadDim <= 64 ? 64 : 32;  // keys
   static constexpr int kInputPitch = padded_pitch<Element>(kHeadDim);  // Q, K, V tiles
   static constexpr int kScorePitch = padded_pitch<float>(kBlockN);
   static constexpr int kProbabilityPitch = padded_pitch<Element>(kBlockN);

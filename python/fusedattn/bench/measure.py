@@ -194,7 +194,14 @@ def time_calls(
 
 # ---- peak memory -------------------------------------------------------------------
 _LIBC: ctypes.CDLL | None = None
-_M_MMAP_THRESHOLD = -3
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+# During a peak measurement every block above 128 KiB is an mmap that free() returns to the
+# OS, so resident memory follows live tensors instead of glibc's cached heap. Timed calls
+# run with the thresholds glibc's adaptive mode reaches in a long-running process (mmap
+# 32 MiB, trim twice that): a fixed 128 KiB would make every output above it fresh memory,
+# faulted page by page inside each timed call, for every provider alike.
+_MEASURE_THRESHOLDS = {_M_MMAP_THRESHOLD: 128 * 1024, _M_TRIM_THRESHOLD: 128 * 1024}
+_TIMING_THRESHOLDS = {_M_MMAP_THRESHOLD: 32 * 2**20, _M_TRIM_THRESHOLD: 64 * 2**20}
 
 
 def _libc() -> ctypes.CDLL | None:
@@ -202,12 +209,14 @@ def _libc() -> ctypes.CDLL | None:
     if _LIBC is None:
         try:
             _LIBC = ctypes.CDLL("libc.so.6")
-            # A fixed mmap threshold makes every large block an mmap that free() returns to the
-            # OS, so resident memory follows live tensors instead of glibc's cached heap.
-            _LIBC.mallopt(_M_MMAP_THRESHOLD, 128 * 1024)
         except OSError:
             return None
     return _LIBC
+
+
+def _set_malloc_thresholds(thresholds: dict[int, int]) -> None:
+    for option, value in thresholds.items():
+        _LIBC.mallopt(option, value)
 
 
 def _status_bytes(field: str) -> int:
@@ -234,7 +243,8 @@ def measure_peak_memory(fn: Callable[[], object], device: torch.device) -> tuple
 
     GPU: torch.cuda.max_memory_allocated after reset_peak_memory_stats. CPU: the process's peak
     resident set (VmHWM, reset through /proc/self/clear_refs) minus its resident set just before
-    the call, with malloc's mmap threshold fixed so freed tensors leave the resident set.
+    the call, with malloc's mmap threshold fixed at 128 KiB for the call so freed tensors leave
+    the resident set; afterwards the thresholds of glibc's adapted mode (_TIMING_THRESHOLDS).
     """
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -251,13 +261,17 @@ def measure_peak_memory(fn: Callable[[], object], device: torch.device) -> tuple
     if not supported:
         return None, reason
     libc = _libc()
-    libc.malloc_trim(0)
-    with open("/proc/self/clear_refs", "w") as handle:
-        handle.write("5")
-    before = _status_bytes("VmRSS")
-    result = fn()
-    peak = _status_bytes("VmHWM") - before
-    del result
+    _set_malloc_thresholds(_MEASURE_THRESHOLDS)
+    try:
+        libc.malloc_trim(0)
+        with open("/proc/self/clear_refs", "w") as handle:
+            handle.write("5")
+        before = _status_bytes("VmRSS")
+        result = fn()
+        peak = _status_bytes("VmHWM") - before
+        del result
+    finally:
+        _set_malloc_thresholds(_TIMING_THRESHOLDS)
     return max(0, peak), "peak resident set (VmHWM reset via /proc/self/clear_refs)"
 
 

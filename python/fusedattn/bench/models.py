@@ -7,8 +7,8 @@ filled cache (tokens/s), the three implementations' calls interleaved round by r
 the share of a prefill and of the decode steps spent inside the attention function (what attention alone can gain;
 eager's is not measured). Eager is skipped where its materialized weights would exceed
 EAGER_WEIGHTS_LIMIT. The models are small but shaped like the real ones (grouped-query
-heads, head dims, Gemma 2's sliding windows and logit softcap); a model's layers share one
-attention shape, so a few layers show what a deep one does per layer.
+heads, head dims, Gemma 2's sliding windows and logit softcap, Gemma 3's five window layers
+to one global); a few layers show what a deep model does per layer.
 
 Every implementation runs the same weights (one seed per model) on the same input ids;
 fusedattn's last-token logits after the prefill are compared with sdpa's, or eager's where
@@ -55,6 +55,13 @@ MODELS: dict[str, ModelShape] = {
         ModelShape("gemma", "Gemma2Config", dict(hidden_size=1024, intermediate_size=4096, num_attention_heads=8,
                                                   num_key_value_heads=4, head_dim=256, num_hidden_layers=4,
                                                   sliding_window=1024, attn_logit_softcapping=50.0)),
+        # Gemma 3 1B's attention and MLP (4 query heads over 1, d256; five sliding-window layers
+        # of 512 keys to one global layer), 6 layers: one round of its layer pattern. Unlike
+        # Gemma 2 it has an sdpa path in transformers, so the comparison with sdpa exists.
+        ModelShape("gemma3", "Gemma3TextConfig", dict(hidden_size=1152, intermediate_size=6912,
+                                                      num_attention_heads=4, num_key_value_heads=1, head_dim=256,
+                                                      num_hidden_layers=6, sliding_window=512,
+                                                      query_pre_attn_scalar=256)),
     )
 }  # fmt: skip
 

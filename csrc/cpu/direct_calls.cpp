@@ -16,6 +16,7 @@
 
 #include "cpu/attention_entry.h"
 #include "cpu/direct_calls.h"
+#include "cpu/output_memory.h"
 
 namespace fusedattn::cpu {
 namespace {
@@ -71,9 +72,9 @@ class CpuForwardPlan {
   }
 
   std::tuple<at::Tensor, at::Tensor> operator()(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) const {
-    // CPU tensors only (the checks refuse others): empty_cpu skips the dispatcher.
+    // CPU tensors only (the checks refuse others): the outputs skip the dispatcher.
     TORCH_CHECK_VALUE(q.device().is_cpu(), "q: expected a CPU tensor, got one on ", q.device());
-    at::Tensor out = at::detail::empty_cpu(out_shape_, q.scalar_type());
+    at::Tensor out = empty_output(out_shape_, q.scalar_type());
     at::Tensor lse = at::detail::empty_cpu(lse_shape_, at::kFloat);
     {
       // A call this small finishes in microseconds: releasing and taking back the GIL
@@ -113,6 +114,11 @@ void bind_direct_calls(pybind11::module_& module) {
                                     "CpuForwardPlan(out_shape, lse_shape, *options)(q, k, v) -> (out, lse)")
       .def(pybind11::init<std::vector<int64_t>, std::vector<int64_t> FUSEDATTN_NATIVE_OPTIONS(FUSEDATTN_OPTION_TYPE)>())
       .def("__call__", &CpuForwardPlan::operator());
+  module.def(
+      "cpu_empty_output",
+      [](std::vector<int64_t> shape, at::ScalarType dtype) { return empty_output(shape, dtype); },
+      "An uninitialized CPU output as CpuForwardPlan allocates it (csrc/cpu/output_memory.h): "
+      "cpu_empty_output(shape, dtype) -> Tensor");
   module.def("cpu_backward", &cpu_backward_direct, release,
              "The CPU backward (fusedattn_native::cpu_backward's arguments), without the dispatcher");
 }

@@ -42,7 +42,10 @@ def selected_isa() -> str:
 
 def forward(call: AttentionCall) -> tuple[torch.Tensor, torch.Tensor]:
     """out (*q.shape[:-1], Dv) in q's dtype and lse float32 (B, Hq, Sq) or (Hq, Tq)."""
-    out = allocate_output(call.out_shape, call.dtype, call.device)
+    if poisoning():
+        out = allocate_output(call.out_shape, call.dtype, call.device)
+    else:  # as the plans allocate it: a large output fresh from the OS in 2 MiB pages
+        out = native().cpu_empty_output(list(call.out_shape), call.dtype)
     lse = allocate_output(call.lse_shape, torch.float32, call.device)
     native().cpu_forward(call.q, call.k, call.v, out, lse, *native_option_values(call))
     return out, lse

@@ -1,7 +1,8 @@
 """The CPU decode of bfloat16 queries from an 8-bit cache, on every instruction-set variant:
 on AVX512-BF16 K and V rows become bfloat16 in registers (decode_converted in
-csrc/cpu/attention_kernel/decode_step.inc, bfloat16_vector in decode.inc), elsewhere float32
-rows. Both conversions must be exact for every byte."""
+csrc/cpu/attention_kernel/decode_step.inc: byte tables looked up by vpermi2b where the CPU
+has AVX512-VBMI, else int8 through float32 and float8 through bfloat16_vector in
+decode.inc), elsewhere float32 rows. Every conversion must be exact for every byte."""
 
 from __future__ import annotations
 
@@ -31,12 +32,24 @@ def isa(request, monkeypatch):
     return request.param
 
 
+@pytest.fixture(params=[True, False], ids=["byte-tables", "no-byte-tables"])
+def byte_tables(request, isa, monkeypatch):
+    """Whether the avx512bf16 decode may use its byte tables (FUSEDATTN_CPU_BYTE_TABLES=0
+    turns them off; a CPU without AVX512-VBMI never uses them): both paths on one machine."""
+    if not request.param:
+        if isa != "avx512bf16":
+            pytest.skip("only the avx512bf16 variant has byte tables")
+        monkeypatch.setenv("FUSEDATTN_CPU_BYTE_TABLES", "0")
+    return request.param
+
+
 @pytest.mark.parametrize("kv_dtype", KV_DTYPES, ids=str)
-def test_every_byte_is_read_exactly(isa, kv_dtype):
+def test_every_byte_is_read_exactly(isa, byte_tables, kv_dtype):
     # Query row 8b + h of sequence b attends only key 8b + h (one-hot scores, the others
     # exp(-5600) = 0), so its output is that key's V row exactly; V holds every byte value
     # 16 times. NaN bytes (e4m3fn S.1111.111) make their column NaN in every row (0 * NaN),
-    # as in the reference: the comparison is exact, NaN included.
+    # as in the reference: the comparison is exact, NaN included. The one-hot queries put
+    # every head-dim position through the queries' pair layout of each conversion.
     batch, heads_q, heads_kv, seqlen_k, dim = 8, 8, 1, 64, 64
     top = 0x7E if kv_dtype == torch.float8_e4m3fn else 0x7F  # 448 and 127
     key_bytes = torch.zeros(batch, heads_kv, seqlen_k, dim, dtype=torch.uint8)
@@ -66,7 +79,7 @@ def test_every_byte_is_read_exactly(isa, kv_dtype):
         (4, 2, 3, 64, {"causal": True, "key_lengths": True}),  # 6 rows, short sequences
     ],
 )
-def test_decode_matches_the_float64_oracle(isa, kv_dtype, heads_q, heads_kv, seqlen_q, dim, options):
+def test_decode_matches_the_float64_oracle(isa, byte_tables, kv_dtype, heads_q, heads_kv, seqlen_q, dim, options):
     torch.manual_seed(0)
     seqlen_k = 333
     q = torch.randn(2, heads_q, seqlen_q, dim, dtype=torch.bfloat16)
@@ -89,7 +102,7 @@ def test_decode_matches_the_float64_oracle(isa, kv_dtype, heads_q, heads_kv, seq
         (4, 1, 2, {"causal": True}),  # 8 rows: two groups of 4 rows
     ],
 )
-def test_every_row_count_of_the_converted_decode(isa, kv_dtype, heads_q, heads_kv, seqlen_q, options):
+def test_every_row_count_of_the_converted_decode(isa, byte_tables, kv_dtype, heads_q, heads_kv, seqlen_q, options):
     # 333 keys: a last tile of 13 keys, not a whole group of 4, 8 or 16.
     torch.manual_seed(1)
     q = torch.randn(2, heads_q, seqlen_q, 64, dtype=torch.bfloat16)

@@ -39,6 +39,8 @@ SETTINGS: dict[str, Setting] = {
                 "(outside torch.compile traces)"),
         Setting("FUSEDATTN_CPU_ISA", "", None, "C++ extension",
                 "generic|avx2|avx512|avx512bf16: the CPU kernels' instruction set (default: the best this CPU runs)"),
+        Setting("FUSEDATTN_CPU_BYTE_TABLES", "1", ("0", "1"), "C++ extension",
+                "0: the avx512bf16 8-bit decode converts without its vpermi2b byte tables (tests reach both paths)"),
         Setting("FUSEDATTN_CMAKE_ARGS", "", None, "build",
                 "extra CMake arguments for pip install, e.g. -DFUSEDATTN_CUDA=OFF"),
         Setting("TRITON_INTERPRET", "0", None, "Triton",

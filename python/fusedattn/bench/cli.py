@@ -155,7 +155,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "models", help="whole transformers models (prefill and decode tokens/s) with fusedattn, sdpa and eager",
         description="Small Llama-, Qwen- and Gemma-shaped models built from configs (no download); CPU.",
     )  # fmt: skip
-    models.add_argument("--models", default="llama,qwen,gemma", type=_argument_type(_model_names))
+    models.add_argument("--models", default="llama,qwen,gemma,gemma3", type=_argument_type(_model_names))
     models.add_argument("--contexts", default="512,2048", type=_argument_type(_int_list),
                         help="prefill lengths (default 512,2048)")  # fmt: skip
     models.add_argument("--dtype", default="float32", type=_argument_type(dtype_name))

@@ -29,13 +29,16 @@ def milliseconds(function, calls: int = 5) -> float:
     return statistics.median(times) * 1e3
 
 
-def main() -> None:
+GQA_SHAPES = [(1, 32, 8), (8, 8, 2)]  # batch, query heads, KV heads
+
+
+def main(head_shapes: list[tuple[int, int, int]] = GQA_SHAPES) -> None:
     threads = int(sys.argv[1]) if len(sys.argv) > 1 else 2
     dtypes = sys.argv[2].split(",") if len(sys.argv) > 2 else ["float32"]
     torch.set_num_threads(threads)
     for dtype_name in dtypes:
         dtype = getattr(torch, dtype_name)
-        for batch, heads_q, heads_kv in [(1, 32, 8), (8, 8, 2)]:
+        for batch, heads_q, heads_kv in head_shapes:
             for dim in (64, 128):
                 for seqlen_k in (4096, 32768):
                     q = torch.randn(batch, heads_q, 1, dim, dtype=dtype)

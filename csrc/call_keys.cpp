@@ -1,4 +1,4 @@
-// fusedattn._C.plain_tensors_key(q, k, v): what fusedattn.repeat_calls keys a plain call's
+// fusedattn._C.plain_tensors_key(q, k, v, k_descale, v_descale): what fusedattn.repeat_calls keys a plain call's
 // tensors by, built in one C++ call.
 //
 // The key of a repeated call is computed before every plain call; written in Python it
@@ -26,19 +26,28 @@ bool plain(PyObject* object) {
   return tensor.layout() == at::kStrided && !tensor.requires_grad();
 }
 
-// (q, k, v)'s sizes, strides, dtypes and devices as one flat tuple of ints, or None when
-// one of them is not a plain tensor (the call takes the full path).
-py::object plain_tensors_key(py::handle q, py::handle k, py::handle v) {
-  PyObject* tensors[3] = {q.ptr(), k.ptr(), v.ptr()};
+// The sizes, strides, dtypes and devices of q, k, v and the 8-bit scales k_descale and
+// v_descale (each None or a tensor: None keys as one -1) as one flat tuple of ints, or None
+// when one of them is not a plain tensor (the call takes the full path).
+py::object plain_tensors_key(py::handle q, py::handle k, py::handle v, py::handle k_descale, py::handle v_descale) {
+  PyObject* tensors[5] = {q.ptr(), k.ptr(), v.ptr(), k_descale.ptr(), v_descale.ptr()};
   int64_t length = 0;
-  for (PyObject* object : tensors) {
-    if (!plain(object)) return py::none();
-    length += key_length(THPVariable_Unpack(object));
+  for (int i = 0; i < 5; ++i) {
+    if (i >= 3 && tensors[i] == Py_None) {
+      length += 1;
+      continue;
+    }
+    if (!plain(tensors[i])) return py::none();
+    length += key_length(THPVariable_Unpack(tensors[i]));
   }
   py::tuple key(length);
   int64_t index = 0;
   const auto put = [&](int64_t value) { PyTuple_SET_ITEM(key.ptr(), index++, PyLong_FromLongLong(value)); };
   for (PyObject* object : tensors) {
+    if (object == Py_None) {
+      put(-1);
+      continue;
+    }
     const at::Tensor& tensor = THPVariable_Unpack(object);
     put(tensor.dim());
     for (int64_t size : tensor.sizes()) put(size);
@@ -53,9 +62,10 @@ py::object plain_tensors_key(py::handle q, py::handle k, py::handle v) {
 }  // namespace
 
 void bind_call_keys(py::module_& module) {
-  module.def("plain_tensors_key", &plain_tensors_key,
-             "repeat_calls' key of q, k, v (sizes, strides, dtypes, devices), or None unless all three are "
-             "plain strided torch.Tensors that require no grad");
+  module.def("plain_tensors_key", &plain_tensors_key, py::arg("q"), py::arg("k"), py::arg("v"),
+             py::arg("k_descale") = py::none(), py::arg("v_descale") = py::none(),
+             "repeat_calls' key of q, k, v and the 8-bit scales (sizes, strides, dtypes, devices; a missing "
+             "scale -1), or None unless each is a plain strided torch.Tensor that requires no grad");
 }
 
 }  // namespace fusedattn

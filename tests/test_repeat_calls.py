@@ -405,3 +405,138 @@ def test_a_jit_trace_records_the_operator():
     traced = torch.jit.trace(lambda q, k, v: fusedattn.attention(q, k, v), (q, k, v), check_trace=False)
     q, k, v = _inputs()
     torch.testing.assert_close(traced(q, k, v), _oracle(q, k, v), atol=2e-6, rtol=2e-6)
+
+
+def _quantized_inputs(dtype, scales="token", query_dtype=torch.bfloat16, seqlen_k=40):
+    """bf16 queries over an 8-bit cache (B2 H4:2 Sq1 D32) and its scales, per token, per
+    KV head or one per tensor."""
+    q, k, v = _inputs(shape_q=(2, 4, 1, 32), heads_kv=2, seqlen_k=seqlen_k)
+    k8, k_descale = fusedattn.quantize_kv(k, dtype)
+    v8, v_descale = fusedattn.quantize_kv(v, dtype)
+    if scales == "head":
+        k_descale, v_descale = k_descale.amax(-1, keepdim=True), v_descale.amax(-1, keepdim=True)
+    elif scales == "tensor":
+        k_descale, v_descale = k_descale.amax(), v_descale.amax()
+    return q.to(query_dtype), k8, v8, k_descale, v_descale
+
+
+def _quantized_oracle(q, k, v, k_descale, v_descale, **options):
+    key = k.double() * k_descale.double().broadcast_to(k.shape[:-1])[..., None]
+    value = v.double() * v_descale.double().broadcast_to(v.shape[:-1])[..., None]
+    return fusedattn.attention(q.double(), key, value, backend="reference", **options)
+
+
+@pytest.mark.parametrize("scales", ["token", "head", "tensor"])
+@pytest.mark.parametrize("dtype", [torch.int8, torch.float8_e4m3fn])
+def test_calls_with_8bit_scales_run_a_plan_that_takes_the_scales_with_each_call(dtype, scales):
+    first = _quantized_inputs(dtype, scales)
+    fusedattn.attention(*first[:3], k_descale=first[3], v_descale=first[4])
+    assert len(repeat_calls._PLANS) == 1
+    (key,) = repeat_calls._PLANS
+    plan = repeat_calls._PLANS[key]
+    calls = []
+    repeat_calls._PLANS[key] = lambda *t: calls.append(1) or plan(*t)
+    q, k, v, k_descale, v_descale = _quantized_inputs(dtype, scales)  # new values and scales
+    out, lse = fusedattn.attention(q, k, v, k_descale=k_descale, v_descale=v_descale, return_lse=True)
+    assert calls == [1]
+    full, full_lse = fusedattn.attention(
+        q, k, v, k_descale=k_descale, v_descale=v_descale, return_lse=True, backend="cpu"
+    )
+    assert torch.equal(out, full) and torch.equal(lse, full_lse)
+    expected = _quantized_oracle(q, k, v, k_descale, v_descale)
+    torch.testing.assert_close(out.double(), expected, atol=2e-2, rtol=2e-2)
+    # The scales' values matter: doubling k's scale changes the scores.
+    doubled = fusedattn.attention(q, k, v, k_descale=k_descale * 2, v_descale=v_descale)
+    assert calls == [1, 1] and not torch.equal(doubled, out)
+    torch.testing.assert_close(
+        doubled.double(), _quantized_oracle(q, k, v, k_descale * 2, v_descale), atol=2e-2, rtol=2e-2
+    )
+
+
+def test_8bit_scales_of_other_shapes_dtypes_or_presence_make_their_own_plans():
+    q, k, v, k_descale, v_descale = _quantized_inputs(torch.int8)
+    variants = {
+        "per token": (k_descale, v_descale),
+        "per head": (k_descale.amax(-1, keepdim=True), v_descale.amax(-1, keepdim=True)),
+        "float64 scales": (k_descale.double(), v_descale.double()),
+        "strided scales": (k_descale.transpose(0, 1).contiguous().transpose(0, 1), v_descale),
+        "only k's": (k_descale, None),
+        "only v's": (None, v_descale),
+        "none": (None, None),
+    }
+    for _ in range(2):  # the full path, then each variant's own plan
+        for name, (k_scale, v_scale) in variants.items():
+            out = fusedattn.attention(q, k, v, k_descale=k_scale, v_descale=v_scale)
+            ones = torch.ones(())
+            expected = _quantized_oracle(
+                q, k, v, ones if k_scale is None else k_scale, ones if v_scale is None else v_scale
+            )
+            torch.testing.assert_close(out.double(), expected, atol=2e-2, rtol=2e-2, msg=name)
+    assert len(repeat_calls._PLANS) == len(variants)
+
+
+def test_bad_8bit_scales_are_refused_after_a_plan_of_good_ones():
+    q, k, v, k_descale, v_descale = _quantized_inputs(torch.float8_e4m3fn)
+    for _ in range(2):
+        fusedattn.attention(q, k, v, k_descale=k_descale, v_descale=v_descale)
+    with pytest.raises(ValueError, match="k_descale: expected a shape broadcastable"):
+        fusedattn.attention(q, k, v, k_descale=k_descale[..., :3], v_descale=v_descale)
+    with pytest.raises(TypeError, match="v_descale: expected a floating dtype"):
+        fusedattn.attention(q, k, v, k_descale=k_descale, v_descale=v_descale.to(torch.int32))
+    with pytest.raises(TypeError, match="k_descale"):
+        fusedattn.attention(q, k, v, k_descale=0.5, v_descale=v_descale)
+    # Scales with a bfloat16 cache are refused, plan or not.
+    dense = _inputs(shape_q=(2, 4, 1, 32), heads_kv=2, seqlen_k=40)
+    with pytest.raises(ValueError, match="k_descale: expected None"):
+        fusedattn.attention(*dense, k_descale=k_descale, v_descale=v_descale)
+    # A scale that requires grad takes the full path (and is served).
+    out = fusedattn.attention(q, k, v, k_descale=k_descale.clone().requires_grad_(True), v_descale=v_descale)
+    torch.testing.assert_close(out, fusedattn.attention(q, k, v, k_descale=k_descale, v_descale=v_descale))
+    assert len(repeat_calls._PLANS) == 1
+
+
+def test_the_plan_keeps_no_8bit_scale_alive_and_poisoned_outputs_reach_it(monkeypatch):
+    q, k, v, k_descale, v_descale = _quantized_inputs(torch.int8)
+    fusedattn.attention(q, k, v, k_descale=k_descale, v_descale=v_descale)
+    watched = [weakref.ref(t) for t in (k, v, k_descale, v_descale)]
+    del k, v, k_descale, v_descale
+    gc.collect()
+    assert all(ref() is None for ref in watched)
+    q, k, v, k_descale, v_descale = _quantized_inputs(torch.int8)
+    seen = []
+    original = cpu_backend.forward
+    monkeypatch.setattr(cpu_backend, "forward", lambda call: seen.append(call) or original(call))
+    with poisoned_outputs():
+        out = fusedattn.attention(q, k, v, k_descale=k_descale, v_descale=v_descale)
+    assert len(seen) == 1 and seen[0].k is k and seen[0].k_descale.shape == k.shape[:-1]
+    assert seen[0].k_descale.dtype == torch.float32
+    torch.testing.assert_close(
+        out.double(), _quantized_oracle(q, k, v, k_descale, v_descale), atol=2e-2, rtol=2e-2
+    )
+
+
+@pytest.mark.parametrize("position", [3, 4])
+def test_the_native_tensor_key_tells_the_8bit_scales_apart(position):
+    key_of = native().plain_tensors_key
+    q, k, v, k_descale, v_descale = _quantized_inputs(torch.int8)
+    tensors = [q, k, v, k_descale, v_descale]
+    base = key_of(*tensors)
+    assert base is not None and base == key_of(*_quantized_inputs(torch.int8))
+    original = tensors[position]
+    for name, variant in {
+        "None": None,
+        "other size": original[..., :1],
+        "other stride": original.transpose(0, 1).contiguous().transpose(0, 1),
+        "other dtype": original.double(),
+    }.items():
+        changed = list(tensors)
+        changed[position] = variant
+        assert key_of(*changed) not in (None, base), name
+    for name, variant in {
+        "requires grad": original.clone().requires_grad_(True),
+        "not a tensor": 0.5,
+    }.items():
+        changed = list(tensors)
+        changed[position] = variant
+        assert key_of(*changed) is None, name
+    assert key_of(q, k, v) == key_of(q, k, v, None, None)

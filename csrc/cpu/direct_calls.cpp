@@ -54,9 +54,10 @@ void cpu_backward_direct(const at::Tensor& grad_out, const at::Tensor& q, const 
 
 // A forward prepared once for calls that differ only in q, k and v (fusedattn.repeat_calls):
 // it keeps the native options and the output shapes (semantics' out_shape and lse_shape,
-// computed once in Python), so a call converts three arguments instead of 28 and
-// allocates its outputs here (at::empty costs a fraction of two torch.empty calls from
-// Python). It keeps no tensor: plans are made for calls without option tensors.
+// computed once in Python), so a call converts three arguments (five with an 8-bit
+// cache's scales) instead of 28 and allocates its outputs here (at::empty costs a
+// fraction of two torch.empty calls from Python). It keeps no tensor: plans are made for
+// calls whose only option tensors are the scales, and those come with each call.
 class CpuForwardPlan {
  public:
   CpuForwardPlan(std::vector<int64_t> out_shape, std::vector<int64_t> lse_shape FUSEDATTN_OPTION_PARAMETERS)
@@ -71,22 +72,33 @@ class CpuForwardPlan {
     TORCH_CHECK_VALUE(!holds_tensor, "CpuForwardPlan: expected options without tensors (plain calls only)");
   }
 
-  std::tuple<at::Tensor, at::Tensor> operator()(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) const {
+  // k_descale, v_descale: an 8-bit cache's scales as the call passed them (repeat_calls'
+  // key holds their shapes, strides and dtypes, so validation's verdict stands); here
+  // they become what validation makes of them, float32 views expanded to k.shape[:-1].
+  std::tuple<at::Tensor, at::Tensor> operator()(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                                const std::optional<at::Tensor>& k_descale,
+                                                const std::optional<at::Tensor>& v_descale) const {
     // CPU tensors only (the checks refuse others): the outputs skip the dispatcher.
     TORCH_CHECK_VALUE(q.device().is_cpu(), "q: expected a CPU tensor, got one on ", q.device());
     at::Tensor out = empty_output(out_shape_, q.scalar_type());
     at::Tensor lse = at::detail::empty_cpu(lse_shape_, at::kFloat);
+    NativeOptions options = options_;
+    if (k_descale.has_value()) options.k_descale = expanded_scale(*k_descale, k);
+    if (v_descale.has_value()) options.v_descale = expanded_scale(*v_descale, v);
     {
       // A call this small finishes in microseconds: releasing and taking back the GIL
       // would cost a tenth of it. Larger ones let other Python threads run meanwhile.
       std::optional<pybind11::gil_scoped_release> unlocked;
       if (q.numel() * k.size(-2) > kHoldGilBelow) unlocked.emplace();
-      cpu_forward_with_options(resolved(q), resolved(k), resolved(v), out, lse, options_);
+      cpu_forward_with_options(resolved(q), resolved(k), resolved(v), out, lse, options);
     }
     return {out, lse};
   }
 
  private:
+  static at::Tensor expanded_scale(const at::Tensor& scale, const at::Tensor& cache) {
+    return resolved(scale.expand(cache.sizes().slice(0, cache.dim() - 1)).to(at::kFloat));
+  }
   static bool is_tensor(const std::optional<at::Tensor>& value) { return value.has_value(); }
   template <typename Value>
   static bool is_tensor(const Value&) {
@@ -111,9 +123,11 @@ void bind_direct_calls(pybind11::module_& module) {
              "The CPU forward (fusedattn_native::cpu_forward's arguments), without the dispatcher");
   pybind11::class_<CpuForwardPlan>(module, "CpuForwardPlan",
                                     "cpu_forward prepared for calls that differ only in q, k, v: "
-                                    "CpuForwardPlan(out_shape, lse_shape, *options)(q, k, v) -> (out, lse)")
+                                    "CpuForwardPlan(out_shape, lse_shape, *options)(q, k, v, k_descale=None, v_descale=None) "
+                                    "-> (out, lse); options without tensors (the scales come with each call)")
       .def(pybind11::init<std::vector<int64_t>, std::vector<int64_t> FUSEDATTN_NATIVE_OPTIONS(FUSEDATTN_OPTION_TYPE)>())
-      .def("__call__", &CpuForwardPlan::operator());
+      .def("__call__", &CpuForwardPlan::operator(), pybind11::arg("q"), pybind11::arg("k"), pybind11::arg("v"),
+           pybind11::arg("k_descale") = pybind11::none(), pybind11::arg("v_descale") = pybind11::none());
   module.def(
       "cpu_empty_output",
       [](std::vector<int64_t> shape, at::ScalarType dtype) { return empty_output(shape, dtype); },

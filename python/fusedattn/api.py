@@ -87,8 +87,6 @@ def attention(
         and key_lengths is None
         and alibi_slopes is None
         and sinks is None
-        and k_descale is None
-        and v_descale is None
         and dropout_seed is None
         and type(dropout_p) in (float, int)
         and dropout_p == 0
@@ -97,11 +95,23 @@ def attention(
     key = None
     if plain:
         key = repeat_calls.dense_key(
-            q, k, v, causal, causal_alignment, scale, window, softcap, query_start, key_start, backend
+            q,
+            k,
+            v,
+            causal,
+            causal_alignment,
+            scale,
+            window,
+            softcap,
+            query_start,
+            key_start,
+            backend,
+            k_descale=k_descale,
+            v_descale=v_descale,
         )
         prepared = None if key is None else repeat_calls.lookup(key)
         if prepared is not None:
-            out, lse = prepared(q, k, v)
+            out, lse = prepared(q, k, v, k_descale, v_descale)
             return (out, lse) if return_lse else out
     call = validate_attention(
         q,

@@ -2,8 +2,9 @@
 
 A model calls attention with the same shapes, dtypes, strides and options at every layer
 (and, with a fixed-size cache, at every step). For a dense call with no option tensors
-(mask, key lengths, ALiBi slopes, sinks, 8-bit scales) and no dropout, validation's
-verdict and the backend chosen depend only on those plain values, so both are remembered
+(mask, key lengths, ALiBi slopes, sinks) but an 8-bit cache's scales, and no dropout,
+validation's verdict and the backend chosen depend only on those plain values (the
+scales' shapes, strides and dtypes among them, not their values), so both are remembered
 under them: the next identical call runs the chosen backend's prepared forward
 (``Backend.prepare_forward``) directly (the SDPA drop-in's plain calls too, under keys of
 their own), without rebuilding the AttentionCall, the
@@ -26,7 +27,8 @@ from .dispatch import choice_context
 from .ops import plain_eager_context
 from .semantics import AttentionCall
 
-PreparedForward = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+# (q, k, v[, k_descale, v_descale]) -> (out, lse)
+PreparedForward = Callable[..., tuple[torch.Tensor, torch.Tensor]]
 
 # Enough for every shape of a few models; a decode loop whose key length grows by one
 # per step adds a key per step, so the table is emptied when it fills.
@@ -48,11 +50,13 @@ def dense_key(
     key_start: object,
     backend: object,
     entry: str = "attention",
+    k_descale: object = None,
+    v_descale: object = None,
 ) -> tuple | None:
-    """The key of a plain dense call (its option tensors already None, no dropout), or
-    None when the call must take the full path. Scalars must have their exact type: the
-    key tells ``True`` from ``1`` only that way (equal values, equal hashes). Written
-    flat: it runs before every such call."""
+    """The key of a plain dense call (its option tensors other than an 8-bit cache's
+    scales already None, no dropout), or None when the call must take the full path.
+    Scalars must have their exact type: the key tells ``True`` from ``1`` only that way
+    (equal values, equal hashes). Written flat: it runs before every such call."""
     if (
         not plain_eager_context()  # first: a torch.compile trace stops here
         or type(causal) is not bool
@@ -68,7 +72,7 @@ def dense_key(
         return None
     # Exactly torch.Tensor (no subclass), strided, requiring no grad: their sizes,
     # strides, dtypes and devices as one tuple of ints, else None.
-    tensors = (_plain_tensors_key or _load_plain_tensors_key())(q, k, v)
+    tensors = (_plain_tensors_key or _load_plain_tensors_key())(q, k, v, k_descale, v_descale)
     if tensors is None:
         return None
     return (
@@ -86,17 +90,17 @@ def dense_key(
     )
 
 
-def _no_plans(q: object, k: object, v: object) -> None:
+def _no_plans(q: object, k: object, v: object, k_descale: object = None, v_descale: object = None) -> None:
     return None
 
 
 # fusedattn._C.plain_tensors_key (csrc/call_keys.cpp): one C++ call instead of twelve
 # attribute reads. Loaded at the first call, not at import; without the native extension
 # no call is remembered.
-_plain_tensors_key: Callable[[object, object, object], tuple | None] | None = None
+_plain_tensors_key: Callable[..., tuple | None] | None = None
 
 
-def _load_plain_tensors_key() -> Callable[[object, object, object], tuple | None]:
+def _load_plain_tensors_key() -> Callable[..., tuple | None]:
     global _plain_tensors_key
     _plain_tensors_key = getattr(native(), "plain_tensors_key", _no_plans)
     return _plain_tensors_key

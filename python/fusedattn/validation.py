@@ -236,12 +236,17 @@ def _descale(name: str, value: object, tensor: torch.Tensor, q: torch.Tensor) ->
         raise TypeError(f"{name}: expected a floating dtype, got {scale.dtype}")
     if scale.device != q.device:
         raise ValueError(f"{name}: expected device {q.device} (that of q), got {scale.device}")
-    target = tuple(tensor.shape[:-1])
     try:
-        expanded = torch.broadcast_to(scale, target)
+        return expanded_descale(scale, tensor)
     except RuntimeError:
+        target = tuple(tensor.shape[:-1])
         raise ValueError(f"{name}: expected a shape broadcastable to {target}, got {tuple(scale.shape)}") from None
-    return expanded.to(torch.float32)
+
+
+def expanded_descale(scale: torch.Tensor, cache: torch.Tensor) -> torch.Tensor:
+    """What validation makes of an 8-bit cache's scale (checked by _descale): a float32 view
+    expanded to cache.shape[:-1] (zero strides, no copy for a float32 scale)."""
+    return torch.broadcast_to(scale, tuple(cache.shape[:-1])).to(torch.float32)
 
 
 def _softcap(softcap: object) -> float | None:

@@ -15,9 +15,10 @@ import torch
 
 from .. import semantics
 from .._native import native, native_error
-from ..ops import native_option_values
+from ..ops import NATIVE_OPTIONS, native_option_values
 from ..outputs import poisoning
 from ..semantics import AttentionCall
+from ..validation import expanded_descale
 from .base import Backend, CallProfile, Capabilities, allocate_output
 
 
@@ -51,20 +52,38 @@ def forward(call: AttentionCall) -> tuple[torch.Tensor, torch.Tensor]:
     return out, lse
 
 
+# Option tensors a plan takes with each call instead of keeping them.
+_PER_CALL_OPTIONS = ("k_descale", "v_descale")
+
+
 def prepare_forward(call: AttentionCall):
-    """forward for calls that differ from call only in q, k, v's values: the native
-    argument list built once (plain calls carry no option tensor; None otherwise)."""
-    options = native_option_values(call)
+    """forward for calls that differ from call only in the values of q, k, v (and of the
+    8-bit scales k_descale, v_descale, passed as the call passes them): the native
+    argument list built once (plain calls carry no other option tensor; None otherwise)."""
+    options = tuple(
+        None if name in _PER_CALL_OPTIONS else value
+        for name, value in zip(NATIVE_OPTIONS, native_option_values(call), strict=True)
+    )
     if any(isinstance(value, torch.Tensor) for value in options):
         return None
     planned = native().CpuForwardPlan(list(call.out_shape), list(call.lse_shape), *options)
     # The plan keeps no tensor of the call it was made from (it may be a large cache).
-    call_without_tensors = dataclasses.replace(call, q=None, k=None, v=None)
+    call_without_tensors = dataclasses.replace(call, q=None, k=None, v=None, k_descale=None, v_descale=None)
 
-    def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def run(
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        k_descale: torch.Tensor | None = None,
+        v_descale: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         if poisoning():  # outputs must come from allocate_output
-            return forward(dataclasses.replace(call_without_tensors, q=q, k=k, v=v))
-        return planned(q, k, v)
+            scales = {
+                name: None if scale is None else expanded_descale(scale, cache)
+                for name, scale, cache in (("k_descale", k_descale, k), ("v_descale", v_descale, v))
+            }
+            return forward(dataclasses.replace(call_without_tensors, q=q, k=k, v=v, **scales))
+        return planned(q, k, v, k_descale, v_descale)
 
     return run
 

@@ -510,9 +510,7 @@ def test_the_plan_keeps_no_8bit_scale_alive_and_poisoned_outputs_reach_it(monkey
         out = fusedattn.attention(q, k, v, k_descale=k_descale, v_descale=v_descale)
     assert len(seen) == 1 and seen[0].k is k and seen[0].k_descale.shape == k.shape[:-1]
     assert seen[0].k_descale.dtype == torch.float32
-    torch.testing.assert_close(
-        out.double(), _quantized_oracle(q, k, v, k_descale, v_descale), atol=2e-2, rtol=2e-2
-    )
+    torch.testing.assert_close(out.double(), _quantized_oracle(q, k, v, k_descale, v_descale), atol=2e-2, rtol=2e-2)
 
 
 @pytest.mark.parametrize("position", [3, 4])

@@ -98,8 +98,8 @@ def test_decode_matches_the_float64_oracle(isa, byte_tables, kv_dtype, heads_q, 
     [
         (3, 3, 1, {}),  # 1 row per KV head: 16 keys per fold
         (4, 2, 1, {"dropout_p": 0.3}),  # 2 rows: 8 keys per fold
-        (6, 2, 1, {"alibi_slopes": "per_head"}),  # 3 rows: 4 keys per fold, one sum unused
-        (4, 1, 2, {"causal": True}),  # 8 rows: two groups of 4 rows
+        (6, 2, 1, {"alibi_slopes": "per_head"}),  # 3 rows: 8 keys per group, folds of 2 rows and 1
+        (4, 1, 2, {"causal": True}),  # 8 rows: two passes of 4 rows (8 keys, two folds each)
     ],
 )
 def test_every_row_count_of_the_converted_decode(isa, byte_tables, kv_dtype, heads_q, heads_kv, seqlen_q, options):

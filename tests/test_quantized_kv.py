@@ -95,6 +95,24 @@ def test_every_scale_granularity(kv_dtype, k_scale_shape, v_scale_shape) -> None
 
 
 @pytest.mark.parametrize("kv_dtype", KV_DTYPES, ids=IDS)
+@pytest.mark.parametrize(
+    ("seqlen_q", "dim", "dtype"), [(5, 32, torch.float32), (1, 64, torch.bfloat16)], ids=["forward", "decode"]
+)
+def test_per_token_scales_of_any_stride(kv_dtype, seqlen_q, dim, dtype) -> None:
+    # Per-token scales whose token stride is 2 (every other value) and 4 (tokens outermost):
+    # the CPU kernels read a dense cache's scales at their stride (bf16 decode: the 8-bit
+    # decode kernel of AVX512-BF16 CPUs).
+    q, k, v = _dense(seqlen_q=seqlen_q, dim=dim, dtype=dtype)
+    generator = torch.Generator().manual_seed(2)
+    key_cache = (k * 10).clamp(-100, 100).to(kv_dtype)
+    value_cache = (v * 10).clamp(-100, 100).to(kv_dtype)
+    k_descale = (torch.rand(2, 2, 140, generator=generator) * 0.2 + 0.01)[..., ::2]
+    v_descale = (torch.rand(70, 2, 2, generator=generator) * 0.2 + 0.01).permute(1, 2, 0)
+    assert k_descale.stride(-1) == 2 and v_descale.stride(-1) == 4
+    assert_backend_matches("cpu", q, key_cache, value_cache, k_descale=k_descale, v_descale=v_descale)
+
+
+@pytest.mark.parametrize("kv_dtype", KV_DTYPES, ids=IDS)
 def test_varlen_and_paged_caches(kv_dtype) -> None:
     generator = torch.Generator().manual_seed(2)
     (q, key_cache, value_cache), arguments = paged_case((1, 3, 1), (40, 17, 1), block_size=16, generator=generator)

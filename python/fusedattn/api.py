@@ -94,24 +94,13 @@ def attention(
     )
     key = None
     if plain:
+        scales = (k_descale, v_descale)
         key = repeat_calls.dense_key(
-            q,
-            k,
-            v,
-            causal,
-            causal_alignment,
-            scale,
-            window,
-            softcap,
-            query_start,
-            key_start,
-            backend,
-            k_descale=k_descale,
-            v_descale=v_descale,
+            q, k, v, causal, causal_alignment, scale, window, softcap, query_start, key_start, backend, scales=scales
         )
         prepared = None if key is None else repeat_calls.lookup(key)
         if prepared is not None:
-            out, lse = prepared(q, k, v, k_descale, v_descale)
+            out, lse = prepared(q, k, v, *scales)
             return (out, lse) if return_lse else out
     call = validate_attention(
         q,

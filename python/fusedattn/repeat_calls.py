@@ -50,11 +50,11 @@ def dense_key(
     key_start: object,
     backend: object,
     entry: str = "attention",
-    k_descale: object = None,
-    v_descale: object = None,
+    scales: tuple[object, object] = (None, None),
 ) -> tuple | None:
     """The key of a plain dense call (its option tensors other than an 8-bit cache's
-    scales already None, no dropout), or None when the call must take the full path.
+    scales, (k_descale, v_descale), already None, no dropout), or None when the call must
+    take the full path.
     Scalars must have their exact type: the key tells ``True`` from ``1`` only that way
     (equal values, equal hashes). Written flat: it runs before every such call."""
     if (
@@ -72,7 +72,7 @@ def dense_key(
         return None
     # Exactly torch.Tensor (no subclass), strided, requiring no grad: their sizes,
     # strides, dtypes and devices as one tuple of ints, else None.
-    tensors = (_plain_tensors_key or _load_plain_tensors_key())(q, k, v, k_descale, v_descale)
+    tensors = (_plain_tensors_key or _load_plain_tensors_key())(q, k, v, *scales)
     if tensors is None:
         return None
     return (

@@ -92,8 +92,9 @@ class Backend:
     call torch operators and kernels launched through torch.library.wrap_triton, and
     receive call.dropout_seed as the op's 0-d int64 tensor (never read on the host).
     prepare_forward, when given, serves repeated plain eager calls (fusedattn.repeat_calls):
-    it returns a function of (q, k, v) alone for calls that differ from call only in
-    those tensors' values, or None where it cannot.
+    it returns a function of (q, k, v, k_descale=None, v_descale=None) alone for calls
+    that differ from call only in those tensors' values (the scales as the caller passed
+    them, an 8-bit cache's), or None where it cannot.
     reads_metadata_on_host=True says the backend reads cu_seqlens / key_lengths values on
     the host anyway (it synchronizes): the op layer then checks unverified values there and
     raises, instead of flagging them on the device (validation.metadata_guard).
@@ -108,7 +109,8 @@ class Backend:
     description: str = ""
     triton_op: bool = False
     reads_metadata_on_host: bool = False
-    # prepare_forward(call) -> run(q, k, v) -> (out, lse): the forward of calls equal to
-    # call in everything but q, k, v's values (fusedattn.repeat_calls), holding no tensor.
+    # prepare_forward(call) -> run(q, k, v, k_descale=None, v_descale=None) -> (out, lse):
+    # the forward of calls equal to call in everything but those tensors' values
+    # (fusedattn.repeat_calls), holding no tensor.
     # None: repeated calls take the full path.
     prepare_forward: Callable[[AttentionCall], Callable[..., tuple[torch.Tensor, torch.Tensor]] | None] | None = None

@@ -285,3 +285,38 @@ def test_row_without_keys_is_zero_with_sinks_and_a_nan_value(seqlen_q: int, seql
         out, lse = fusedattn.attention(q, k, v, sinks=sinks, return_lse=True, backend="cpu", **options)
         assert torch.equal(out[0, 0, 0], torch.zeros(16))
         assert float(lse[0, 0, 0]) == (float("-inf") if sinks is None else 0.5)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+@pytest.mark.parametrize(
+    "case",
+    ["causal_bottom_right", "causal_top_left", "window", "window_left_only_causal", "key_lengths", "bool_mask",
+     "everything"],
+)  # fmt: skip
+def test_row_groups_stop_at_their_last_visible_key(case: str, dtype: torch.dtype) -> None:
+    # Prefill blocks whose rows' visible keys end inside a key tile (the causal diagonal,
+    # windows, key lengths) skip the products past each row group's last visible key: rows
+    # across several tiles and row groups, Sq < Sk and Sq > Sk.
+    for seqlen_q, seqlen_k in ((200, 300), (300, 170)):
+        q, k, v = make_qkv(batch=2, heads_q=4, heads_kv=2, seqlen_q=seqlen_q, seqlen_k=seqlen_k, dim=64, dtype=dtype)
+        assert_backend_matches("cpu", q, k, v, **feature_case(case, q, k))
+
+
+@pytest.mark.parametrize("cache", [torch.bfloat16, torch.int8, torch.float8_e4m3fn], ids=str)
+def test_bfloat16_probabilities_keep_the_row_sums_accurate(cache: torch.dtype) -> None:
+    # bfloat16 probabilities (the bfloat16 prefill; the decode step from an 8-bit cache)
+    # come from a shorter exp polynomial (relative error below 3.1e-6): the log-sum-exp,
+    # which sums them in float32, stays within 1e-5 of float64 (the scores' own float32
+    # rounding is about 1e-6 here; a cubic polynomial's 7.5e-5 would fail).
+    seqlen_q = 200 if cache == torch.bfloat16 else 1
+    q, k, v = make_qkv(batch=1, heads_q=8, heads_kv=2, seqlen_q=seqlen_q, seqlen_k=700, dim=64, dtype=torch.bfloat16)
+    q = q * 4  # scores spread over about [-20, 20]: exp over many binades
+    scales = {}
+    if cache != torch.bfloat16:
+        k, k_descale = fusedattn.quantize_kv(k, cache)
+        v, v_descale = fusedattn.quantize_kv(v, cache)
+        scales = {"k_descale": k_descale, "v_descale": v_descale}
+    _, lse = fusedattn.attention(q, k, v, return_lse=True, backend="cpu", **scales)
+    _, expected, _ = reference_attention(validate_attention(q, k, v, **scales), compute_dtype=torch.float64)
+    assert torch.isfinite(lse).all()
+    assert float((lse.double() - expected).abs().max()) < 1e-5

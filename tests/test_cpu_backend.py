@@ -320,3 +320,18 @@ def test_bfloat16_probabilities_keep_the_row_sums_accurate(cache: torch.dtype) -
     _, expected, _ = reference_attention(validate_attention(q, k, v, **scales), compute_dtype=torch.float64)
     assert torch.isfinite(lse).all()
     assert float((lse.double() - expected).abs().max()) < 1e-5
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+@pytest.mark.parametrize(("dim", "dim_v"), [(16, 16), (48, 144), (80, 208), (128, 128), (96, 192)])
+def test_one_row_decode_every_head_dim(dim: int, dim_v: int, dtype: torch.dtype) -> None:
+    # One query row per KV head (no GQA) decodes with K and V read in place: the scores
+    # sum even and odd 16-float chunks of the head dim in two chains (a lone last chunk
+    # joins the first), and P.V covers 8 output vectors at a time, then 4, then 1. Tiles
+    # of at most 32 keys ask for no V rows ahead; longer ones do.
+    for seqlen_k in (16, 45, 300):
+        q, k, v = make_qkv(
+            batch=2, heads_q=3, heads_kv=3, seqlen_q=1, seqlen_k=seqlen_k, dim=dim, dim_v=dim_v, dtype=dtype
+        )
+        assert_backend_matches("cpu", q, k, v)
+        assert_backend_matches("cpu", q, k, v, key_lengths=torch.tensor([seqlen_k, seqlen_k // 2], dtype=torch.int32))

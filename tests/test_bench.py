@@ -312,6 +312,58 @@ def test_skip_oom_error_and_wrong_never_crash():
     assert report.validate_report(report.build_report(results, settings, fakes)) == []
 
 
+def test_rounds_alternate_providers_and_pool_their_calls(monkeypatch):
+    # Every call of a fake provider logs its name; every timed block logs a marker first.
+    log: list[str] = []
+
+    def logging(name):
+        def forward(q, k, v):
+            log.append(name)
+            return _naive(q, k, v)
+
+        return forward
+
+    real_samples = run.timed_samples
+
+    def marked(fn, device, settings, count):
+        log.append("|")
+        return real_samples(fn, device, settings, count)
+
+    monkeypatch.setattr(run, "timed_samples", marked)
+    fakes = [_fake_provider("first", logging("first")), _fake_provider("broken", _raiser(ValueError("kernel bug"))),
+             _fake_provider("second", logging("second"))]  # fmt: skip
+    timing = measure.TimingSettings(warmup_s=0, min_time_s=0, min_repeats=5, max_repeats=5, rounds=4)
+    results = run.run_benchmark([_case(batch=1, seqlen_q=4, seqlen_k=8)], fakes, run.BenchSettings(timing=timing))
+    first, broken, second = results
+    assert broken["status"] == "error" and broken["timing"] is None
+    blocks = [log[i + 1] for i, entry in enumerate(log) if entry == "|"]
+    assert blocks == ["first", "second", "second", "first", "first", "second", "second", "first"]
+    # Each block of these short calls but a provider's first starts with an untimed call.
+    later = [i for i, entry in enumerate(log) if entry == "|"][2:]
+    assert all(log[i - 1] == log[i + 1] for i in later)
+    for result in (first, second):
+        assert result["status"] == "ok" and result["check"]["passed"]
+        assert result["timing"]["rounds"] == 4 and result["timing"]["repeats"] == 4 * 2  # ceil(5 / 4) per round
+    assert log.count("first") == log.count("second")
+    assert report.validate_report(report.build_report(results, run.BenchSettings(timing=timing), fakes)) == []
+
+
+def _cli_report(out: Path, *arguments: str) -> dict:
+    """Runs `fusedattn bench ... --no-plots --out out` with FAST timing; its valid report."""
+    assert fusedattn_main(["bench", *arguments, "--no-plots", "--out", str(out), *FAST]) == 0
+    data = json.loads((out / "results.json").read_text())
+    assert report.validate_report(data) == []
+    return data
+
+
+def test_cli_rounds_reach_the_report(tmp_path):
+    arguments = ["--shapes", "1x2x3x8", "--providers", "naive,sdpa", "--rounds", "3", "--no-memory", "--no-ceilings"]
+    data = _cli_report(tmp_path / "rounds", *arguments)
+    assert data["settings"]["rounds"] == 3
+    assert [r["timing"]["rounds"] for r in data["results"]] == [3, 3]
+    assert all(r["timing"]["repeats"] == 3 for r in data["results"])  # 1 call per round (--min-repeats 1)
+
+
 def test_fusedattn_refusals_are_skips(monkeypatch):
     limited = Backend(
         name="limited",
@@ -369,6 +421,7 @@ def test_timed_calls_after_a_peak_measurement_reuse_heap_memory():
         ["--providers", "no-such-provider", "--list"],
         ["--preset", "enormous"],
         ["--min-time", "-1"],
+        ["--rounds", "0"],
         ["--dtype", "int8"],
         ["--shapes", "1x2x8x8", "--config", "grid.toml", "--list"],
         ["--config", "/nonexistent/grid.toml", "--list"],
@@ -383,11 +436,10 @@ def test_cli_argument_errors_exit_2(arguments, capsys):
 
 def test_run_without_check_or_memory(tmp_path):
     out = tmp_path / "plain"
-    arguments = ["bench", "--shapes", "1x2:1x3x7x8", "--modes", "bwd", "--providers", "naive", "--no-check",
-                 "--no-memory", "--no-plots", "--out", str(out), *FAST]  # fmt: skip
-    assert fusedattn_main(arguments) == 0
-    data = json.loads((out / "results.json").read_text())
-    assert report.validate_report(data) == [] and data["preset"] is None
+    data = _cli_report(
+        out, "--shapes", "1x2:1x3x7x8", "--modes", "bwd", "--providers", "naive", "--no-check", "--no-memory"
+    )
+    assert data["preset"] is None
     (result,) = data["results"]
     assert result["status"] == "ok" and result["check"] is None and result["peak_memory_bytes"] is None
     assert not list(out.glob("*.png"))
@@ -426,13 +478,26 @@ def test_flex_attention_provider_expresses_every_case_feature():
     assert report.validate_report(report.build_report(results, settings, [flex])) == []
 
 
-def test_models_benchmark_runs_every_implementation_on_the_same_weights(capsys):
+def test_models_benchmark_runs_every_implementation_on_the_same_weights(capsys, monkeypatch):
     pytest.importorskip("transformers")
+    from fusedattn.bench import models
     from fusedattn.bench.models import ModelShape, format_models_table, run_models
 
+    prefills: list[str] = []
+    real_prefill = models._Run.prefill
+
+    def logged_prefill(run):
+        prefills.append(run.implementation)
+        return real_prefill(run)
+
+    monkeypatch.setattr(models._Run, "prefill", logged_prefill)
     tiny = ModelShape("tiny-llama", "LlamaConfig", dict(hidden_size=64, intermediate_size=128, num_attention_heads=4,
                                                          num_key_value_heads=2, num_hidden_layers=2))  # fmt: skip
-    results = run_models([tiny], [24], torch.float32, decode_steps=2, repeats=1)
+    results = run_models([tiny], [24], torch.float32, decode_steps=2, repeats=2)
+    # After each model's warm-up prefill, two timed rounds, the second in reverse order.
+    assert prefills[3:9] == ["sdpa", "eager", "fusedattn", "fusedattn", "eager", "sdpa"]
+    for result in results:
+        assert len(result["prefill_seconds"]) == len(result["decode_seconds"]) == 2
     assert [(r["implementation"], r["status"]) for r in results] == [
         ("sdpa", "ok"),
         ("eager", "ok"),

@@ -107,6 +107,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     measure.add_argument("--min-repeats", type=_argument_type(_positive_int), default=3, metavar="N")
     measure.add_argument("--max-repeats", type=_argument_type(_positive_int), default=100, metavar="N")
+    measure.add_argument("--rounds", type=_argument_type(_positive_int), default=1, metavar="N",
+                         help="time each case's providers in N alternating rounds (A B, B A, ...) whose calls"
+                              " are pooled, so that a burst of load falls on all of them (default 1: each"
+                              " provider's calls in one block)")  # fmt: skip
     measure.add_argument("--no-l2-flush", action="store_true", help="GPU: do not flush the L2 cache between calls")
     measure.add_argument("--no-check", action="store_true", help="skip the check against the float64 reference")
     measure.add_argument("--check-rows", type=_argument_type(_positive_int), default=64, metavar="N",
@@ -340,6 +344,7 @@ def main(args: argparse.Namespace) -> int:
         min_repeats=args.min_repeats,
         max_repeats=max(args.max_repeats, args.min_repeats),
         flush_l2=not args.no_l2_flush,
+        rounds=args.rounds,
     )
     settings = BenchSettings(device=device.type, timing=timing, check=not args.no_check, check_rows=args.check_rows,
                              measure_memory=not args.no_memory, seed=args.seed)  # fmt: skip

@@ -103,6 +103,7 @@ class Timing:
     repeats: int
     warmup_calls: int
     samples_ms: tuple[float, ...]
+    rounds: int = 1
 
     def as_dict(self) -> dict[str, object]:
         data = asdict(self)
@@ -113,16 +114,21 @@ class Timing:
 @dataclass(frozen=True)
 class TimingSettings:
     """warmup_s: seconds of untimed calls (at least one); then calls are timed until min_time_s
-    has passed and at least min_repeats were made, at most max_repeats."""
+    has passed and at least min_repeats were made, at most max_repeats.
+
+    rounds: a case's providers are timed in this many alternating rounds (bench/run.py), each
+    a block of about 1/rounds of their calls, so that a burst of load on a shared machine
+    falls on every provider of the case rather than on one."""
 
     warmup_s: float = 0.1
     min_time_s: float = 0.2
     min_repeats: int = 3
     max_repeats: int = 100
     flush_l2: bool = True
+    rounds: int = 1
 
 
-def summarize(samples_ms: list[float], warmup_calls: int) -> Timing:
+def summarize(samples_ms: list[float], warmup_calls: int, rounds: int = 1) -> Timing:
     """Median, quartiles, min and mean of timed samples (milliseconds)."""
     ordered = sorted(samples_ms)
     if len(ordered) >= 2:
@@ -139,6 +145,7 @@ def summarize(samples_ms: list[float], warmup_calls: int) -> Timing:
         repeats=len(ordered),
         warmup_calls=warmup_calls,
         samples_ms=tuple(samples_ms),
+        rounds=rounds,
     )
 
 
@@ -152,14 +159,15 @@ class _L2Flusher:
         self.buffer.zero_()
 
 
-def time_calls(
+def warm_up(
     fn: Callable[[], object], device: torch.device, settings: TimingSettings, warm_call_s: float | None = None
-) -> Timing:
-    """Warm up, then time fn repeatedly: CUDA events (L2 flushed before each call) on GPU,
-    time.perf_counter on CPU.
+) -> tuple[int, int, float]:
+    """Untimed calls of fn for settings.warmup_s (at least one).
 
     warm_call_s: the duration of a call of fn already made (the peak memory measurement); it
     counts towards the warm-up, which then needs no further call.
+
+    Returns (warm-up calls, timed calls to make, seconds per call estimated).
     """
     warmup_calls = 0 if warm_call_s is None else 1
     spent = 0.0 if warm_call_s is None else warm_call_s
@@ -171,11 +179,15 @@ def time_calls(
             torch.cuda.synchronize(device)
     estimate_s = (spent + time.perf_counter() - start) / warmup_calls
     repeats = int(settings.min_time_s / max(estimate_s, 1e-6)) + 1
-    repeats = max(settings.min_repeats, min(settings.max_repeats, repeats))
-    samples: list[float] = []
+    return warmup_calls, max(settings.min_repeats, min(settings.max_repeats, repeats)), estimate_s
+
+
+def timed_samples(fn: Callable[[], object], device: torch.device, settings: TimingSettings, count: int) -> list[float]:
+    """count timed calls of fn, in milliseconds: CUDA events (L2 flushed before each call) on
+    GPU, time.perf_counter on CPU."""
     if device.type == "cuda":
         flush = _L2Flusher(device) if settings.flush_l2 else None
-        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(repeats)]
+        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(count)]
         for begin, end in events:
             if flush is not None:
                 flush()
@@ -183,13 +195,13 @@ def time_calls(
             fn()
             end.record()
         torch.cuda.synchronize(device)
-        samples = [begin.elapsed_time(end) for begin, end in events]
-    else:
-        for _ in range(repeats):
-            begin = time.perf_counter()
-            fn()
-            samples.append((time.perf_counter() - begin) * 1e3)
-    return summarize(samples, warmup_calls)
+        return [begin.elapsed_time(end) for begin, end in events]
+    samples: list[float] = []
+    for _ in range(count):
+        begin = time.perf_counter()
+        fn()
+        samples.append((time.perf_counter() - begin) * 1e3)
+    return samples
 
 
 # ---- peak memory -------------------------------------------------------------------

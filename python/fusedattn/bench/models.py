@@ -3,7 +3,8 @@ to download), with attn_implementation set to fusedattn, sdpa and eager in one r
 
 Per (model, context, implementation) it measures a prefill of `context` tokens (tokens/s,
 and the peak memory that call adds) and then `decode_steps` greedy decode steps over the
-filled cache (tokens/s), the three implementations' calls interleaved round by round, and
+filled cache (tokens/s), the three implementations' calls interleaved round by round (every
+other round in reverse order; each round's seconds are kept in the results), and
 the share of a prefill and of the decode steps spent inside the attention function (what attention alone can gain;
 eager's is not measured). Eager is skipped where its materialized weights would exceed
 EAGER_WEIGHTS_LIMIT. The models are small but shaped like the real ones (grouped-query
@@ -95,6 +96,7 @@ class _Run:
             from ..integrations import transformers as fusedattn_transformers
 
             fusedattn_transformers.register()
+        self.implementation = implementation
         self.model = build_model(shape, implementation, dtype, context)
         self.ids = ids
         self.output = self.prefill()  # warm-up; its cache is the one every decode run copies
@@ -178,8 +180,10 @@ def measure_context(
                 results[implementation]["status"], results[implementation]["reason"] = _failure(error)
         prefill_times: dict[str, list[float]] = {name: [] for name in runs}
         decode_times: dict[str, list[float]] = {name: [] for name in runs}
-        for _ in range(repeats):
-            for name, run in list(runs.items()):
+        for round_index in range(repeats):
+            # Every other round in reverse order, so that no implementation always runs last.
+            order = list(runs.items()) if round_index % 2 == 0 else list(reversed(runs.items()))
+            for name, run in order:
                 try:
                     start = time.perf_counter()
                     run.prefill()
@@ -192,6 +196,7 @@ def measure_context(
             result = results[name]
             result["prefill_tokens_per_s"] = context / statistics.median(prefill_times[name])
             result["decode_tokens_per_s"] = decode_steps / statistics.median(decode_times[name])
+            result["prefill_seconds"], result["decode_seconds"] = prefill_times[name], decode_times[name]
             result["prefill_peak_memory_bytes"], _ = measure_peak_memory(run.prefill, torch.device("cpu"))
             if name != "eager":
                 result["prefill_attention_share"] = attention_share(name, run.prefill)

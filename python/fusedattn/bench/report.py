@@ -39,6 +39,7 @@ TIMING_SCHEMA: dict[str, Any] = {
         "median_ms": _NUMBER, "q1_ms": _NUMBER, "q3_ms": _NUMBER, "iqr_ms": {"type": "number", "minimum": 0},
         "min_ms": _NUMBER, "mean_ms": _NUMBER, "repeats": {"type": "integer", "minimum": 1},
         "warmup_calls": {"type": "integer", "minimum": 1}, "samples_ms": {"type": "array", "items": _NUMBER},
+        "rounds": {"type": "integer", "minimum": 1},  # optional: older reports lack it
     },
 }  # fmt: skip
 
@@ -264,6 +265,7 @@ def build_report(
             "min_repeats": timing.min_repeats,
             "max_repeats": timing.max_repeats,
             "flush_l2": timing.flush_l2 and device.type == "cuda",
+            "rounds": timing.rounds,
             "check": settings.check,
             "check_rows": settings.check_rows,
             "measure_memory": settings.measure_memory,

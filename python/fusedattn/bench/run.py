@@ -28,7 +28,9 @@ from .measure import (
     measure_peak_memory,
     minimum_bytes,
     release_memory,
-    time_calls,
+    summarize,
+    timed_samples,
+    warm_up,
 )
 from .providers import BASELINE, CaseInputs, Prepared, Provider, Skip, make_inputs
 
@@ -205,6 +207,121 @@ def _first_line(error: BaseException) -> str:
     return f"{type(error).__name__}: {text[0] if text else ''}"
 
 
+# A block's first call is left untimed when calls are this short: the block before it was
+# another provider's, whose data (its outputs, scratch) then fills the caches.
+UNTIMED_FIRST_CALL_BELOW_S = 0.02
+
+
+class PairRun:
+    """One (case, provider) pair. Construction checks the provider's output and warms it up;
+    time_block() adds timed calls; finish() gives the result dict. Nothing it runs raises:
+    a failure becomes the result's status."""
+
+    def __init__(
+        self,
+        case: Case,
+        provider: Provider,
+        inputs: CaseInputs,
+        oracle: Callable[[], Oracle] | None,
+        settings: BenchSettings,
+    ) -> None:
+        self.device = inputs.device
+        self.settings = settings
+        self.case = case
+        self.result = _empty_result(case, provider)
+        self.samples: list[float] = []
+        self.timed: Callable[[], object] | None = None
+        self.prepared: Prepared | None = None
+        self.repeats = 0
+        self.seconds_per_call = 0.0
+        self.warmup_calls = 0
+        self.blocks = 0
+        started = time.perf_counter()
+        generator = torch.Generator(device=self.device).manual_seed(settings.seed + 1)
+        caught: list[warnings.WarningMessage] = []
+        try:
+            available, reason = provider.availability(self.device)
+            if not available:
+                raise Skip(reason)
+            self.prepared = provider.prepare(inputs)
+            self.result["note"] = self.prepared.note
+            self.result["compile_s"] = self.prepared.compile_s
+            with self.prepared.context():
+                with warnings.catch_warnings(record=True) as caught:
+                    # SDPA explains in warnings why a forced backend cannot run; keep them as the reason.
+                    warnings.simplefilter("always")
+                    if oracle is not None:
+                        self.result["check"] = _check(self.prepared, oracle(), case.needs_grad)
+                    else:
+                        _check_runs(self.prepared, case.needs_grad)
+                    check = self.result["check"]
+                    if check is not None and not check["passed"]:
+                        self.result["status"] = "wrong"
+                        self.result["reason"] = f"output differs from the float64 reference: {check['reason']}"
+                timed = _timed_function(self.prepared, case, generator)
+                warm_call_s = None
+                if settings.measure_memory:
+                    # The memory measurement is the first warm-up call (after the check's call, so
+                    # one-time allocations are already done).
+                    began = time.perf_counter()
+                    peak, method = measure_peak_memory(timed, self.device)
+                    warm_call_s = time.perf_counter() - began
+                    self.result["peak_memory_bytes"], self.result["memory_method"] = peak, method
+                self.warmup_calls, self.repeats, self.seconds_per_call = warm_up(
+                    timed, self.device, settings.timing, warm_call_s
+                )
+            self.timed = timed
+        except Exception as error:
+            self._fail(error, caught)
+        self.result["wall_s"] = time.perf_counter() - started
+
+    def _fail(self, error: BaseException, caught: list[warnings.WarningMessage]) -> None:
+        if isinstance(error, Skip):
+            self.result["status"], self.result["reason"] = "skipped", str(error)
+        elif NO_KERNEL_MESSAGE in str(error):
+            explanations = "; ".join(dict.fromkeys(str(w.message).strip() for w in caught))
+            self.result["status"], self.result["reason"] = "skipped", (explanations or _first_line(error))[:500]
+        elif is_out_of_memory(error):
+            self.result["status"], self.result["reason"] = "oom", _first_line(error)
+        else:
+            self.result["status"], self.result["reason"] = "error", _first_line(error)
+            self.result["note"] = traceback.format_exc(limit=3)[-2000:]
+        self.timed = self.prepared = None
+        self.samples = []
+        release_memory(self.device, collect=self.result["status"] in ("oom", "error"))
+
+    def time_block(self, count: int) -> None:
+        """count more timed calls (after an untimed one when calls are short and this is not
+        the first block)."""
+        if self.timed is None or self.prepared is None:
+            return
+        started = time.perf_counter()
+        try:
+            with self.prepared.context():
+                if self.blocks > 0 and self.seconds_per_call < UNTIMED_FIRST_CALL_BELOW_S:
+                    self.timed()
+                    self.warmup_calls += 1
+                self.samples += timed_samples(self.timed, self.device, self.settings.timing, count)
+            self.blocks += 1
+        except Exception as error:
+            self._fail(error, [])
+        self.result["wall_s"] += time.perf_counter() - started
+
+    def finish(self) -> dict[str, Any]:
+        """The result dict (docs/benchmarks.md, "results"); releases the pair's tensors."""
+        if self.timed is not None and self.samples:
+            timing = summarize(self.samples, self.warmup_calls, self.blocks)
+            seconds = timing.median_ms / 1e3
+            self.result["timing"] = timing.as_dict()
+            self.result["tflops"] = self.result["flops"] / seconds / 1e12
+            self.result["tokens_per_s"] = self.case.query_tokens / seconds
+            if self.case.mode == "fwd":
+                self.result["gb_per_s"] = minimum_bytes(self.case) / seconds / 1e9
+        self.timed = self.prepared = None
+        release_memory(self.device)
+        return self.result
+
+
 def run_pair(
     case: Case,
     provider: Provider,
@@ -212,59 +329,29 @@ def run_pair(
     oracle: Callable[[], Oracle] | None,
     settings: BenchSettings,
 ) -> dict[str, Any]:
-    """One result dict for (case, provider). oracle builds (once) the check's reference."""
-    device = inputs.device
-    result = _empty_result(case, provider)
-    generator = torch.Generator(device=device).manual_seed(settings.seed + 1)
-    caught: list[warnings.WarningMessage] = []
-    try:
-        available, reason = provider.availability(device)
-        if not available:
-            raise Skip(reason)
-        prepared = provider.prepare(inputs)
-        result["note"] = prepared.note
-        result["compile_s"] = prepared.compile_s
-        with prepared.context():
-            with warnings.catch_warnings(record=True) as caught:
-                # SDPA explains in warnings why a forced backend cannot run; keep them as the reason.
-                warnings.simplefilter("always")
-                if oracle is not None:
-                    result["check"] = _check(prepared, oracle(), case.needs_grad)
-                else:
-                    _check_runs(prepared, case.needs_grad)
-                if result["check"] is not None and not result["check"]["passed"]:
-                    result["status"] = "wrong"
-                    result["reason"] = f"output differs from the float64 reference: {result['check']['reason']}"
-            timed = _timed_function(prepared, case, generator)
-            warm_call_s = None
-            if settings.measure_memory:
-                # The memory measurement is the first warm-up call (after the check's call, so
-                # one-time allocations are already done).
-                began = time.perf_counter()
-                peak, method = measure_peak_memory(timed, device)
-                warm_call_s = time.perf_counter() - began
-                result["peak_memory_bytes"], result["memory_method"] = peak, method
-            timing = time_calls(timed, device, settings.timing, warm_call_s)
-        seconds = timing.median_ms / 1e3
-        result["timing"] = timing.as_dict()
-        result["tflops"] = result["flops"] / seconds / 1e12
-        result["tokens_per_s"] = case.query_tokens / seconds
-        if case.mode == "fwd":
-            result["gb_per_s"] = minimum_bytes(case) / seconds / 1e9
-    except Skip as skip:
-        result["status"], result["reason"] = "skipped", str(skip)
-    except Exception as error:  # a provider failing must never end the run
-        if NO_KERNEL_MESSAGE in str(error):
-            explanations = "; ".join(dict.fromkeys(str(w.message).strip() for w in caught))
-            result["status"], result["reason"] = "skipped", (explanations or _first_line(error))[:500]
-        elif is_out_of_memory(error):
-            result["status"], result["reason"] = "oom", _first_line(error)
-        else:
-            result["status"], result["reason"] = "error", _first_line(error)
-            result["note"] = traceback.format_exc(limit=3)[-2000:]
-    finally:
-        release_memory(device, collect=result["status"] in ("oom", "error"))
-    return result
+    """One result dict for (case, provider), its calls timed in one block. oracle builds
+    (once) the check's reference."""
+    pair = PairRun(case, provider, inputs, oracle, settings)
+    pair.time_block(pair.repeats)
+    return pair.finish()
+
+
+def run_interleaved(
+    case: Case,
+    providers: list[Provider],
+    inputs: CaseInputs,
+    oracle: Callable[[], Oracle] | None,
+    settings: BenchSettings,
+) -> list[dict[str, Any]]:
+    """The case's pairs, checked and warmed up one by one, then timed in settings.timing.rounds
+    rounds, every other round in reverse provider order (A B, B A, A B, ...), each round a
+    block of ceil(repeats / rounds) calls per provider; the median is over all blocks' calls."""
+    pairs = [PairRun(case, provider, inputs, oracle, settings) for provider in providers]
+    rounds = settings.timing.rounds
+    for round_index in range(rounds):
+        for pair in pairs if round_index % 2 == 0 else reversed(pairs):
+            pair.time_block(-(-pair.repeats // rounds))
+    return [pair.finish() for pair in pairs]
 
 
 def add_speedups(results: list[dict[str, Any]]) -> None:
@@ -310,16 +397,23 @@ def run_benchmark(
                 cache.append(Oracle(inputs, settings.check_rows, torch.Generator().manual_seed(settings.seed + 2)))
             return cache[0]
 
-        for provider in providers:
+        checked = oracle if settings.check else None
+        if settings.timing.rounds > 1:
             if progress is not None:
-                progress(done, total, case, provider, None)
-            started = time.perf_counter()
-            result = run_pair(case, provider, inputs, oracle if settings.check else None, settings)
-            result["wall_s"] = time.perf_counter() - started
-            results.append(result)
-            done += 1
-            if progress is not None:
-                progress(done, total, case, provider, result)
+                progress(done, total, case, providers[0], None)
+            for provider, result in zip(providers, run_interleaved(case, providers, inputs, checked, settings)):
+                results.append(result)
+                done += 1
+                if progress is not None:
+                    progress(done, total, case, provider, result)
+        else:
+            for provider in providers:
+                if progress is not None:
+                    progress(done, total, case, provider, None)
+                results.append(run_pair(case, provider, inputs, checked, settings))
+                done += 1
+                if progress is not None:
+                    progress(done, total, case, provider, results[-1])
         del inputs, cache
         release_memory(device)
     add_speedups(results)

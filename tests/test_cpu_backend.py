@@ -96,6 +96,36 @@ def test_fully_masked_rows() -> None:
     assert torch.all(out[:, :, 2] == 0) and torch.all(torch.isneginf(lse[:, :, 2]))
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+@pytest.mark.parametrize("causal", [False, True])
+def test_boolean_masks_hiding_whole_key_tiles(dtype: torch.dtype, causal: bool) -> None:
+    # Tiles of 128 keys that a boolean mask hides from every row of a 64-row block are
+    # skipped: key padding (its tail tiles), a per-row mask hiding a tile from the first
+    # block only, a middle tile hidden for one head, and whole rows hidden; prefill (70 rows:
+    # two blocks) and decode (one row, GQA), alone and with key lengths.
+    q, k, v = make_qkv(batch=2, heads_q=4, heads_kv=2, seqlen_q=70, seqlen_k=400, dim=32, dtype=dtype)
+    padding = (torch.arange(400)[None, :] < torch.tensor([130, 300])[:, None])[:, None, None, :]
+    assert_backend_matches("cpu", q, k, v, attn_mask=padding, causal=causal)
+    assert_backend_matches("cpu", q, k, v, attn_mask=padding, causal=causal, key_lengths=torch.tensor([390, 200]))
+    # Broadcast over rows: with causal, row 0 sees keys up to 330 only (hidden here), row 69
+    # the keys after them too, in the same tile.
+    gap = torch.ones(1, 1, 1, 400, dtype=torch.bool)
+    gap[..., 200:331] = False
+    assert_backend_matches("cpu", q, k, v, attn_mask=gap, causal=causal)
+    per_row = torch.rand(2, 4, 70, 400) > 0.3
+    per_row[:, :, :64, 128:256] = False  # hidden from the first row block, not from the second
+    per_row[0, 2, :, 256:384] = False  # a middle tile hidden for one head
+    per_row[1, 3, 5] = False  # a fully masked row
+    assert_backend_matches("cpu", q, k, v, attn_mask=per_row, causal=causal)
+    decode_q = q[:, :, -1:]
+    assert_backend_matches("cpu", decode_q, k, v, attn_mask=padding, causal=causal)
+    assert_backend_matches("cpu", decode_q, k, v, attn_mask=per_row[:, :, -1:], causal=causal)
+    # One query row against many tiles: the decode path splits the keys across threads.
+    long_k, long_v = (torch.randn(1, 2, 4000, 32, dtype=dtype) for _ in range(2))
+    long_padding = (torch.arange(4000) < 1000)[None, None, None, :]
+    assert_backend_matches("cpu", decode_q[:1], long_k, long_v, attn_mask=long_padding, causal=causal)
+
+
 def _varlen(lengths_q, lengths_k, heads_q=4, heads_kv=2, dim=32, dim_v=None, dtype=torch.float32):
     dim_v = dim if dim_v is None else dim_v
     cu_q = torch.tensor([0, *torch.tensor(lengths_q).cumsum(0).tolist()], dtype=torch.int32)

@@ -93,6 +93,32 @@ def test_decode_matches_the_float64_oracle(isa, byte_tables, kv_dtype, heads_q, 
 
 
 @pytest.mark.parametrize("kv_dtype", KV_DTYPES, ids=str)
+@pytest.mark.parametrize(("heads_q", "heads_kv", "seqlen_q"), [(32, 8, 1), (4, 2, 3), (3, 3, 1)])
+@pytest.mark.parametrize("causal", [False, True])
+def test_boolean_masks(isa, byte_tables, kv_dtype, heads_q, heads_kv, seqlen_q, causal):
+    # Key padding whose tail hides whole 128-key tiles (skipped), a per-row mask that hides
+    # one head's middle tile, a broadcast gap that the first query row cannot see past under
+    # causal but the last one can, and a fully masked row.
+    torch.manual_seed(2)
+    seqlen_k = 400
+    q = torch.randn(2, heads_q, seqlen_q, 64, dtype=torch.bfloat16)
+    k = torch.randn(2, heads_kv, seqlen_k, 64, dtype=torch.bfloat16)
+    v = torch.randn(2, heads_kv, seqlen_k, 64, dtype=torch.bfloat16)
+    padding = (torch.arange(seqlen_k)[None, :] < torch.tensor([130, 300])[:, None])[:, None, None, :]
+    per_row = torch.rand(2, heads_q, seqlen_q, seqlen_k) > 0.3
+    per_row[0, 0, :, 128:256] = False
+    per_row[1, -1, 0] = False
+    gap = torch.ones(1, 1, 1, seqlen_k, dtype=torch.bool)
+    gap[..., 200 : seqlen_k - seqlen_q + 1] = False
+    key_cache, k_descale = fusedattn.quantize_kv(k, kv_dtype)
+    value_cache, v_descale = fusedattn.quantize_kv(v, kv_dtype)
+    for mask in (padding, per_row, gap):
+        assert_backend_matches(
+            "cpu", q, key_cache, value_cache, k_descale=k_descale, v_descale=v_descale, attn_mask=mask, causal=causal
+        )
+
+
+@pytest.mark.parametrize("kv_dtype", KV_DTYPES, ids=str)
 @pytest.mark.parametrize(
     ("heads_q", "heads_kv", "seqlen_q", "options"),
     [

@@ -280,7 +280,8 @@ def attention_backward_dkdv_kernel(
         return
 
     keys = first_key + tl.arange(0, BLOCK_N)
-    key_valid = keys < len_k
+    key_valid = keys < len_k  # dK and dV are written up to Sk (0 past key_lengths)
+    key_read = keys < key_limit  # K and V are read only before key_lengths
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
@@ -290,12 +291,12 @@ def attention_backward_dkdv_kernel(
     k_rows = (k_start + keys)[:, None].to(tl.int64)
     k_tile = tl.load(
         K + batch64 * stride_kb + kv_head.to(tl.int64) * stride_kh + k_rows * stride_ks + offs_d[None, :],
-        mask=key_valid[:, None] & d_valid[None, :],
+        mask=key_read[:, None] & d_valid[None, :],
         other=0.0,
     )
     v_tile = tl.load(
         V + batch64 * stride_vb + kv_head.to(tl.int64) * stride_vh + k_rows * stride_vs + offs_dv[None, :],
-        mask=key_valid[:, None] & dv_valid[None, :],
+        mask=key_read[:, None] & dv_valid[None, :],
         other=0.0,
     )
     grad_k = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
@@ -506,7 +507,7 @@ def attention_backward_dq_kernel(
     )  # fmt: skip
     for start_n in range(lo, hi, BLOCK_N):
         keys = start_n + offs_n
-        key_valid = keys < len_k
+        key_valid = keys < key_limit  # storage past key_lengths is never read
         key_offsets = keys.to(tl.int64)  # key * stride may pass 2**31
         k_tile = tl.load(
             k_base + key_offsets[:, None] * stride_ks + offs_d[None, :],

@@ -184,7 +184,7 @@ def attention_decode_split_kernel(
     for start_n in range(lo, hi, BLOCK_N):
         accumulator, row_max, row_sum = attend_tile(
             q, accumulator, row_max, row_sum, start_n, k_base, v_base, stride_ks, stride_vs, paging, descales, rows, heads,
-            row_valid, row_hash, batch, len_k, key_limit, position_offset, rule, (dropout_threshold, key_start), offs_d, offs_dv,
+            row_valid, row_hash, batch, key_limit, position_offset, rule, (dropout_threshold, key_start), offs_d, offs_dv,
             d_valid, dv_valid, CAUSAL, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, MASK_KIND, HAS_ALIBI, HAS_SOFTCAP,
             HAS_DROPOUT, INPUT_PRECISION, True, False, IS_PAGED, PAGE_SIZE, HAS_K_DESCALE, HAS_V_DESCALE, BLOCK_N,
         )  # fmt: skip

@@ -215,8 +215,9 @@ def attention_forward_kernel(
     )
 
     if USE_TMA:
-        k_source = tl.make_tensor_descriptor(k_base, [len_k, HEAD_DIM], [stride_ks, 1], [BLOCK_N, BLOCK_D])
-        v_source = tl.make_tensor_descriptor(v_base, [len_k, HEAD_DIM_V], [stride_vs, 1], [BLOCK_N, BLOCK_DV])
+        # Rows end at key_limit, not Sk: the copy engine zero-fills storage past key_lengths.
+        k_source = tl.make_tensor_descriptor(k_base, [key_limit, HEAD_DIM], [stride_ks, 1], [BLOCK_N, BLOCK_D])
+        v_source = tl.make_tensor_descriptor(v_base, [key_limit, HEAD_DIM_V], [stride_vs, 1], [BLOCK_N, BLOCK_DV])
     else:
         k_source = k_base
         v_source = v_base
@@ -262,7 +263,7 @@ def attention_forward_kernel(
         for start_n in range(segment_lo, segment_hi, BLOCK_N):
             accumulator, row_max, row_sum = attend_tile(
                 q, accumulator, row_max, row_sum, start_n, k_source, v_source, stride_ks, stride_vs, paging, descales, rows,
-                heads, row_valid, row_hash, batch, len_k, key_limit, position_offset, rule, (dropout_threshold, key_start), offs_d,
+                heads, row_valid, row_hash, batch, key_limit, position_offset, rule, (dropout_threshold, key_start), offs_d,
                 offs_dv, d_valid, dv_valid, CAUSAL, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, MASK_KIND, HAS_ALIBI,
                 HAS_SOFTCAP, HAS_DROPOUT, INPUT_PRECISION, segment != 1, USE_TMA, IS_PAGED, PAGE_SIZE, HAS_K_DESCALE, HAS_V_DESCALE, BLOCK_N,
             )  # fmt: skip

@@ -29,7 +29,6 @@ def attend_tile(
     row_valid,
     row_hash,
     batch,
-    len_k,
     key_limit,
     position_offset,
     score_rule,
@@ -57,7 +56,7 @@ def attend_tile(
     """One step of the online softmax over keys start_n .. start_n + BLOCK_N (shared with decode).
 
     k_source / v_source are the head's K / V base pointers, or tensor descriptors with
-    USE_TMA (the copy engine then zero-fills rows past Sk and columns past the head dim).
+    USE_TMA (the copy engine then zero-fills rows past key_limit and columns past the head dim).
     With IS_PAGED the rows come from a paged cache through paging (see paged_position), read
     where they lie. Returns the updated (accumulator, row_max, row_sum); row_max is in
     base-2 units.
@@ -72,7 +71,9 @@ def attend_tile(
     fp16 queries: there it scales the value tile (p * scale would underflow fp16).
     """
     keys = start_n + tl.arange(0, BLOCK_N)
-    key_valid = keys < len_k
+    # Keys at or past key_limit are storage past key_lengths, never read: a NaN left there
+    # (or in its scale) must not reach P·V as 0 * NaN (docs/semantics.md).
+    key_valid = keys < key_limit
     block = keys.to(tl.int64) * 0
     row = block
     if IS_PAGED:

@@ -11,7 +11,7 @@ import pytest
 import torch
 from fusedattn._native import build_info, native
 from fusedattn.backends.cpu import selected_isa
-from fusedattn.testing import assert_backend_matches, paged_case
+from fusedattn.testing import assert_backend_matches, paged_case, quantize_test_cache
 
 pytestmark = pytest.mark.skipif(native() is None, reason="fusedattn._C is not built")
 
@@ -171,8 +171,8 @@ def test_paged_cache_and_wider_values(isa, kv_dtype):
         (1, 2, 1), (150, 61, 1), block_size=24, heads_q=8, heads_kv=2, head_dim=32, head_dim_v=192,
         dtype=torch.bfloat16, generator=generator,
     )  # fmt: skip
-    key_cache, k_descale = fusedattn.quantize_kv(key_cache, kv_dtype)
-    value_cache, v_descale = fusedattn.quantize_kv(value_cache, kv_dtype)
+    key_cache, k_descale = quantize_test_cache(key_cache, kv_dtype)
+    value_cache, v_descale = quantize_test_cache(value_cache, kv_dtype)
     out = fusedattn.attention_paged(
         q, key_cache, value_cache, k_descale=k_descale, v_descale=v_descale, backend="cpu", causal=True, **arguments
     )

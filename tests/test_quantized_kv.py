@@ -11,7 +11,7 @@ from __future__ import annotations
 import fusedattn
 import pytest
 import torch
-from fusedattn.testing import assert_backend_matches, paged_case
+from fusedattn.testing import assert_backend_matches, paged_case, quantize_test_cache
 
 KV_DTYPES = [torch.int8, torch.float8_e4m3fn]
 IDS = ["int8", "float8_e4m3fn"]
@@ -116,8 +116,8 @@ def test_per_token_scales_of_any_stride(kv_dtype, seqlen_q, dim, dtype) -> None:
 def test_varlen_and_paged_caches(kv_dtype) -> None:
     generator = torch.Generator().manual_seed(2)
     (q, key_cache, value_cache), arguments = paged_case((1, 3, 1), (40, 17, 1), block_size=16, generator=generator)
-    key_cache, k_descale = fusedattn.quantize_kv(key_cache, kv_dtype)
-    value_cache, v_descale = fusedattn.quantize_kv(value_cache, kv_dtype)
+    key_cache, k_descale = quantize_test_cache(key_cache, kv_dtype)
+    value_cache, v_descale = quantize_test_cache(value_cache, kv_dtype)
     for backend in ("cpu", "reference"):
         out = fusedattn.attention_paged(
             q, key_cache, value_cache, k_descale=k_descale, v_descale=v_descale, backend=backend, causal=True,

@@ -56,7 +56,8 @@ struct BackwardKeyBlock {
   GridBlock block;
   SequenceView view;
   int key_start;
-  int valid_keys;  // may be <= 0: the block is past its sequence's keys
+  int valid_keys;   // may be <= 0: the block is past its sequence's keys
+  int loaded_keys;  // of those, the ones before key_limit: K and V past key_lengths are never read
   int group;       // query heads per KV head
   int kv_head;
   int64_t k_row;  // the first key's row in k, v (and the partials)
@@ -69,6 +70,7 @@ __device__ __forceinline__ BackwardKeyBlock backward_key_block(const AttentionPa
   owned.view = sequence_view(p, owned.block.batch);
   owned.key_start = owned.block.tile * block_n;
   owned.valid_keys = min(block_n, owned.view.seqlen_k - owned.key_start);
+  owned.loaded_keys = max(0, min(owned.valid_keys, owned.view.key_limit - owned.key_start));
   owned.group = p.heads_q / p.heads_kv;
   owned.kv_head = owned.block.head / owned.group;
   owned.k_row = int64_t{owned.view.k_row_base} + owned.key_start;
@@ -112,7 +114,6 @@ __global__ void __launch_bounds__(kThreads) attention_backward_kernel(const Atte
   const SequenceView& view = owned.view;
   const int key_start = owned.key_start;
   if (owned.valid_keys <= 0) return;
-  const int valid_keys = owned.valid_keys;
   const int kv_head = owned.kv_head;
   const bool dropout = p.dropout_threshold != 0;
   const int qk_tiles = tiles_of(p.head_dim);
@@ -123,8 +124,9 @@ __global__ void __launch_bounds__(kThreads) attention_backward_kernel(const Atte
                      k_row * p.k_strides.row;
   const Element* v = static_cast<const Element*>(p.v) + batch * p.v_strides.batch + kv_head * p.v_strides.head +
                      k_row * p.v_strides.row;
-  load_tile(key_tile, kInputPitch, k, p.k_strides.row, kBlockN, kHeadDim, valid_keys, p.head_dim, p.vector_loads);
-  load_tile(value_tile, kInputPitch, v, p.v_strides.row, kBlockN, kHeadDim, valid_keys, p.head_dim_v,
+  load_tile(key_tile, kInputPitch, k, p.k_strides.row, kBlockN, kHeadDim, owned.loaded_keys, p.head_dim,
+            p.vector_loads);
+  load_tile(value_tile, kInputPitch, v, p.v_strides.row, kBlockN, kHeadDim, owned.loaded_keys, p.head_dim_v,
             p.vector_loads);
   fill_shared(grad_key, kBlockN * kGradientPitch, 0.0f);
   fill_shared(grad_value, kBlockN * kGradientPitch, 0.0f);

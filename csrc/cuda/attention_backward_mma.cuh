@@ -186,10 +186,10 @@ __global__ void __launch_bounds__(MmaBackwardConfig<Element, kHeadDim>::kThreads
   };
 
   // Group 0: K, V and the first query tile.
-  load_tile_async<Element, kBlockN, kHeadDim, kPitch, kThreadCount>(key_tile, k, p.k_strides.row, owned.valid_keys,
+  load_tile_async<Element, kBlockN, kHeadDim, kPitch, kThreadCount>(key_tile, k, p.k_strides.row, owned.loaded_keys,
                                                                     p.head_dim, p.vector_loads);
   load_tile_async<Element, kBlockN, kHeadDim, kPitch, kThreadCount>(value_tile, v, p.v_strides.row,
-                                                                    owned.valid_keys, p.head_dim_v, p.vector_loads);
+                                                                    owned.loaded_keys, p.head_dim_v, p.vector_loads);
   if (query_tiles > 0) {
     load_query_tile(0, 0);
     write_row_statistics(read_row_statistics(0), 0);

@@ -103,7 +103,8 @@ __global__ void __launch_bounds__(kThreads) attention_forward_kernel(const Atten
   for (int64_t tile_start = key_begin; tile_start < key_end; tile_start += kBlockN) {  // int64: no overflow at 2^31
     const int key_start = static_cast<int>(tile_start);
     __syncthreads();  // the previous tile's products are done with K, V and P
-    const int valid_keys = min(kBlockN, view.seqlen_k - key_start);
+    // Keys past key_limit are storage past key_lengths: never read, zero-filled.
+    const int valid_keys = min(kBlockN, view.key_limit - key_start);
     load_tile(key_tile, kInputPitch, k + static_cast<int64_t>(key_start) * p.k_strides.row, p.k_strides.row, kBlockN,
               kHeadDim, valid_keys, p.head_dim, p.vector_loads);
     load_tile(value_tile, kInputPitch, v + static_cast<int64_t>(key_start) * p.v_strides.row, p.v_strides.row,

@@ -196,7 +196,8 @@ __global__ void __launch_bounds__(MmaForwardConfig<Element, kHeadDim>::kThreads,
 
   auto load_key_value_tile = [&](int tile, int stage) {
     const int key_start = key_begin + tile * kBlockN;  // < key_end: no overflow
-    const int valid_keys = min(kBlockN, view.seqlen_k - key_start);
+    // Keys past key_limit are storage past key_lengths: never read, zero-filled.
+    const int valid_keys = min(kBlockN, view.key_limit - key_start);
     load_tile_async<Element, kBlockN, kHeadDim, kPitch, kThreadCount>(
         key_stages + stage * kBlockN * kPitch, k + static_cast<int64_t>(key_start) * p.k_strides.row,
         p.k_strides.row, valid_keys, p.head_dim, p.vector_loads);

@@ -589,12 +589,14 @@ def _right_aligned_keys(
     span = capacity if torch.compiler.is_compiling() or ends.numel() == 0 else int(ends.max())
     positions = torch.arange(span, device=ends.device)[None, :] - (span - ends[:, None])
     mask = positions >= starts[:, None]
-    positions = positions.clamp(0, max(capacity - 1, 0))
+    # Slots before a row's first valid key read that key (hidden by the mask): the cache
+    # there is storage, which may hold NaN (0 * NaN would reach the output).
+    positions = torch.where(mask, positions, starts[:, None]).clamp(0, max(capacity - 1, 0))
     if block_table is None:
         cache_rows = rows[:, None]
     else:
         block_size = k_cache.shape[1]
-        # Slots before a row's first valid key read some block: its entry may be garbage.
+        # A row with no valid key reads a slot past its end (its output is 0 whatever it holds).
         cache_rows = torch.gather(block_table, 1, positions // block_size).clamp(0, k_cache.shape[0] - 1)
         positions = positions % block_size
     return k_cache[cache_rows, positions], v_cache[cache_rows, positions], mask[:, None, None, :]

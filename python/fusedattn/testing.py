@@ -28,6 +28,7 @@ from .api import attention, attention_paged, attention_varlen
 from .backends.reference import reference_attention
 from .dispatch import registry
 from .outputs import poisoned_outputs
+from .quantization import quantize_kv
 from .semantics import QUANTIZED_KV_DTYPES, AttentionCall
 from .validation import validate_attention, validate_paged, validate_varlen
 
@@ -50,6 +51,8 @@ __all__ = [
     "check_backend",
     "validated_call",
     "paged_case",
+    "poison_storage_past_lengths",
+    "quantize_test_cache",
     "flash_backward_bounds",
     "FEATURE_CASES",
     "SHAPE_FEATURES",
@@ -271,9 +274,19 @@ def check_backend(
     with the float64 reference. kwargs are those of fusedattn.attention, of
     attention_varlen when they include cu_seqlens_q, or of attention_paged (k, v the
     caches; forward only) when they include block_table. Inputs must not require grad;
-    8-bit K/V are checked forward only.
+    8-bit K/V are checked forward only. With key_lengths, both runs see NaN in K, V and
+    per-token scales at or past key_lengths[b] (poison_storage_past_lengths).
     """
     kwargs = dict(kwargs)
+    lengths = kwargs.get("key_lengths")
+    if isinstance(lengths, torch.Tensor):
+        # Rows past key_lengths are storage no backend may read (docs/semantics.md): NaN
+        # there, and in their per-token scales, must change nothing.
+        k, v = (poison_storage_past_lengths(t, lengths) for t in (k, v))
+        for name in ("k_descale", "v_descale"):
+            scale = kwargs.get(name)
+            if isinstance(scale, torch.Tensor) and scale.shape == k.shape[:3] and 0 not in scale.stride():
+                kwargs[name] = poison_storage_past_lengths(scale, lengths)
     # Paged caches and 8-bit K/V are inference only (8-bit tensors cannot require grad).
     grad = grad and "block_table" not in kwargs and k.dtype not in QUANTIZED_KV_DTYPES
     if kwargs.get("dropout_p", 0.0) > 0 and kwargs.get("dropout_seed") is None:
@@ -365,6 +378,26 @@ def _leaf_copy(tensor: torch.Tensor, requires_grad: bool) -> torch.Tensor:
     slice of a packed QKV buffer, say) contiguous, and hide layout bugs from the check."""
     copy = torch.empty_strided(tensor.shape, tensor.stride(), dtype=tensor.dtype, device=tensor.device)
     return copy.copy_(tensor.detach()).requires_grad_(requires_grad)
+
+
+def _nan_where(tensor: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
+    """tensor (modified in place) with NaN where `where` (broadcast) is True: float8_e4m3fn
+    gets its NaN byte; int8 has no NaN and is left as it is."""
+    if tensor.dtype == torch.float8_e4m3fn:
+        tensor.view(torch.uint8).masked_fill_(where, 0x7F)
+    elif tensor.dtype != torch.int8:
+        tensor.masked_fill_(where, float("nan"))
+    return tensor
+
+
+def poison_storage_past_lengths(tensor: torch.Tensor, key_lengths: torch.Tensor) -> torch.Tensor:
+    """A copy (exact strides) of dense K or V (B, Hkv, Sk, ·), or of a per-token scale
+    (B, Hkv, Sk), with NaN at every position at or past key_lengths[b]: storage, which no
+    backend may read. float8_e4m3fn gets its NaN byte; int8 has no NaN and is copied as is."""
+    copy = _leaf_copy(tensor, False)
+    positions = torch.arange(copy.shape[2], device=copy.device)
+    past = positions[None, :] >= key_lengths.to(device=copy.device, dtype=torch.int64)[:, None]
+    return _nan_where(copy, past[:, None, :, None] if copy.dim() == 4 else past[:, None, :])
 
 
 def _to_device(call: AttentionCall, device: torch.device) -> AttentionCall:
@@ -485,6 +518,14 @@ def feature_case(name: str, q: torch.Tensor, k: torch.Tensor) -> dict[str, Any]:
     return options
 
 
+def quantize_test_cache(cache: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """fusedattn.quantize_kv of a cache from paged_case: its storage rows (NaN, which no
+    scale represents) are quantized as 0 with NaN scales, so a read of them still shows."""
+    storage = cache.isnan().any(-1)
+    quantized, descale = quantize_kv(torch.nan_to_num(cache, nan=0.0), dtype)
+    return quantized, descale.masked_fill(storage, float("nan"))
+
+
 def paged_case(
     query_lengths: tuple[int, ...],
     cache_lengths: tuple[int, ...],
@@ -502,7 +543,9 @@ def paged_case(
     """((q, key_cache, value_cache), attention_paged keyword arguments) for sequences with
     these query and cache lengths: blocks in shuffled order, with spare blocks nobody uses,
     table entries past each sequence's last block set to -1 (never read), and the first
-    shared_prefix_blocks blocks of every sequence the same blocks (a shared prompt prefix)."""
+    shared_prefix_blocks blocks of every sequence the same blocks (a shared prompt prefix).
+    Cache rows no sequence holds (spare blocks, rows past a sequence's length) are NaN:
+    storage, which no backend may read."""
     head_dim_v = head_dim if head_dim_v is None else head_dim_v
     sequences = len(cache_lengths)
     blocks_needed = [max(1, -(-length // block_size)) for length in cache_lengths]
@@ -526,6 +569,12 @@ def paged_case(
     q = randn(sum(query_lengths), heads_q, head_dim)
     key_cache = randn(num_blocks, block_size, heads_kv, head_dim)
     value_cache = randn(num_blocks, block_size, heads_kv, head_dim_v)
+    held = torch.zeros(num_blocks, block_size, dtype=torch.bool)
+    for index, length in enumerate(cache_lengths):
+        for slot in range(blocks_needed[index]):
+            held[int(table[index, slot]), : max(0, min(block_size, length - slot * block_size))] = True
+    held = held.to(device)[:, :, None, None]
+    key_cache, value_cache = (_nan_where(cache, ~held) for cache in (key_cache, value_cache))
     offsets = [0]
     for length in query_lengths:
         offsets.append(offsets[-1] + length)

@@ -202,6 +202,13 @@ def _problems(call: AttentionCall, compute_dtype: torch.dtype) -> list[_Problem]
     if call.v_descale is not None:
         v = v * call.v_descale.to(compute_dtype)[..., None]
     if not call.is_varlen:
+        if call.key_lengths is not None:
+            # Rows at or past key_lengths[b] are storage, not input (docs/semantics.md): a
+            # NaN left there (or in their scales) reaches no output and no gradient.
+            stored = torch.arange(k.shape[2], device=k.device) < call.key_lengths.to(k.device)[:, None]
+            stored = stored[:, None, :, None]
+            k = torch.where(stored, k, torch.zeros((), dtype=k.dtype, device=k.device))
+            v = torch.where(stored, v, torch.zeros((), dtype=v.dtype, device=v.device))
         index = torch.arange(q.shape[0], device=q.device)
         return [_Problem(q, k, v, call.attn_mask, call.key_lengths, call.alibi_slopes, index, None)]
     offsets_q = call.cu_seqlens_q.tolist()

@@ -24,9 +24,8 @@ from typing import Any
 
 import torch
 
-from ..quantization import quantize_kv
 from ..semantics import FEATURES, AttentionCall
-from ..testing import FEATURE_CASES, paged_case
+from ..testing import FEATURE_CASES, paged_case, quantize_test_cache
 
 DTYPES: dict[str, torch.dtype] = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 _DTYPE_ALIASES = {
@@ -669,7 +668,8 @@ def make_inputs(
     if case.query_start or case.key_start:
         options.update(query_start=case.query_start, key_start=case.key_start)
     if case.kv_quantized is not None:
-        # One scale per row (token and head), as fusedattn.quantize_kv makes a cache.
+        # One scale per row (token and head), as fusedattn.quantize_kv makes a cache; a paged
+        # cache's storage rows keep NaN scales (quantize_test_cache).
         kv_dtype = getattr(torch, case.kv_quantized)
-        (k, options["k_descale"]), (v, options["v_descale"]) = quantize_kv(k, kv_dtype), quantize_kv(v, kv_dtype)
+        (k, options["k_descale"]), (v, options["v_descale"]) = (quantize_test_cache(t, kv_dtype) for t in (k, v))
     return q, k, v, options

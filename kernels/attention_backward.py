@@ -368,6 +368,9 @@ def attention_backward_dkdv_kernel(
     grad_k = grad_k * scale
     if HAS_DROPOUT:
         grad_v = grad_v * dropout_keep_scale
+    # Rows past key_lengths get 0, not 0 * a NaN in q or dO.
+    grad_k = tl.where(key_read[:, None], grad_k, 0.0)
+    grad_v = tl.where(key_read[:, None], grad_v, 0.0)
     tl.store(
         GradK + batch64 * stride_dkb + program_head.to(tl.int64) * stride_dkh + k_rows * stride_dks + offs_d[None, :],
         grad_k.to(GradK.dtype.element_ty),

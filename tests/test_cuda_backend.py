@@ -177,6 +177,23 @@ def test_emulated_features_match_reference(emulated, case):
     _check_feature(emulated, "cpu", case, torch.float32, 2, 1, 70, 97, 32)
 
 
+@pytest.mark.parametrize("heads_kv", [1, 2], ids=["gqa", "mha"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_emulated_no_gradient_into_storage_past_key_lengths(emulated, dtype, heads_kv):
+    # The key tile that straddles key_lengths computes its storage rows too (0 * a NaN in q
+    # or dO is NaN): both backward kernels (fp32 FMA, fp16 mma), with and without the GQA
+    # partials, store 0 there (docs/semantics.md).
+    q, k, v = _inputs(2, 2, heads_kv, 20, 70, 32, dtype=dtype, device="cpu")
+    q[0, 1, 3] = float("nan")
+    leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
+    lengths = torch.tensor([29, 70], dtype=torch.int32)
+    out = fusedattn.attention(*leaves, key_lengths=lengths, backend=emulated)
+    grad_out = torch.randn_like(out)
+    grad_out[0, 0, 5] = float("nan")
+    _, dk, dv = torch.autograd.grad(out, leaves, grad_out)
+    assert (dk[0, :, 29:] == 0).all() and (dv[0, :, 29:] == 0).all()
+
+
 @pytest.mark.parametrize("case", ["causal_bottom_right", "causal_top_left", "window_top_left", "everything"])
 def test_emulated_more_queries_than_keys(emulated, case):
     _check_feature(emulated, "cpu", case, torch.float32, 2, 2, 97, 70, 32)

@@ -203,3 +203,19 @@ def test_split_decode_covers_the_visible_keys(kv_dtype):
         _assert_same_and_clean(*_run_twice(run, (k, past), (v, past)))
     finally:
         torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_no_gradient_into_storage_past_key_lengths(backend, dtype):
+    # A NaN in q or dO reaches dk, dv of the keys its row cannot see (unspecified), but
+    # never the storage past key_lengths: 0 there.
+    q = torch.randn(2, 4, 20, 64, dtype=dtype)
+    k, v = (torch.randn(2, 2, 150, 64, dtype=dtype) for _ in range(2))
+    q[0, 1, 3] = float("nan")
+    leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
+    out = fusedattn.attention(*leaves, key_lengths=torch.tensor([129, 150], dtype=torch.int32), backend=backend)
+    grad_out = torch.randn_like(out)
+    grad_out[0, 2, 5] = float("nan")
+    _, dk, dv = torch.autograd.grad(out, leaves, grad_out)
+    assert (dk[0, :, 129:] == 0).all() and (dv[0, :, 129:] == 0).all()

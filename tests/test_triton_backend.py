@@ -202,6 +202,21 @@ def test_tensor_descriptor_path(monkeypatch, case):
     )
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_no_gradient_into_storage_past_key_lengths(dtype):
+    # The tile that straddles key_lengths computes its storage rows too (0 * a NaN in q or
+    # dO is NaN): the kernel stores 0 there (docs/semantics.md).
+    q, k, v = _inputs(2, 4, 2, 20, 45, 32, dtype=dtype)
+    q[0, 1, 3] = float("nan")
+    leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
+    lengths = torch.tensor([29, 45], dtype=torch.int32, device=DEVICE)
+    out = fusedattn.attention(*leaves, key_lengths=lengths, backend="triton")
+    grad_out = torch.randn_like(out)
+    grad_out[0, 2, 5] = float("nan")
+    _, dk, dv = torch.autograd.grad(out, leaves, grad_out)
+    assert (dk[0, :, 29:] == 0).all() and (dv[0, :, 29:] == 0).all()
+
+
 def test_dropout_mask_is_bit_identical():
     # v = identity: out[i, j] = P[i, j] * keep[i, j] / (1 - p), so the zero pattern of out
     # is exactly the dropout mask the kernel drew; it must equal semantics.dropout_keep_mask.
@@ -688,7 +703,9 @@ def test_quantized_kv_dense_and_varlen(kv_dtype, dtype, decode, monkeypatch):
     q = q.to(dtype)
     key_cache, k_descale = fusedattn.quantize_kv(k * 3, kv_dtype)
     value_cache, v_descale = fusedattn.quantize_kv(v, kv_dtype)
-    options = {"causal": True, "softcap": 4.0, "sinks": torch.rand(4, device=DEVICE)}
+    # key_lengths: check_backend puts NaN in the 8-bit storage and its scales past 31.
+    lengths = torch.tensor([31, 45], dtype=torch.int32, device=DEVICE)
+    options = {"causal": True, "softcap": 4.0, "sinks": torch.rand(4, device=DEVICE), "key_lengths": lengths}
     assert_backend_matches("triton", q, key_cache, value_cache, k_descale=k_descale, v_descale=v_descale, **options)
     head_scales = torch.tensor([[0.05], [0.02]], device=DEVICE)  # (Hkv, 1): one per KV head
     assert_backend_matches("triton", q, key_cache, value_cache, k_descale=head_scales,

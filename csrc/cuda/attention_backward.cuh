@@ -58,7 +58,7 @@ struct BackwardKeyBlock {
   int key_start;
   int valid_keys;   // may be <= 0: the block is past its sequence's keys
   int loaded_keys;  // of those, the ones before key_limit: K and V past key_lengths are never read
-  int group;       // query heads per KV head
+  int group;        // query heads per KV head
   int kv_head;
   int64_t k_row;  // the first key's row in k, v (and the partials)
 };

@@ -590,13 +590,13 @@ def _right_aligned_keys(
     positions = torch.arange(span, device=ends.device)[None, :] - (span - ends[:, None])
     mask = positions >= starts[:, None]
     # Slots before a row's first valid key read that key (hidden by the mask): the cache
-    # there is storage, which may hold NaN (0 * NaN would reach the output).
+    # there is storage, which may hold NaN (0 * NaN would reach the output). A row with no
+    # valid key reads the slot at its end, which only a fully masked row sees (output 0).
     positions = torch.where(mask, positions, starts[:, None]).clamp(0, max(capacity - 1, 0))
     if block_table is None:
         cache_rows = rows[:, None]
     else:
         block_size = k_cache.shape[1]
-        # A row with no valid key reads a slot past its end (its output is 0 whatever it holds).
         cache_rows = torch.gather(block_table, 1, positions // block_size).clamp(0, k_cache.shape[0] - 1)
         positions = positions % block_size
     return k_cache[cache_rows, positions], v_cache[cache_rows, positions], mask[:, None, None, :]

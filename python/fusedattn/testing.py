@@ -152,10 +152,14 @@ def logit_rounding_bounds(call: AttentionCall, oracle_out: torch.Tensor) -> tupl
     most d * sum_j P_ij |v_j - out_i| <= d * (sum_j P_ij |v_j| + |out_i|)."""
     unit = 2.0**-53 if call.dtype == torch.float64 else 2.0**-24
     q, k = call.q.detach().double(), call.k.detach().double()
-    if not (torch.isfinite(q).all() and torch.isfinite(k).all()) or q.numel() == 0 or k.numel() == 0:
+    # K's storage rows (past key_lengths, paged rows no sequence holds) may be NaN: no
+    # backend reads them, so they bound no logit.
+    key_norms = k.norm(dim=-1)
+    key_norms = key_norms[~torch.isnan(key_norms)]
+    if not torch.isfinite(q).all() or not torch.isfinite(key_norms).all() or q.numel() == 0 or key_norms.numel() == 0:
         return 0.0, 0.0
     scale = abs(call.scale) if math.isfinite(call.scale) else 0.0
-    largest = scale * float(q.norm(dim=-1).max()) * float(k.norm(dim=-1).max())
+    largest = scale * float(q.norm(dim=-1).max()) * float(key_norms.max())
     if call.softcap is not None:
         largest = min(largest, abs(call.softcap))
     if call.alibi_slopes is not None:
@@ -327,7 +331,8 @@ def check_backend(
         # leaves rounding noise of the size of the cancelled terms: |D| times the score
         # scale times the largest input, or the largest gradient if that is larger.
         delta = (grad_out.detach().double() * out.detach().double()).sum(-1).abs()
-        largest_input = max(_finite_max(t.detach().abs().double()) for t in (q, k))
+        # NaN (K's storage past key_lengths) would drop out of max() depending on its position.
+        largest_input = max(_finite_max(t.detach().abs().double().nan_to_num(nan=0.0, posinf=math.inf)) for t in (q, k))
         cancelled = _finite_max(delta) * call.scale * largest_input
         gradient_scale = max(cancelled, *(_finite_max(g.detach().abs()) for g in ref_grads))
         noise = flash_backward_bounds(call, grad_out, out, ref_out, ref_lse, ref_grads, lse)
@@ -519,10 +524,11 @@ def feature_case(name: str, q: torch.Tensor, k: torch.Tensor) -> dict[str, Any]:
 
 
 def quantize_test_cache(cache: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """fusedattn.quantize_kv of a cache from paged_case: its storage rows (NaN, which no
-    scale represents) are quantized as 0 with NaN scales, so a read of them still shows."""
+    """fusedattn.quantize_kv of a test cache (K or V, any layout): rows holding NaN (storage,
+    as paged_case makes them; no scale represents NaN) are quantized as 0 with NaN scales, so
+    a read of them still shows. Other rows must be finite, as quantize_kv requires."""
     storage = cache.isnan().any(-1)
-    quantized, descale = quantize_kv(torch.nan_to_num(cache, nan=0.0), dtype)
+    quantized, descale = quantize_kv(cache.masked_fill(storage[..., None], 0.0), dtype)
     return quantized, descale.masked_fill(storage, float("nan"))
 
 

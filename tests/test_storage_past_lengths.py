@@ -17,6 +17,7 @@ import fusedattn
 import pytest
 import torch
 from fusedattn import compat
+from fusedattn.semantics import within_key_lengths
 from fusedattn.testing import assert_backend_matches
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -41,7 +42,7 @@ def _fill_storage(tensor: torch.Tensor, storage: torch.Tensor, poison: bool) -> 
 
 def _past(lengths: torch.Tensor, seqlen: int) -> torch.Tensor:
     """(B, 1, Sk, 1): True at positions >= lengths[b]."""
-    return (torch.arange(seqlen)[None, :] >= lengths[:, None].long())[:, None, :, None]
+    return ~within_key_lengths(lengths, seqlen)[:, None, :, None]
 
 
 def _run_twice(run, *tensors_and_storage):

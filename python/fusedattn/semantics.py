@@ -292,6 +292,12 @@ def visible_keys(
     return allowed
 
 
+def within_key_lengths(key_lengths: torch.Tensor, seqlen_k: int) -> torch.Tensor:
+    """(B, Sk) bool, True where key j < key_lengths[b]: the keys of batch element b. The
+    rest is storage, never read (docs/semantics.md, "Storage past the lengths")."""
+    return torch.arange(seqlen_k, device=key_lengths.device)[None, :] < key_lengths[:, None]
+
+
 def alibi_bias(
     slopes: torch.Tensor, seqlen_q: int, seqlen_k: int, alignment: str, query_start: int = 0, key_start: int = 0
 ) -> torch.Tensor:

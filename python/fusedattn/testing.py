@@ -29,7 +29,7 @@ from .backends.reference import reference_attention
 from .dispatch import registry
 from .outputs import poisoned_outputs
 from .quantization import quantize_kv
-from .semantics import QUANTIZED_KV_DTYPES, AttentionCall
+from .semantics import QUANTIZED_KV_DTYPES, AttentionCall, within_key_lengths
 from .validation import validate_attention, validate_paged, validate_varlen
 
 ABSOLUTE_FLOOR = {
@@ -332,7 +332,7 @@ def check_backend(
         # scale times the largest input, or the largest gradient if that is larger.
         delta = (grad_out.detach().double() * out.detach().double()).sum(-1).abs()
         # NaN (K's storage past key_lengths) would drop out of max() depending on its position.
-        largest_input = max(_finite_max(t.detach().abs().double().nan_to_num(nan=0.0, posinf=math.inf)) for t in (q, k))
+        largest_input = max(_finite_max(t.detach().abs().double().nan_to_num(0.0, math.inf)) for t in (q, k))
         cancelled = _finite_max(delta) * call.scale * largest_input
         gradient_scale = max(cancelled, *(_finite_max(g.detach().abs()) for g in ref_grads))
         noise = flash_backward_bounds(call, grad_out, out, ref_out, ref_lse, ref_grads, lse)
@@ -400,9 +400,8 @@ def poison_storage_past_lengths(tensor: torch.Tensor, key_lengths: torch.Tensor)
     (B, Hkv, Sk), with NaN at every position at or past key_lengths[b]: storage, which no
     backend may read. float8_e4m3fn gets its NaN byte; int8 has no NaN and is copied as is."""
     copy = _leaf_copy(tensor, False)
-    positions = torch.arange(copy.shape[2], device=copy.device)
-    past = positions[None, :] >= key_lengths.to(device=copy.device, dtype=torch.int64)[:, None]
-    return _nan_where(copy, past[:, None, :, None] if copy.dim() == 4 else past[:, None, :])
+    storage = ~within_key_lengths(key_lengths.to(copy.device), copy.shape[2])
+    return _nan_where(copy, storage[:, None, :, None] if copy.dim() == 4 else storage[:, None, :])
 
 
 def _to_device(call: AttentionCall, device: torch.device) -> AttentionCall:

@@ -140,9 +140,9 @@ def backward(
         # Storage past key_lengths gets dK = dV = 0 (docs/semantics.md). The kernels zero-fill
         # its K and V, but a NaN in q or dO still reaches those rows as 0 * NaN, and a select
         # in the mma kernel's epilogue made its d128 variant spill.
-        stored = torch.arange(call.k.shape[2], device=dk.device) >= call.key_lengths[:, None].to(dk.device)
-        dk.masked_fill_(stored[:, None, :, None], 0.0)
-        dv.masked_fill_(stored[:, None, :, None], 0.0)
+        storage = ~semantics.within_key_lengths(call.key_lengths.to(dk.device), call.k.shape[2])[:, None, :, None]
+        dk.masked_fill_(storage, 0.0)
+        dv.masked_fill_(storage, 0.0)
     if "sinks" in option_gradients:
         return dq, dk, dv, semantics.call_sink_gradient(call, grad_out, out, lse)
     return dq, dk, dv

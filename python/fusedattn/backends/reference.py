@@ -75,8 +75,7 @@ def _scores(call: AttentionCall, problem: _Problem) -> torch.Tensor:
     if visible is not None:
         allowed = visible if allowed is None else allowed & visible
     if problem.key_lengths is not None:
-        in_length = torch.arange(seqlen_k, device=q.device)[None, :] < problem.key_lengths[:, None].to(q.device)
-        in_length = in_length[:, None, None, :]
+        in_length = semantics.within_key_lengths(problem.key_lengths.to(q.device), seqlen_k)[:, None, None, :]
         allowed = in_length if allowed is None else allowed & in_length
 
     scores = torch.matmul(q, k.transpose(-1, -2)) * call.scale
@@ -205,10 +204,9 @@ def _problems(call: AttentionCall, compute_dtype: torch.dtype) -> list[_Problem]
         if call.key_lengths is not None:
             # Rows at or past key_lengths[b] are storage, not input (docs/semantics.md): a
             # NaN left there (or in their scales) reaches no output and no gradient.
-            stored = torch.arange(k.shape[2], device=k.device) < call.key_lengths.to(k.device)[:, None]
-            stored = stored[:, None, :, None]
-            k = torch.where(stored, k, torch.zeros((), dtype=k.dtype, device=k.device))
-            v = torch.where(stored, v, torch.zeros((), dtype=v.dtype, device=v.device))
+            keys = semantics.within_key_lengths(call.key_lengths.to(k.device), k.shape[2])[:, None, :, None]
+            k = torch.where(keys, k, torch.zeros((), dtype=k.dtype, device=k.device))
+            v = torch.where(keys, v, torch.zeros((), dtype=v.dtype, device=v.device))
         index = torch.arange(q.shape[0], device=q.device)
         return [_Problem(q, k, v, call.attn_mask, call.key_lengths, call.alibi_slopes, index, None)]
     offsets_q = call.cu_seqlens_q.tolist()
